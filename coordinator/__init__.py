@@ -1,0 +1,1 @@
+"""swarm-coordinator: schedules a job over the swarm and runs its trainer."""

@@ -1,0 +1,139 @@
+"""The coordinator's gRPC service: node sessions (challenge-response join, heartbeats) and status queries."""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+
+from coordinator.membership import Membership, NodeRecord
+from swarm.identity import Identity, fingerprint, join_challenge_message, verify
+from swarm.proto import control_pb2 as pb
+from swarm.proto import control_pb2_grpc
+
+logger = logging.getLogger("swarm.coordinator")
+
+_END = object()
+
+
+@dataclass
+class JobStatus:
+    """What status queries report; the trainer updates it."""
+
+    job_id: str
+    num_blocks: int
+    total_steps: int
+    phase: str = "waiting for nodes"
+    step: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class ControlService(control_pb2_grpc.CoordinatorServicer):
+    def __init__(self, identity: Identity, membership: Membership, status: JobStatus, initial_peers: list[str],
+                 heartbeat_interval_s: float, allowed: set[str] | None = None):
+        self.identity = identity
+        self.membership = membership
+        self.status = status
+        self.initial_peers = initial_peers
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.allowed = allowed
+
+    def Join(self, request_iterator, context):
+        try:
+            hello_message = next(request_iterator)
+        except StopIteration:
+            return
+        if hello_message.WhichOneof("kind") != "hello" or len(hello_message.hello.public_key) != 32:
+            yield pb.CoordinatorMessage(reject=pb.Reject(reason="a session must start with a hello carrying a 32-byte Ed25519 key"))
+            return
+        hello = hello_message.hello
+        nonce = os.urandom(32)
+        yield pb.CoordinatorMessage(challenge=pb.Challenge(nonce=nonce, coordinator_public_key=self.identity.public_key))
+        proof = next(request_iterator, None)
+        message = join_challenge_message(nonce, self.identity.public_key)
+        if proof is None or proof.WhichOneof("kind") != "proof" or not verify(hello.public_key, proof.proof.signature, message):
+            yield pb.CoordinatorMessage(reject=pb.Reject(reason="the join challenge was not signed by the hello's key"))
+            return
+        node_id = fingerprint(hello.public_key)
+        if self.allowed is not None and node_id not in self.allowed:
+            yield pb.CoordinatorMessage(reject=pb.Reject(reason=f"node {node_id} is not on this job's allowlist"))
+            return
+        record = NodeRecord(node_id=node_id, public_key=hello.public_key, hello=hello)
+        if not self.membership.add(record):
+            yield pb.CoordinatorMessage(reject=pb.Reject(reason=f"node {node_id} is already connected"))
+            return
+        logger.info("node %s joined (%s, %s)", node_id, hello.hostname, hello.device)
+        yield pb.CoordinatorMessage(welcome=pb.Welcome(
+            node_id=node_id, job_id=self.status.job_id, initial_peers=self.initial_peers,
+            heartbeat_interval_s=self.heartbeat_interval_s,
+        ))
+        reader = threading.Thread(target=self._read_node, args=(record, request_iterator), daemon=True,
+                                  name=f"session-{node_id}")
+        reader.start()
+        while True:
+            outgoing = record.outbox.get()
+            if outgoing is _END:
+                return
+            yield outgoing
+
+    def _read_node(self, record: NodeRecord, request_iterator) -> None:
+        try:
+            for message in request_iterator:
+                kind = message.WhichOneof("kind")
+                if kind == "heartbeat":
+                    self.membership.update(record.node_id, last_heartbeat=time.monotonic())
+                elif kind == "ready":
+                    self.membership.update(record.node_id, state="ready", ready=message.ready,
+                                           last_heartbeat=time.monotonic())
+                    logger.info("node %s serves blocks %s", record.node_id, record.blocks)
+                elif kind == "failure":
+                    logger.error("node %s failed: %s", record.node_id, message.failure.message)
+                    self.membership.update(record.node_id, state="failed", failure=message.failure.message)
+                elif kind == "leave":
+                    logger.info("node %s left: %s", record.node_id, message.leave.reason)
+                    self.membership.update(record.node_id, state="left")
+        except grpc.RpcError:
+            pass
+        if record.state not in ("left", "failed", "finished"):
+            logger.warning("node %s disconnected", record.node_id)
+            self.membership.update(record.node_id, state="down")
+        record.outbox.put(_END)
+
+    def Status(self, request, context):
+        now = time.monotonic()
+        reply = pb.StatusReply(job_id=self.status.job_id, phase=self.status.phase, step=self.status.step,
+                               total_steps=self.status.total_steps, num_blocks=self.status.num_blocks)
+        for record in self.membership.nodes():
+            reply.nodes.append(pb.NodeStatus(
+                node_id=record.node_id, device=record.hello.device, state=record.state,
+                block_start=record.blocks.start if record.blocks else -1,
+                block_end=record.blocks.end if record.blocks else -1,
+                last_heartbeat_age_s=now - record.last_heartbeat,
+                peer_id=record.ready.peer_id if record.ready else "",
+            ))
+        return reply
+
+
+def start_control_server(service: ControlService, host: str, port: int) -> tuple[grpc.Server, int]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="grpc"),
+                         options=[("grpc.max_receive_message_length", 64 << 20)])
+    control_pb2_grpc.add_CoordinatorServicer_to_server(service, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    server.start()
+    return server, bound
+
+
+def end_sessions(membership: Membership, reason: str) -> None:
+    for record in membership.nodes():
+        if record.state not in ("left", "failed", "down"):
+            membership.update(record.node_id, state="finished")
+        record.send(finish=pb.Finish(reason=reason))
+        record.outbox.put(_END)

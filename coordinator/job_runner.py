@@ -1,0 +1,260 @@
+"""`swarm-coordinator run`: bring up the DHT and control service, gather nodes, assign blocks, train, export."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hivemind import DHT
+
+from coordinator.control_service import ControlService, JobStatus, end_sessions, start_control_server
+from coordinator.local_nodes import LocalNodes
+from coordinator.membership import Membership, NodeRecord
+from coordinator.remote_chain import RemoteChain, RemoteStage
+from coordinator.run_dir import MetricsLog, create_run_dir
+from coordinator.scheduler import split_blocks
+from coordinator.trainer import train
+from swarm.config import Job, load_job
+from swarm.data.batches import TrainingData
+from swarm.data.tokenizer import load_tokenizer
+from swarm.errors import JobFileError, JoinTimeoutError, ModelSourceError, SwarmError
+from swarm.identity import Identity
+from swarm.lora import save_peft_adapter
+from swarm.models.blocks import TrainerHead
+from swarm.models.checkpoint import DTYPES, Checkpoint, resolve_model, tensors_sha256
+from swarm.p2p.announce import find_chain
+from swarm.p2p.event_loop import LoopThread
+from swarm.proto import control_pb2 as pb
+
+logger = logging.getLogger("swarm.coordinator")
+
+CHAIN_DISCOVERY_TIMEOUT_S = 60.0
+
+
+@dataclass
+class RunOptions:
+    job_file: Path
+    runs_root: Path = Path("runs")
+    run_dir: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 0
+    local_nodes: int = 0
+    cache_dir: Path | None = None
+    node_threads: int | None = None
+    progress: bool = True
+
+
+@dataclass
+class PreparedJob:
+    job: Job
+    checkpoint: Checkpoint
+    data: TrainingData
+
+
+def prepare_job(options: RunOptions) -> PreparedJob:
+    """Everything that can fail because of the job file, checked before any process starts."""
+    job = load_job(options.job_file)
+    checkpoint = Checkpoint.open(resolve_model(job.model, options.cache_dir))
+    if job.swarm.min_nodes > checkpoint.num_blocks:
+        raise JobFileError(
+            f"{options.job_file}: swarm.min_nodes ({job.swarm.min_nodes}) exceeds the model's {checkpoint.num_blocks} blocks"
+        )
+    tokenizer = load_tokenizer(checkpoint.path)
+    if tokenizer.vocab_size > checkpoint.config.vocab_size:
+        raise ModelSourceError(
+            f"{checkpoint.path}: tokenizer has {tokenizer.vocab_size} ids but the model only {checkpoint.config.vocab_size}"
+        )
+    data = TrainingData(job.data, tokenizer, job.seed, job.training.batch_size)
+    data.batch(0)  # surfaces unreadable data files and over-long examples now
+    return PreparedJob(job, checkpoint, data)
+
+
+class SwarmSession:
+    """The coordinator's live swarm: DHT, control service, joined nodes and the chain that serves the model.
+
+    `start()` brings up the DHT and gRPC service (and local nodes); `gather()` waits for nodes, assigns blocks
+    and finds the chain; `close()` ends every node session and stops whatever was started, also on errors.
+    """
+
+    def __init__(self, prepared: PreparedJob, run_dir: Path, options: RunOptions):
+        self.job, self.checkpoint, self.run_dir, self.options = prepared.job, prepared.checkpoint, run_dir, options
+        self.job_id = f"{self.job.name}-{uuid.uuid4().hex[:8]}"
+        self.model_id = f"{self.job_id}.{self.checkpoint.family.model_type}"
+        self.head = TrainerHead(self.checkpoint, DTYPES[self.job.model.dtype], torch.device("cpu"))
+        self.identity = Identity.load_or_create(run_dir / "coordinator.key")
+        self.membership = Membership()
+        self.status = JobStatus(job_id=self.job_id, num_blocks=self.checkpoint.num_blocks,
+                                total_steps=self.job.training.steps)
+        self.dht = self.loop = self.server = self.local = self.chain = None
+        self.nodes: list[NodeRecord] = []
+        self.address = ""
+
+    def start(self) -> SwarmSession:
+        options = self.options
+        self.dht = DHT(start=True, host_maddrs=[f"/ip4/{options.host}/tcp/0"])
+        self.loop = LoopThread()
+        service = ControlService(self.identity, self.membership, self.status,
+                                 [str(a) for a in self.dht.get_visible_maddrs()], self.job.swarm.heartbeat_interval_s)
+        self.server, port = start_control_server(service, options.host, options.port)
+        self.address = f"{options.host}:{port}"
+        print(f"coordinator {self.identity.fingerprint} for job {self.job_id} listening on {self.address}", flush=True)
+        print(f"run directory: {self.run_dir}", flush=True)
+        print(f"join with: swarm-node join --coordinator {self.address}", flush=True)
+        if options.local_nodes:
+            self.local = LocalNodes(options.local_nodes, self.address, self.run_dir, options.cache_dir,
+                                    options.node_threads)
+        return self
+
+    def gather(self) -> RemoteChain:
+        self.status.phase = "waiting for nodes"
+        self.nodes = _wait_for_nodes(self.membership, self.job, self.local, self.address)
+        self.status.phase = "loading blocks"
+        _assign_blocks(self.nodes, self.checkpoint, self.job, self.job_id, self.model_id)
+        _wait_until_ready(self.membership, self.nodes, self.job, self.local)
+        self.chain = _discover_chain(self.dht, self.loop, self.nodes, self.checkpoint, self.job, self.job_id,
+                                     self.model_id)
+        return self.chain
+
+    def close(self, reason: str) -> None:
+        end_sessions(self.membership, reason)
+        if self.local is not None:
+            self.local.stop()
+        if self.server is not None:
+            self.server.stop(grace=2).wait()
+        if self.loop is not None:
+            self.loop.shutdown()
+        if self.dht is not None:
+            self.dht.shutdown()
+
+    def __enter__(self) -> SwarmSession:
+        return self.start()
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        if error_type is None:
+            reason = "job complete"
+        elif error_type is KeyboardInterrupt:
+            reason = "coordinator stopped by the operator"
+        else:
+            reason = "job failed"
+        self.close(reason)
+
+
+def run_job(options: RunOptions) -> Path:
+    prepared = prepare_job(options)
+    job = prepared.job
+    run_dir = create_run_dir(options.runs_root, job.name, options.job_file, options.run_dir)
+    file_log = logging.FileHandler(run_dir / "coordinator.log")
+    file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger("swarm").addHandler(file_log)
+    try:
+        with SwarmSession(prepared, run_dir, options) as session:
+            chain = session.gather()
+            session.status.phase = "train"
+            metrics = MetricsLog(run_dir / "metrics.jsonl")
+            try:
+                train(chain, session.head, prepared.data, job, metrics,
+                      on_step=lambda result: setattr(session.status, "step", result.step + 1),
+                      progress=options.progress)
+            finally:
+                metrics.close()
+            session.status.phase = "exporting"
+            save_peft_adapter(run_dir / "adapter", chain.gather_adapter(), job.lora, str(prepared.checkpoint.path))
+            _write_nodes_summary(run_dir, session.nodes, chain)
+            session.status.phase = "done"
+            logger.info("job complete: adapter in %s", run_dir / "adapter")
+        return run_dir
+    finally:
+        logging.getLogger("swarm").removeHandler(file_log)
+        file_log.close()
+
+
+def _check_local_nodes(local: LocalNodes | None) -> None:
+    if local is None:
+        return
+    for index, code in local.exited():
+        raise SwarmError(f"local node {index} exited with code {code}; its log ends with:\n{local.log_tail(index)}")
+
+
+def _wait_for_nodes(membership: Membership, job: Job, local: LocalNodes | None, address: str) -> list[NodeRecord]:
+    needed = job.swarm.min_nodes
+    deadline = time.monotonic() + job.swarm.join_timeout_s
+    while not membership.wait_until(lambda m: len(m.nodes("joined")) >= needed, timeout=0.5):
+        _check_local_nodes(local)
+        if time.monotonic() > deadline:
+            joined = len(membership.nodes("joined"))
+            raise JoinTimeoutError(
+                f"only {joined} of the {needed} nodes the job needs (swarm.min_nodes) joined within "
+                f"{job.swarm.join_timeout_s:.0f} s (swarm.join_timeout_s); start more with: "
+                f"swarm-node join --coordinator {address}"
+            )
+    return membership.nodes("joined")
+
+
+def _assign_blocks(nodes: list[NodeRecord], checkpoint: Checkpoint, job: Job, job_id: str, model_id: str) -> None:
+    del nodes[checkpoint.num_blocks:]  # more nodes than blocks: the rest stay on standby
+    for record, blocks in zip(nodes, split_blocks(checkpoint.num_blocks, len(nodes))):
+        expected = ""
+        if job.model.preset is not None:
+            # Nodes rebuild a preset themselves; the hash proves they built the same weights.
+            tensors = checkpoint.load(checkpoint.block_tensor_names(blocks.start, blocks.end), DTYPES[job.model.dtype])
+            expected = tensors_sha256(tensors)
+        record.blocks = blocks
+        record.state = "assigned"
+        record.send(assignment=pb.Assignment(
+            job_id=job_id, model_id=model_id, model_json=job.model.model_dump_json(),
+            block_start=blocks.start, block_end=blocks.end, lora_json=job.lora.model_dump_json(),
+            optimizer_json=job.optimizer.model_dump_json(), seed=job.seed, expected_shard_sha256=expected,
+        ))
+        logger.info("assigned blocks %s to node %s", blocks, record.node_id)
+
+
+def _wait_until_ready(membership: Membership, nodes: list[NodeRecord], job: Job, local: LocalNodes | None) -> None:
+    deadline = time.monotonic() + job.swarm.join_timeout_s
+    while not membership.wait_until(lambda m: all(r.state == "ready" for r in nodes), timeout=0.5):
+        for record in nodes:
+            if record.state == "failed":
+                raise SwarmError(f"node {record.node_id} could not serve blocks {record.blocks}: {record.failure}")
+            if record.state in ("down", "left"):
+                raise SwarmError(f"node {record.node_id} disconnected before serving blocks {record.blocks}")
+        _check_local_nodes(local)
+        if time.monotonic() > deadline:
+            waiting = [r.node_id for r in nodes if r.state != "ready"]
+            raise JoinTimeoutError(f"nodes {', '.join(waiting)} did not load their blocks within {job.swarm.join_timeout_s:.0f} s")
+
+
+def _discover_chain(dht: DHT, loop: LoopThread, nodes: list[NodeRecord], checkpoint: Checkpoint, job: Job,
+                    job_id: str, model_id: str) -> RemoteChain:
+    """Find the serving chain through the DHT announcements, as any trainer would."""
+    deadline = time.monotonic() + CHAIN_DISCOVERY_TIMEOUT_S
+    node_ids = {record.node_id for record in nodes}
+    while True:
+        servers = find_chain(dht, model_id, checkpoint.num_blocks)
+        if servers is not None and {server.node_id for server in servers} <= node_ids:
+            break
+        if time.monotonic() > deadline:
+            raise SwarmError("the nodes' block announcements did not appear in the DHT; check their logs")
+        time.sleep(0.5)
+    stages = [RemoteStage(s.peer_id, s.start, s.end, s.node_id) for s in servers]
+    p2p = loop.run(dht.replicate_p2p())
+    logger.info("chain: %s", " -> ".join(str(stage) for stage in stages))
+    return RemoteChain(p2p, loop, stages, job_id, job.swarm.rpc_timeout_s)
+
+
+def _write_nodes_summary(run_dir: Path, nodes: list[NodeRecord], chain: RemoteChain) -> None:
+    by_node = {stage.node_id: stage for stage in chain.stages}
+    summary = []
+    for record in nodes:
+        stage = by_node.get(record.node_id)
+        summary.append({
+            "node_id": record.node_id, "device": record.hello.device, "hostname": record.hello.hostname,
+            "blocks": [record.blocks.start, record.blocks.end],
+            "shard_bytes": record.ready.shard_bytes, "shard_sha256": record.ready.shard_sha256,
+            "rss_before_load": record.ready.rss_before_load, "rss_after_load": record.ready.rss_after_load,
+            "bytes_to_node": stage.bytes_sent if stage else 0, "bytes_from_node": stage.bytes_received if stage else 0,
+        })
+    (run_dir / "nodes.json").write_text(json.dumps(summary, indent=2))

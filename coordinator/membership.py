@@ -1,0 +1,64 @@
+"""Who has joined: authenticated nodes, their state, assignment and last heartbeat."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from coordinator.scheduler import BlockRange
+from swarm.proto import control_pb2 as pb
+
+
+@dataclass
+class NodeRecord:
+    node_id: str
+    public_key: bytes
+    hello: pb.NodeHello
+    outbox: queue.Queue = field(default_factory=queue.Queue)
+    state: str = "joined"  # joined -> assigned -> ready -> finished | left | failed | down
+    blocks: BlockRange | None = None
+    ready: pb.NodeReady | None = None
+    failure: str = ""
+    last_heartbeat: float = field(default_factory=time.monotonic)
+    joined_at: float = field(default_factory=time.time)
+
+    def send(self, **kind) -> None:
+        self.outbox.put(pb.CoordinatorMessage(**kind))
+
+
+class Membership:
+    def __init__(self) -> None:
+        self._nodes: dict[str, NodeRecord] = {}
+        self._changed = threading.Condition()
+
+    def add(self, record: NodeRecord) -> bool:
+        """Register an authenticated node; False if a node with the same key is already connected."""
+        with self._changed:
+            existing = self._nodes.get(record.node_id)
+            if existing is not None and existing.state not in ("left", "failed", "down", "finished"):
+                return False
+            self._nodes[record.node_id] = record
+            self._changed.notify_all()
+            return True
+
+    def update(self, node_id: str, **changes) -> None:
+        with self._changed:
+            record = self._nodes[node_id]
+            for name, value in changes.items():
+                setattr(record, name, value)
+            self._changed.notify_all()
+
+    def nodes(self, *states: str) -> list[NodeRecord]:
+        with self._changed:
+            return [r for r in self._nodes.values() if not states or r.state in states]
+
+    def wait_until(self, predicate, timeout: float) -> bool:
+        """Wait until predicate(self) holds; False on timeout."""
+        with self._changed:
+            return self._changed.wait_for(lambda: predicate(self), timeout=timeout)
+
+    def notify(self) -> None:
+        with self._changed:
+            self._changed.notify_all()

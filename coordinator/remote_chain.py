@@ -1,0 +1,102 @@
+"""The trainer's view of the swarm: a chain of remote stages, each a peer serving a contiguous block range.
+
+Every call carries the job, step and micro-batch ids; tensors go through hivemind P2P streams. A stage that
+lost a micro-batch's activations gets its inputs re-sent and recomputes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import torch
+from hivemind.p2p import PeerID
+from hivemind.p2p import P2P
+from hivemind.proto import runtime_pb2
+
+from swarm.errors import RemoteBlockError, SwarmConnectionError
+from swarm.p2p.event_loop import LoopThread
+from swarm.p2p.tensors import ADAPTER, BACKWARD, FORWARD, STEP, aiter_list, from_messages, to_messages
+from swarm.proto.blocks_pb2 import CallMeta, CallResult
+
+
+@dataclass
+class RemoteStage:
+    peer_id: PeerID
+    start: int
+    end: int
+    node_id: str
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+    def __str__(self) -> str:
+        return f"node {self.node_id} (blocks {self.start}..{self.end - 1})"
+
+
+class RemoteChain:
+    def __init__(self, p2p: P2P, loop: LoopThread, stages: list[RemoteStage], job_id: str, timeout_s: float):
+        self.p2p, self.loop, self.stages, self.job_id, self.timeout_s = p2p, loop, stages, job_id, timeout_s
+
+    def _meta(self, stage: RemoteStage, **fields) -> CallMeta:
+        return CallMeta(job_id=self.job_id, block_start=stage.start, block_end=stage.end, **fields)
+
+    async def _call(self, stage: RemoteStage, method: str, meta: CallMeta, tensors) -> tuple[CallResult, list[torch.Tensor]]:
+        requests = to_messages(runtime_pb2.ExpertRequest, meta.SerializeToString(), tensors)
+        stage.bytes_sent += sum(message.ByteSize() for message in requests)
+        responses = await self.p2p.iterate_protobuf_handler(stage.peer_id, method, aiter_list(requests),
+                                                            runtime_pb2.ExpertResponse)
+        metadata, outputs, received = await from_messages(responses)
+        stage.bytes_received += received
+        return CallResult.FromString(metadata), outputs
+
+    def call(self, stage: RemoteStage, method: str, meta: CallMeta, tensors=()) -> tuple[CallResult, list[torch.Tensor]]:
+        try:
+            result, outputs = self.loop.run(self._call(stage, method, meta, list(tensors)), timeout=self.timeout_s)
+        except (TimeoutError, asyncio.TimeoutError):
+            raise SwarmConnectionError(f"{stage} did not answer {method} within {self.timeout_s:.0f} s") from None
+        except Exception as error:
+            raise SwarmConnectionError(f"{stage} failed during {method}: {type(error).__name__}: {error}") from None
+        if result.status == CallResult.ERROR:
+            raise RemoteBlockError(f"{stage} refused {method}: {result.error}")
+        return result, outputs
+
+    def forward(self, hidden, attention_mask, position_ids, step: int, micro_batch: int, train: bool,
+                phase: str = "train") -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run hidden states through every stage; also return each stage's input (for re-sending)."""
+        stage_inputs = []
+        for stage in self.stages:
+            stage_inputs.append(hidden)
+            meta = self._meta(stage, phase=phase, step=step, micro_batch=micro_batch, train=train)
+            _, outputs = self.call(stage, FORWARD, meta, [hidden, attention_mask, position_ids])
+            hidden = outputs[0]
+        return hidden, stage_inputs
+
+    def backward(self, grad, stage_inputs, attention_mask, position_ids, step: int, micro_batch: int,
+                 phase: str = "train") -> torch.Tensor:
+        for stage, hidden in zip(reversed(self.stages), reversed(stage_inputs)):
+            meta = self._meta(stage, phase=phase, step=step, micro_batch=micro_batch)
+            result, outputs = self.call(stage, BACKWARD, meta, [grad])
+            if result.status == CallResult.MISSING_ACTIVATIONS:
+                meta.includes_inputs = True
+                result, outputs = self.call(stage, BACKWARD, meta, [grad, hidden, attention_mask, position_ids])
+            grad = outputs[0]
+        return grad
+
+    def apply_step(self, step: int, learning_rate: float, phase: str = "train") -> None:
+        for stage in self.stages:
+            self.call(stage, STEP, self._meta(stage, phase=phase, step=step, learning_rate=learning_rate))
+
+    def gather_adapter(self) -> dict[str, torch.Tensor]:
+        adapter = {}
+        for stage in self.stages:
+            result, tensors = self.call(stage, ADAPTER, self._meta(stage))
+            adapter.update(zip(result.names, tensors))
+        return adapter
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(stage.bytes_sent for stage in self.stages)
+
+    @property
+    def bytes_received(self) -> int:
+        return sum(stage.bytes_received for stage in self.stages)

@@ -1,0 +1,46 @@
+"""The run directory: the job file it ran, metrics.jsonl (one row per optimizer step), adapters, node logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+
+def create_run_dir(root: Path, job_name: str, job_file: Path, explicit: Path | None = None) -> Path:
+    if explicit is not None:
+        run_dir = explicit
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise FileExistsError(f"run directory {run_dir} exists and is not empty")
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = root / f"{job_name}-{stamp}"
+        suffix = 1
+        while run_dir.exists():
+            suffix += 1
+            run_dir = root / f"{job_name}-{stamp}-{suffix}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(job_file, run_dir / "job.yaml")
+    return run_dir
+
+
+class MetricsLog:
+    """Appends one JSON object a line and flushes it to disk, so a crash loses at most the row being written."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._handle = open(path, "a", buffering=1)
+
+    def write(self, row: dict) -> None:
+        self._handle.write(json.dumps(row, sort_keys=True) + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -1,0 +1,1 @@
+"""swarm-node: a volunteer process that serves and trains a range of blocks."""

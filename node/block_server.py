@@ -1,0 +1,105 @@
+"""Serves a node's Shard over hivemind P2P: forward, backward, optimizer step and adapter download.
+
+Handlers run on the P2P event loop and hand the tensor work to one compute thread, so calls never run
+concurrently on the shard and the loop keeps answering while a block computes. A bad request gets an ERROR
+result naming the problem; the node keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator
+
+from hivemind.p2p import P2P, P2PContext
+from hivemind.proto import runtime_pb2
+
+from node.shard import MissingActivations, Shard
+from swarm.p2p.tensors import ADAPTER, BACKWARD, FORWARD, STEP, from_messages, to_messages
+from swarm.proto.blocks_pb2 import CallMeta, CallResult
+
+logger = logging.getLogger(__name__)
+
+
+class BlockServer:
+    def __init__(self, shard: Shard, job_id: str):
+        self.shard = shard
+        self.job_id = job_id
+        self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarm-compute")
+        self.bytes_received = 0
+        self.bytes_sent = 0
+
+    async def add_handlers(self, p2p: P2P) -> None:
+        for name, handler in ((FORWARD, self._forward), (BACKWARD, self._backward), (STEP, self._step),
+                              (ADAPTER, self._adapter)):
+            await p2p.add_protobuf_handler(name, handler, runtime_pb2.ExpertRequest, stream_input=True,
+                                           stream_output=True)
+
+    def shutdown(self) -> None:
+        self.compute.shutdown(wait=False, cancel_futures=True)
+
+    async def _serve(self, requests: AsyncIterator, work) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """Parse a call, check it belongs to this job and range, run `work(meta, tensors)` on the compute thread."""
+        try:
+            metadata, tensors, received = await from_messages(requests)
+            self.bytes_received += received
+            meta = CallMeta.FromString(metadata)
+            if meta.job_id != self.job_id:
+                raise ValueError(f"unknown job id {meta.job_id!r}")
+            if (meta.block_start, meta.block_end) != (self.shard.start, self.shard.end):
+                raise ValueError(
+                    f"this node serves blocks {self.shard.start}..{self.shard.end - 1}, "
+                    f"not {meta.block_start}..{meta.block_end - 1}"
+                )
+            loop = asyncio.get_running_loop()
+            result, outputs = await loop.run_in_executor(self.compute, work, meta, tensors)
+        except MissingActivations as error:
+            result, outputs = CallResult(status=CallResult.MISSING_ACTIVATIONS, error=str(error)), []
+        except Exception as error:  # a bad call must never take the node down
+            logger.warning("rejected call: %s", error)
+            result, outputs = CallResult(status=CallResult.ERROR, error=f"{type(error).__name__}: {error}"), []
+        for message in to_messages(runtime_pb2.ExpertResponse, result.SerializeToString(), outputs):
+            self.bytes_sent += message.ByteSize()
+            yield message
+
+    def _forward(self, requests, _context: P2PContext):
+        def work(meta: CallMeta, tensors):
+            _expect_tensors(tensors, 3, "forward takes hidden states, attention mask and position ids")
+            output = self.shard.forward(meta.step, meta.micro_batch, meta.train, *tensors)
+            return CallResult(status=CallResult.OK), [output]
+
+        return self._serve(requests, work)
+
+    def _backward(self, requests, _context: P2PContext):
+        def work(meta: CallMeta, tensors):
+            expected = 4 if meta.includes_inputs else 1
+            _expect_tensors(tensors, expected, "backward takes the output gradient (and, re-sent, the 3 inputs)")
+            grad_input = self.shard.backward(meta.step, meta.micro_batch, tensors[0], tensors[1:] or None)
+            return CallResult(status=CallResult.OK), [grad_input]
+
+        return self._serve(requests, work)
+
+    def _step(self, requests, _context: P2PContext):
+        def work(meta: CallMeta, tensors):
+            if not meta.learning_rate > 0:
+                raise ValueError(f"learning rate must be positive, got {meta.learning_rate}")
+            stats = self.shard.apply_step(meta.step, meta.learning_rate)
+            logger.debug("step %d applied=%s", stats.step, stats.applied)
+            return CallResult(status=CallResult.OK, compute_seconds=self.shard.compute_seconds,
+                              tokens=stats.tokens), []
+
+        return self._serve(requests, work)
+
+    def _adapter(self, requests, _context: P2PContext):
+        def work(meta: CallMeta, tensors):
+            adapter = self.shard.adapter()
+            names = sorted(adapter)
+            return CallResult(status=CallResult.OK, names=names), [adapter[name] for name in names]
+
+        return self._serve(requests, work)
+
+
+def _expect_tensors(tensors: list, count: int, message: str) -> None:
+    if len(tensors) != count:
+        raise ValueError(f"{message}; got {len(tensors)} tensors")

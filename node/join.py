@@ -1,0 +1,163 @@
+"""`swarm-node join`: authenticate, join the DHT, load the assigned blocks, serve them until the job ends."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hivemind import DHT
+
+import swarm
+from node.block_server import BlockServer
+from node.control_client import ControlSession
+from node.shard import Shard
+from swarm.config import LoraSpec, ModelSpec, OptimizerSpec
+from swarm.errors import ModelSourceError, SwarmError
+from swarm.identity import Identity
+from swarm.memory import device_memory_bytes, format_bytes, rss_bytes
+from swarm.models.checkpoint import DTYPES, Checkpoint, resolve_model
+from swarm.p2p.announce import announce_blocks
+from swarm.p2p.event_loop import LoopThread
+from swarm.proto import control_pb2 as pb
+
+logger = logging.getLogger("swarm.node")
+
+ANNOUNCE_TTL_S = 30.0
+
+
+@dataclass
+class NodeOptions:
+    coordinator: str
+    key_path: Path
+    device: str = "cpu"
+    host: str = "127.0.0.1"
+    cache_dir: Path | None = None
+    connect_timeout_s: float = 20.0
+    assignment_timeout_s: float = 3600.0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SwarmError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise SwarmError(f"--device {name}: expected cpu or cuda[:N]")
+    return torch.device(name)
+
+
+def run_node(options: NodeOptions) -> None:
+    device = resolve_device(options.device)
+    identity = Identity.load_or_create(options.key_path)
+    print(f"node identity {identity.fingerprint} (key {options.key_path})", flush=True)
+    session = ControlSession(options.coordinator, options.connect_timeout_s)
+    dht = loop = server = None
+    stop_heartbeats = threading.Event()
+    try:
+        hello = pb.NodeHello(public_key=identity.public_key, device=str(device),
+                             memory_bytes=device_memory_bytes(device), version=swarm.__version__,
+                             hostname=socket.gethostname())
+        welcome = session.authenticate(identity, hello, options.connect_timeout_s)
+        logger.info("joined job %s as %s; waiting for an assignment", welcome.job_id, welcome.node_id)
+        dht = DHT(initial_peers=list(welcome.initial_peers), host_maddrs=[f"/ip4/{options.host}/tcp/0"], start=True)
+        _start_heartbeats(session, welcome.heartbeat_interval_s, stop_heartbeats)
+
+        assignment = _wait_for_assignment(session, options.assignment_timeout_s)
+        if assignment is None:
+            return
+        shard, ready = _load_shard(assignment, device, options.cache_dir)
+        print(
+            f"serving blocks {assignment.block_start}..{assignment.block_end - 1} of {assignment.model_id} "
+            f"on {device}: {format_bytes(ready.shard_bytes)} of base weights, "
+            f"process memory {format_bytes(ready.rss_after_load)}",
+            flush=True,
+        )
+        loop = LoopThread()
+        server = BlockServer(shard, assignment.job_id)
+        p2p = loop.run(dht.replicate_p2p())
+        loop.run(server.add_handlers(p2p))
+        ready.peer_id = dht.peer_id.to_base58()
+        ready.maddrs.extend(str(addr) for addr in dht.get_visible_maddrs())
+        announce = lambda: announce_blocks(dht, assignment.model_id, assignment.block_start, assignment.block_end,
+                                           welcome.node_id, "online", ANNOUNCE_TTL_S)
+        if not announce():
+            raise SwarmError("could not announce the blocks in the DHT")
+        session.send(ready=ready)
+        _serve_until_finished(session, announce)
+    except KeyboardInterrupt:
+        session.send(leave=pb.Leave(reason="stopped by the operator"))
+        print("stopped; left the swarm", flush=True)
+    except SwarmError as error:
+        session.send(failure=pb.NodeFailure(message=str(error)))
+        raise
+    finally:
+        stop_heartbeats.set()
+        if server is not None:
+            server.shutdown()
+        session.close()
+        if loop is not None:
+            loop.shutdown()
+        if dht is not None:
+            dht.shutdown()
+
+
+def _start_heartbeats(session: ControlSession, interval: float, stop: threading.Event) -> None:
+    def beat() -> None:
+        while not stop.wait(interval):
+            session.send(heartbeat=pb.Heartbeat(rss_bytes=rss_bytes(), state="alive"))
+
+    threading.Thread(target=beat, name="heartbeats", daemon=True).start()
+
+
+def _wait_for_assignment(session: ControlSession, timeout: float) -> pb.Assignment | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        message = session.receive(timeout=1.0)
+        if message is None:
+            continue
+        kind = message.WhichOneof("kind")
+        if kind == "assignment":
+            return message.assignment
+        if kind == "finish":
+            logger.info("the job ended before this node was needed: %s", message.finish.reason)
+            return None
+    raise SwarmError(f"no assignment from the coordinator within {timeout:.0f} s")
+
+
+def _load_shard(assignment: pb.Assignment, device: torch.device, cache_dir: Path | None) -> tuple[Shard, pb.NodeReady]:
+    model = ModelSpec.model_validate_json(assignment.model_json)
+    dtype = DTYPES[model.dtype]
+    checkpoint = Checkpoint.open(resolve_model(model, cache_dir))
+    importlib.import_module(checkpoint.family.module)  # so the memory growth below is the shard, not code
+    rss_before = rss_bytes()
+    shard = Shard(
+        checkpoint, assignment.block_start, assignment.block_end,
+        LoraSpec.model_validate_json(assignment.lora_json),
+        OptimizerSpec.model_validate_json(assignment.optimizer_json),
+        assignment.seed, dtype, device,
+    )
+    if assignment.expected_shard_sha256 and assignment.expected_shard_sha256 != shard.blocks.base_sha256:
+        raise ModelSourceError(
+            f"blocks {assignment.block_start}..{assignment.block_end - 1} loaded here differ from the coordinator's "
+            f"(sha256 {shard.blocks.base_sha256[:12]} vs {assignment.expected_shard_sha256[:12]})"
+        )
+    ready = pb.NodeReady(shard_bytes=shard.blocks.base_bytes, rss_before_load=rss_before, rss_after_load=rss_bytes(),
+                         shard_sha256=shard.blocks.base_sha256, dtype=model.dtype)
+    return shard, ready
+
+
+def _serve_until_finished(session: ControlSession, announce) -> None:
+    next_announce = time.monotonic() + ANNOUNCE_TTL_S / 3
+    while True:
+        message = session.receive(timeout=1.0)
+        if message is not None and message.WhichOneof("kind") == "finish":
+            logger.info("job finished: %s", message.finish.reason)
+            return
+        if time.monotonic() >= next_announce:
+            announce()
+            next_announce = time.monotonic() + ANNOUNCE_TTL_S / 3
+

@@ -1,0 +1,124 @@
+"""A node's share of the model: its blocks with LoRA, the AdamW state, and the activations kept for backward.
+
+All methods run on the node's single compute thread, in the order calls arrive.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from swarm.config import LoraSpec, OptimizerSpec
+from swarm.lora import add_lora, adapter_state
+from swarm.models.blocks import BlockStack
+from swarm.models.checkpoint import Checkpoint
+from swarm.training import make_optimizer
+
+logger = logging.getLogger(__name__)
+
+MAX_CACHED_ACTIVATIONS = 64
+
+
+class MissingActivations(Exception):
+    """Backward for a micro-batch whose forward activations this node no longer holds."""
+
+
+@dataclass
+class StepStats:
+    step: int
+    applied: bool
+    compute_seconds: float
+    tokens: int
+
+
+class Shard:
+    def __init__(self, checkpoint: Checkpoint, start: int, end: int, lora: LoraSpec, optimizer: OptimizerSpec,
+                 seed: int, dtype: torch.dtype, device: torch.device):
+        self.start, self.end, self.device, self.dtype = start, end, device, dtype
+        self.blocks = BlockStack(checkpoint, start, end, dtype, device)
+        self.hidden_size = checkpoint.config.hidden_size
+        add_lora(self.blocks, lora, seed)
+        self.blocks.train()
+        self.parameters = [p for p in self.blocks.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.parameters, optimizer)
+        self.activations: OrderedDict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.last_applied_step = -1
+        self.compute_seconds = 0.0
+        self.tokens = 0
+
+    def _check_inputs(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> None:
+        if hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size:
+            raise ValueError(f"hidden states must be [batch, seq, {self.hidden_size}], got {list(hidden.shape)}")
+        if attention_mask.shape != hidden.shape[:2] or position_ids.shape != hidden.shape[:2]:
+            raise ValueError("attention mask and position ids must be [batch, seq] like the hidden states")
+        if not hidden.is_floating_point():
+            raise ValueError(f"hidden states must be floating point, got {hidden.dtype}")
+        if not torch.isfinite(hidden).all():
+            raise ValueError("hidden states contain NaN or inf")
+
+    def forward(self, step: int, micro_batch: int, train: bool, hidden: torch.Tensor,
+                attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        self._check_inputs(hidden, attention_mask, position_ids)
+        started = time.perf_counter()
+        inputs = (hidden.to(self.device, self.dtype), attention_mask.to(self.device), position_ids.to(self.device))
+        if train:
+            output, leaf = self._forward_with_grad(inputs)
+            self.activations[(step, micro_batch)] = (output, leaf)
+            while len(self.activations) > MAX_CACHED_ACTIVATIONS:
+                self.activations.popitem(last=False)
+            result = output.detach()
+        else:
+            with torch.no_grad():
+                result = self.blocks(*inputs)
+        self.compute_seconds += time.perf_counter() - started
+        self.tokens += int(attention_mask.sum())
+        return result.float().cpu()
+
+    def _forward_with_grad(self, inputs):
+        hidden = inputs[0].detach().requires_grad_(True)
+        return self.blocks(hidden, inputs[1], inputs[2]), hidden
+
+    def backward(self, step: int, micro_batch: int, grad_output: torch.Tensor,
+                 resent_inputs: list[torch.Tensor] | None) -> torch.Tensor:
+        """Accumulate LoRA gradients and return the gradient w.r.t. this range's input hidden states."""
+        started = time.perf_counter()
+        cached = self.activations.pop((step, micro_batch), None)
+        if cached is None:
+            if not resent_inputs:
+                raise MissingActivations(f"no activations for step {step} micro-batch {micro_batch}")
+            hidden, attention_mask, position_ids = resent_inputs
+            self._check_inputs(hidden, attention_mask, position_ids)
+            inputs = (hidden.to(self.device, self.dtype), attention_mask.to(self.device), position_ids.to(self.device))
+            output, leaf = self._forward_with_grad(inputs)
+        else:
+            output, leaf = cached
+        if grad_output.shape != output.shape:
+            raise ValueError(f"gradient shape {list(grad_output.shape)} differs from output shape {list(output.shape)}")
+        if not torch.isfinite(grad_output).all():
+            raise ValueError("gradient contains NaN or inf")
+        output.backward(grad_output.to(self.device, output.dtype))
+        self.compute_seconds += time.perf_counter() - started
+        return leaf.grad.float().cpu()
+
+    def apply_step(self, step: int, learning_rate: float) -> StepStats:
+        """Apply AdamW once for `step`; a repeated call for an applied step changes nothing."""
+        if step <= self.last_applied_step:
+            return StepStats(step, False, 0.0, 0)
+        started = time.perf_counter()
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        for key in [key for key in self.activations if key[0] <= step]:
+            del self.activations[key]
+        self.last_applied_step = step
+        seconds = time.perf_counter() - started
+        self.compute_seconds += seconds
+        return StepStats(step, True, seconds, self.tokens)
+
+    def adapter(self) -> dict[str, torch.Tensor]:
+        return {key: value.detach().float().cpu() for key, value in adapter_state(self.blocks).items()}

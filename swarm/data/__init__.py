@@ -1,0 +1,1 @@
+"""Tokenizers, task generators and batches: the trainer's deterministic data."""

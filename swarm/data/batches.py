@@ -1,0 +1,122 @@
+"""Chat-formatted training batches with loss on response tokens only, a pure function of (seed, step).
+
+Batch `step` is drawn from a generator seeded by (job seed, step), so a resumed or replayed step sees exactly
+the data it saw the first time, and a single-process baseline sees the same data as the swarm.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from swarm.config import DataSpec
+from swarm.data.tasks import Example, sample_examples
+from swarm.errors import JobFileError
+
+IGNORE_INDEX = -100
+
+
+def chat_prompt(prompt: str) -> str:
+    return f"User: {prompt}\nAssistant: "
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T], 1 for real tokens
+    labels: torch.Tensor  # [B, T], IGNORE_INDEX outside responses; aligned with input_ids (shifted at loss time)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    @property
+    def target_tokens(self) -> int:
+        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
+
+    def split(self, parts: int) -> list[Batch]:
+        return [
+            Batch(ids, mask, labels)
+            for ids, mask, labels in zip(
+                self.input_ids.chunk(parts), self.attention_mask.chunk(parts), self.labels.chunk(parts)
+            )
+        ]
+
+
+def encoded_length(example: Example, tokenizer) -> int:
+    return len(encode_example(example, tokenizer, max_length=None)[0])
+
+
+def encode_example(example: Example, tokenizer, max_length: int | None) -> tuple[list[int], list[int]]:
+    prompt = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(chat_prompt(example.prompt))
+    response = tokenizer.encode(example.response) + [tokenizer.eos_id]
+    ids = prompt + response
+    if max_length is not None and len(ids) > max_length:
+        raise JobFileError(
+            f"example of {len(ids)} tokens exceeds data.max_length={max_length}: {example.prompt[:60]!r}"
+        )
+    return ids, [IGNORE_INDEX] * len(prompt) + response
+
+
+def collate(examples: list[Example], tokenizer, max_length: int) -> Batch:
+    encoded = [encode_example(example, tokenizer, max_length) for example in examples]
+    width = max(len(ids) for ids, _ in encoded)
+    input_ids = torch.full((len(encoded), width), tokenizer.pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
+    for row, (ids, targets) in enumerate(encoded):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+        labels[row, : len(ids)] = torch.tensor(targets)
+    return Batch(input_ids, attention_mask, labels)
+
+
+class TrainingData:
+    """The job's training examples; `batch(step)` is deterministic."""
+
+    def __init__(self, spec: DataSpec, tokenizer, seed: int, batch_size: int):
+        self.spec, self.tokenizer, self.seed, self.batch_size = spec, tokenizer, seed, batch_size
+        self.records = None
+        if spec.source == "jsonl":
+            self.records = read_jsonl(spec.path)
+            for number, example in enumerate(self.records, start=1):
+                if not self.fits(example):
+                    raise JobFileError(f"{spec.path}: example {number} is longer than data.max_length={spec.max_length} tokens")
+
+    def fits(self, example: Example) -> bool:
+        return encoded_length(example, self.tokenizer) <= self.spec.max_length
+
+    def examples(self, step: int) -> list[Example]:
+        rng = random.Random(f"{self.seed}:train:{step}")
+        if self.records is not None:
+            return [self.records[rng.randrange(len(self.records))] for _ in range(self.batch_size)]
+        return sample_examples(list(self.spec.tasks), self.batch_size, rng, fits=self.fits)
+
+    def batch(self, step: int) -> Batch:
+        return collate(self.examples(step), self.tokenizer, self.spec.max_length)
+
+
+def read_jsonl(path: Path) -> list[Example]:
+    """Read {"prompt": str, "response": str} lines; every malformed line is reported by number."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as error:
+        raise JobFileError(f"data.path {path}: cannot read ({error.strerror})") from None
+    examples = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise JobFileError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("prompt", "response")):
+            raise JobFileError(f'{path}:{number}: expected {{"prompt": "...", "response": "..."}} with string values')
+        examples.append(Example(record["prompt"], record["response"], "jsonl"))
+    if not examples:
+        raise JobFileError(f"{path}: no examples")
+    return examples

@@ -1,0 +1,84 @@
+"""Helpful-assistant tasks with checkable answers, generated deterministically from a seed.
+
+Each task maps a random generator to (prompt, response). Held-out examples are the prompts whose hash falls
+in a fixed tenth of the space, so training and evaluation prompts never overlap whatever the seeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import string
+from dataclasses import dataclass
+from typing import Callable
+
+from swarm.errors import JobFileError
+
+WORDS = (
+    "apple", "river", "stone", "cloud", "tiger", "maple", "piano", "ocean", "lemon", "night", "green",
+    "spark", "table", "zebra", "honey", "quiet", "north", "pilot", "frost", "candle", "garden", "silver",
+    "bridge", "rocket", "window", "yellow", "forest", "mirror", "planet", "basket",
+)
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    response: str
+    task: str
+
+
+def _addition(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    return f"What is {a} + {b}?", str(a + b)
+
+
+def _reversal(rng: random.Random) -> tuple[str, str]:
+    word = rng.choice(WORDS) if rng.random() < 0.5 else "".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 7)))
+    return f"Reverse the word: {word}", word[::-1]
+
+
+def _uppercase(rng: random.Random) -> tuple[str, str]:
+    word = rng.choice(WORDS) if rng.random() < 0.5 else "".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 7)))
+    return f"Write in capitals: {word}", word.upper()
+
+
+def _count_letter(rng: random.Random) -> tuple[str, str]:
+    word = "".join(rng.choices("abcde", k=rng.randint(4, 9)))
+    letter = rng.choice("abcde")
+    return f"How many times does '{letter}' appear in {word}?", str(word.count(letter))
+
+
+def _sort_digits(rng: random.Random) -> tuple[str, str]:
+    digits = "".join(rng.choices(string.digits, k=rng.randint(3, 7)))
+    return f"Sort the digits: {digits}", "".join(sorted(digits))
+
+
+TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
+    "addition": _addition,
+    "reversal": _reversal,
+    "uppercase": _uppercase,
+    "count_letter": _count_letter,
+    "sort_digits": _sort_digits,
+}
+
+
+def is_held_out(prompt: str) -> bool:
+    return hashlib.sha256(prompt.encode()).digest()[0] < 26  # ~10% of prompts, fixed forever
+
+
+def sample_examples(tasks: list[str], count: int, rng: random.Random, held_out: bool = False,
+                    fits: Callable[[Example], bool] = lambda example: True) -> list[Example]:
+    """`count` examples drawn at random over `tasks` from the train or held-out split, skipping those that
+    do not `fit` (e.g. longer than the job's max_length)."""
+    examples, tries = [], 0
+    while len(examples) < count:
+        tries += 1
+        if tries > 1000 * count:
+            raise JobFileError(f"data.tasks {tasks}: almost no example fits in data.max_length; raise it")
+        task = rng.choice(tasks)
+        prompt, response = TASKS[task](rng)
+        example = Example(prompt, response, task)
+        if is_held_out(prompt) == held_out and fits(example):
+            examples.append(example)
+    return examples

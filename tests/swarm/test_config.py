@@ -1,0 +1,56 @@
+import pytest
+import yaml
+
+from swarm.config import load_job, parse_job
+from swarm.errors import JobFileError
+from tests.conftest import job_dict, write_job
+
+
+def test_valid_job_gets_defaults(tmp_path):
+    job = load_job(write_job(tmp_path))
+    assert job.model.preset == "llama-micro"
+    assert job.lora.target_modules[0] == "q_proj"
+    assert job.optimizer.betas == (0.9, 0.999)
+
+
+@pytest.mark.parametrize(
+    "sections, field, words",
+    [
+        ({"lora": {"rank": 4}}, "lora.rank", "unknown key"),
+        ({"training": {"steps": "many"}}, "training.steps", "integer"),
+        ({"training": {"steps": 0}}, "training.steps", "greater than or equal to 1"),
+        ({"swarm": {"min_nodes": 2, "replicas": 3}}, "(top level)", "needs at least that many nodes"),
+        ({"swarm": {"min_nodes": 7}}, "(top level)", "exceeds the 6 blocks"),
+        ({"model": {"preset": "llama-huge"}}, "model", "unknown preset"),
+        ({"model": {"preset": None}}, "model", "exactly one of model.preset or model.path"),
+        ({"training": {"batch_size": 4, "micro_batches": 3}}, "training", "must divide"),
+        ({"data": {"tasks": ["juggling"]}}, "data", "unknown task"),
+        ({"optimizer": {"betas": [0.9, 1.5]}}, "optimizer.betas", "[0, 1)"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_field(tmp_path, sections, field, words):
+    with pytest.raises(JobFileError) as caught:
+        load_job(write_job(tmp_path, **sections))
+    message = str(caught.value)
+    assert f"  {field}: " in message and words in message, message
+
+
+def test_not_yaml_and_missing_files_are_clear(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(JobFileError, match="not valid YAML"):
+        load_job(bad)
+    with pytest.raises(JobFileError, match="job file not found"):
+        load_job(tmp_path / "absent.yaml")
+    with pytest.raises(JobFileError, match="must be a YAML mapping"):
+        parse_job(["a", "list"])
+
+
+def test_relative_paths_resolve_against_the_job_file(tmp_path):
+    (tmp_path / "jobs").mkdir()
+    path = tmp_path / "jobs" / "job.yaml"
+    job = job_dict(model={"preset": None, "path": "../ckpt"}, data={"source": "jsonl", "path": "data.jsonl"})
+    path.write_text(yaml.safe_dump(job))
+    loaded = load_job(path)
+    assert loaded.model.path == (tmp_path / "ckpt").resolve()
+    assert loaded.data.path == (tmp_path / "jobs" / "data.jsonl").resolve()
