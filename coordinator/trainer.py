@@ -49,6 +49,16 @@ def train_step(chain: RemoteChain, head: TrainerHead, data: TrainingData, job: J
     return StepResult(step, total_loss, batch.tokens, time.perf_counter() - started, lr)
 
 
+def swarm_logits(chain: RemoteChain, head: TrainerHead, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 step: int = -1) -> torch.Tensor:
+    """Logits of the current swarm model (base + adapters on the nodes) without keeping activations."""
+    position_ids = position_ids_for(attention_mask)
+    with torch.no_grad():
+        hidden = head.embed_tokens(input_ids)
+        output, _ = chain.forward(hidden, attention_mask, position_ids, step, 0, train=False, phase="eval")
+        return head.logits(output.to(hidden.dtype))
+
+
 def train(chain: RemoteChain, head: TrainerHead, data: TrainingData, job: Job, metrics: MetricsLog,
           on_step=None, progress: bool = True) -> list[StepResult]:
     results = []

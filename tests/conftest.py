@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -50,25 +51,33 @@ def write_job(directory: Path, name: str = "job.yaml", **sections) -> Path:
 @pytest.fixture
 def processes():
     """Start CLI processes in their own process groups; every group is killed at teardown, pass or fail."""
+    with started_processes() as start:
+        yield start
+
+
+@contextlib.contextmanager
+def started_processes():
+    from tests.integration.helpers import CliProcess
+
     started: list[subprocess.Popen] = []
 
-    def start(*args: str, **kwargs) -> subprocess.Popen:
-        process = subprocess.Popen(
+    def start(*args: str, **kwargs) -> CliProcess:
+        popen = subprocess.Popen(
             [sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True, cwd=kwargs.pop("cwd", REPO), **kwargs,
         )
-        started.append(process)
-        return process
+        started.append(popen)
+        return CliProcess(popen)
 
-    yield start
-    for process in started:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait()
-        if process.stdout:
-            process.stdout.close()
+    try:
+        yield start
+    finally:
+        for popen in started:
+            try:
+                os.killpg(popen.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            popen.wait()
 
 
 def save_tiny_checkpoint(directory: Path, family: str = "llama", tie: bool = False, seed: int = 0) -> Path:

@@ -2,40 +2,68 @@
 
 from __future__ import annotations
 
+import queue
 import re
-import select
 import subprocess
+import threading
 import time
 
 
-def read_until(process: subprocess.Popen, pattern: str, timeout: float) -> tuple[re.Match, str]:
-    """Read the process's output until a line matches `pattern`; return the match and everything read."""
-    seen = []
+class CliProcess:
+    """A started CLI whose output a thread collects line by line (pipes and select don't mix with buffering)."""
+
+    def __init__(self, popen: subprocess.Popen):
+        self.popen = popen
+        self.pid = popen.pid
+        self.lines: queue.Queue = queue.Queue()
+        self.seen: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.popen.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def send_signal(self, signum: int) -> None:
+        self.popen.send_signal(signum)
+
+    def poll(self):
+        return self.popen.poll()
+
+
+def read_until(process: CliProcess, pattern: str, timeout: float) -> tuple[re.Match, str]:
+    """Read the process's output until a line matches `pattern`; return the match and the lines read so far."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([process.stdout], [], [], 0.5)
-        if not ready:
-            if process.poll() is not None:
-                break
+        try:
+            line = process.lines.get(timeout=0.2)
+        except queue.Empty:
             continue
-        line = process.stdout.readline()
-        if not line:
-            if process.poll() is not None:
-                break
-            continue
-        seen.append(line)
+        if line is None:
+            process.lines.put(None)
+            break
+        process.seen.append(line)
         match = re.search(pattern, line)
         if match:
-            return match, "".join(seen)
-    raise AssertionError(f"no line matching {pattern!r} within {timeout} s; output:\n{''.join(seen)}")
+            return match, "".join(process.seen)
+    raise AssertionError(f"no line matching {pattern!r} within {timeout} s; output:\n{''.join(process.seen)}")
 
 
-def finish(process: subprocess.Popen, timeout: float) -> tuple[int, str]:
-    """Wait for the process to exit; return its code and remaining output."""
+def finish(process: CliProcess, timeout: float) -> tuple[int, str]:
+    """Wait for the process to exit; return its code and all of its output."""
     try:
-        output, _ = process.communicate(timeout=timeout)
+        code = process.popen.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        process.kill()
-        output, _ = process.communicate()
-        raise AssertionError(f"process did not exit within {timeout} s; output:\n{output}")
-    return process.returncode, output
+        process.popen.kill()
+        process.popen.wait()
+        raise AssertionError(f"process did not exit within {timeout} s; output:\n{''.join(process.seen)}")
+    process._reader.join(timeout=10)
+    while True:
+        try:
+            line = process.lines.get_nowait()
+        except queue.Empty:
+            break
+        if line is not None:
+            process.seen.append(line)
+    return code, "".join(process.seen)

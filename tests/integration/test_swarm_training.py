@@ -13,7 +13,7 @@ from swarm.config import load_job
 from swarm.lora import load_peft_adapter
 from swarm.models.checkpoint import resolve_model
 from swarm.reference import train_reference
-from tests.conftest import write_job
+from tests.conftest import started_processes, write_job
 from tests.integration.helpers import finish
 
 STEPS = 4
@@ -22,20 +22,13 @@ STEPS = 4
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory):
     """One `swarm-coordinator run JOB --local-nodes 3`, as a user types it."""
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO
-
     tmp = tmp_path_factory.mktemp("cli-run")
     job_file = write_job(tmp, training={"steps": STEPS, "batch_size": 4, "micro_batches": 2})
     run_dir = tmp / "run"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "coordinator.cli", "run", str(job_file), "--local-nodes", "3", "--run-dir",
-         str(run_dir), "--node-threads", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, start_new_session=True,
-    )
-    code, output = finish(process, timeout=300)
+    with started_processes() as start:
+        process = start("-m", "coordinator.cli", "run", str(job_file), "--local-nodes", "3", "--run-dir",
+                        str(run_dir), "--node-threads", "1")
+        code, output = finish(process, timeout=300)
     assert code == 0, output
     return job_file, run_dir, output
 

@@ -1,0 +1,84 @@
+"""What a user sees from the command lines: separate processes, clear errors, clean exits."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+
+import pytest
+
+from tests.conftest import write_job
+from tests.integration.helpers import finish, read_until
+
+
+def test_bad_job_file_is_a_clear_error_without_traceback(tmp_path, processes):
+    job_file = write_job(tmp_path, training={"steps": 3, "batch_size": 4, "micro_batches": 1, "epochs": 2})
+    code, output = finish(processes("-m", "coordinator.cli", "run", str(job_file)), timeout=60)
+    assert code == 2
+    assert "training.epochs: unknown key" in output
+    assert "Traceback" not in output
+
+
+def test_node_dialing_a_missing_coordinator_fails_clearly(tmp_path, processes):
+    node = processes("-m", "node.cli", "join", "--coordinator", "127.0.0.1:9", "--key", str(tmp_path / "k"),
+                     "--connect-timeout", "2")
+    code, output = finish(node, timeout=60)
+    assert code == 2
+    assert "cannot reach a coordinator at 127.0.0.1:9" in output
+    assert "Traceback" not in output
+
+
+def test_too_few_nodes_times_out_with_the_join_command(tmp_path, processes):
+    job_file = write_job(tmp_path, swarm={"min_nodes": 3, "join_timeout_s": 6})
+    coordinator = processes("-m", "coordinator.cli", "run", str(job_file), "--local-nodes", "1",
+                            "--run-dir", str(tmp_path / "run"), "--no-progress")
+    code, output = finish(coordinator, timeout=120)
+    assert code == 2
+    assert "only 1 of the 3 nodes the job needs (swarm.min_nodes) joined within 6 s" in output
+    assert "swarm-node join --coordinator 127.0.0.1:" in output
+    assert "Traceback" not in output
+
+
+def test_separate_node_commands_join_serve_and_leave_when_the_job_ends(tmp_path, processes):
+    job_file = write_job(tmp_path, swarm={"min_nodes": 2}, training={"steps": 2, "batch_size": 2, "micro_batches": 1})
+    coordinator = processes("-m", "coordinator.cli", "run", str(job_file), "--run-dir", str(tmp_path / "run"),
+                            "--no-progress")
+    match, _ = read_until(coordinator, r"join with: swarm-node join --coordinator (\S+)", timeout=60)
+    address = match.group(1)
+    nodes = [processes("-m", "node.cli", "join", "--coordinator", address, "--key", str(tmp_path / f"node{i}.key"),
+                       "--device", "cpu") for i in range(2)]
+    identities, blocks = [], []
+    for node in nodes:
+        identity, _ = read_until(node, r"node identity ([0-9a-f]{16})", timeout=60)
+        served, _ = read_until(node, r"serving blocks (\d+)\.\.(\d+) .*process memory ([\d.]+ \w+)", timeout=120)
+        identities.append(identity.group(1))
+        blocks.append((int(served.group(1)), int(served.group(2))))
+    assert sorted(blocks) == [(0, 2), (3, 5)]
+    code, output = finish(coordinator, timeout=180)
+    assert code == 0, output
+    for node in nodes:
+        node_code, node_output = finish(node, timeout=60)
+        assert node_code == 0, node_output
+        assert "job finished" in node_output
+    summary = json.loads((tmp_path / "run" / "nodes.json").read_text())
+    assert sorted(n["node_id"] for n in summary) == sorted(identities)
+    assert (tmp_path / "node0.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_ctrl_c_on_a_node_leaves_cleanly(tmp_path, processes):
+    job_file = write_job(tmp_path, swarm={"min_nodes": 2, "join_timeout_s": 120})
+    coordinator = processes("-m", "coordinator.cli", "run", str(job_file), "--run-dir", str(tmp_path / "run"),
+                            "--no-progress")
+    match, _ = read_until(coordinator, r"join with: swarm-node join --coordinator (\S+)", timeout=60)
+    node = processes("-m", "node.cli", "join", "--coordinator", match.group(1), "--key", str(tmp_path / "k"))
+    read_until(node, r"waiting for an assignment", timeout=60)
+    read_until(coordinator, r"node [0-9a-f]{16} joined", timeout=30)
+    node.send_signal(signal.SIGINT)
+    code, output = finish(node, timeout=30)
+    assert code == 0, output
+    assert "left the swarm" in output and "Traceback" not in output
+    read_until(coordinator, r"node [0-9a-f]{16} left: stopped by the operator", timeout=30)
+    coordinator.send_signal(signal.SIGINT)
+    code, output = finish(coordinator, timeout=60)
+    assert code == 130 and "Traceback" not in output

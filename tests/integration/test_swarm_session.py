@@ -1,0 +1,40 @@
+"""The coordinator's session driven in-process against real node processes."""
+
+from __future__ import annotations
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from coordinator.job_runner import RunOptions, SwarmSession, prepare_job
+from coordinator.run_dir import MetricsLog, create_run_dir
+from coordinator.trainer import swarm_logits, train
+from swarm.lora import save_peft_adapter
+from tests.conftest import write_job
+
+
+def test_exported_adapter_gives_the_swarms_logits_in_plain_peft(tmp_path):
+    job_file = write_job(tmp_path, training={"steps": 3, "batch_size": 4, "micro_batches": 1},
+                         swarm={"min_nodes": 2})
+    options = RunOptions(job_file=job_file, run_dir=tmp_path / "run", local_nodes=2, node_threads=1, progress=False)
+    prepared = prepare_job(options)
+    run_dir = create_run_dir(options.runs_root, prepared.job.name, job_file, options.run_dir)
+    batch = prepared.data.batch(100)
+    with SwarmSession(prepared, run_dir, options) as session:
+        chain = session.gather()
+        assert [(stage.start, stage.end) for stage in chain.stages] == [(0, 3), (3, 6)]
+        before = swarm_logits(chain, session.head, batch.input_ids, batch.attention_mask)
+        metrics = MetricsLog(run_dir / "metrics.jsonl")
+        train(chain, session.head, prepared.data, prepared.job, metrics, progress=False)
+        metrics.close()
+        after = swarm_logits(chain, session.head, batch.input_ids, batch.attention_mask)
+        save_peft_adapter(run_dir / "adapter", chain.gather_adapter(), prepared.job.lora, str(prepared.checkpoint.path))
+    base = AutoModelForCausalLM.from_pretrained(prepared.checkpoint.path)
+    real = batch.attention_mask.bool()
+    with torch.no_grad():
+        base_logits = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        assert (before - base_logits)[real].abs().max() <= 1e-5  # B = 0: untrained adapters change nothing
+        plain = PeftModel.from_pretrained(base, run_dir / "adapter")
+        peft_logits = plain(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    assert (after - before)[real].abs().max() > 1e-3
+    assert (after - peft_logits)[real].abs().max() <= 1e-4

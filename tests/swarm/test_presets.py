@@ -1,0 +1,21 @@
+import torch
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+from swarm.models.presets import PRESETS, materialize_preset
+
+
+def test_preset_parameter_counts_are_what_they_claim():
+    for name, preset in PRESETS.items():
+        with torch.device("meta"):
+            model = LlamaForCausalLM(preset.llama_config())
+        assert sum(p.numel() for p in model.parameters()) == preset.num_parameters, name
+    assert 2e5 <= PRESETS["llama-micro"].num_parameters and PRESETS["llama-20m"].num_parameters <= 2e7
+
+
+def test_materialized_preset_is_deterministic_and_loads_with_transformers(tmp_path):
+    first = materialize_preset("llama-micro", seed=5, cache_dir=tmp_path / "a")
+    second = materialize_preset("llama-micro", seed=5, cache_dir=tmp_path / "b")
+    assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
+    assert materialize_preset("llama-micro", seed=5, cache_dir=tmp_path / "a") == first  # reused, not rebuilt
+    model = AutoModelForCausalLM.from_pretrained(first)
+    assert model.config.num_hidden_layers == PRESETS["llama-micro"].num_hidden_layers
