@@ -53,7 +53,7 @@ async def from_messages(stream: AsyncIterator) -> tuple[bytes, list[torch.Tensor
             metadata = message.metadata
         parts.extend(message.tensors)
     if metadata is None:
-        raise ValueError("empty message stream")
+        raise ConnectionError("the peer closed the stream without answering (is the node still running?)")
     try:
         return metadata, combine_parts(parts), received
     except StopIteration:
