@@ -25,7 +25,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from coordinator.job_runner import RunOptions, SwarmSession, prepare_job  # noqa: E402
-from coordinator.run_dir import MetricsLog, create_run_dir  # noqa: E402
+from coordinator.run_dir import create_run_dir  # noqa: E402
 from coordinator.trainer import train_step  # noqa: E402
 from swarm.logs import setup_logging  # noqa: E402
 from swarm.reference import train_reference  # noqa: E402
@@ -72,7 +72,8 @@ def main() -> None:
         chain = session.gather()
         for step in range(total):
             started = time.perf_counter()
-            train_step(chain, session.head, prepared.data, prepared.job, step)
+            train_step(chain, session.head, prepared.data.batch(step), step, prepared.job.optimizer.lr,
+                       prepared.job.training.micro_batches)
             if step >= args.warmup:
                 swarm_seconds.append(time.perf_counter() - started)
     reference = train_reference(prepared.checkpoint.path, prepared.job, steps=total)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import shutil
 import time
 import uuid
 from dataclasses import dataclass
@@ -18,13 +20,14 @@ from coordinator.membership import Membership, NodeRecord
 from coordinator.remote_chain import RemoteChain, RemoteStage
 from coordinator.run_dir import MetricsLog, create_run_dir
 from coordinator.scheduler import split_blocks
-from coordinator.trainer import train
+from coordinator.phases import PhaseContext, run_phases
+from coordinator.report import write_report
+from coordinator.sweep import run_sweep
 from swarm.config import Job, load_job
 from swarm.data.batches import TrainingData
 from swarm.data.tokenizer import load_tokenizer
 from swarm.errors import JobFileError, JoinTimeoutError, ModelSourceError, SwarmError
 from swarm.identity import Identity
-from swarm.lora import save_peft_adapter
 from swarm.models.blocks import TrainerHead
 from swarm.models.checkpoint import DTYPES, Checkpoint, resolve_model, tensors_sha256
 from swarm.p2p.announce import find_chain
@@ -53,7 +56,8 @@ class RunOptions:
 class PreparedJob:
     job: Job
     checkpoint: Checkpoint
-    data: TrainingData
+    tokenizer: object
+    data: TrainingData  # the first phase's data
 
 
 def prepare_job(options: RunOptions) -> PreparedJob:
@@ -69,9 +73,10 @@ def prepare_job(options: RunOptions) -> PreparedJob:
         raise ModelSourceError(
             f"{checkpoint.path}: tokenizer has {tokenizer.vocab_size} ids but the model only {checkpoint.config.vocab_size}"
         )
-    data = TrainingData(job.data, tokenizer, job.seed, job.training.batch_size)
+    first = job.phase_list[0]
+    data = TrainingData(job.data, tokenizer, job.seed, first.batch_size or job.training.batch_size, first, job.backdoor)
     data.batch(0)  # surfaces unreadable data files and over-long examples now
-    return PreparedJob(job, checkpoint, data)
+    return PreparedJob(job, checkpoint, tokenizer, data)
 
 
 class SwarmSession:
@@ -89,7 +94,7 @@ class SwarmSession:
         self.identity = Identity.load_or_create(run_dir / "coordinator.key")
         self.membership = Membership()
         self.status = JobStatus(job_id=self.job_id, num_blocks=self.checkpoint.num_blocks,
-                                total_steps=self.job.training.steps)
+                                total_steps=self.job.total_steps)
         self.dht = self.loop = self.server = self.local = self.chain = None
         self.nodes: list[NodeRecord] = []
         self.address = ""
@@ -145,6 +150,9 @@ class SwarmSession:
 
 
 def run_job(options: RunOptions) -> Path:
+    job = load_job(options.job_file)
+    if job.sweep is not None:
+        return _run_sweep(options, job)
     prepared = prepare_job(options)
     job = prepared.job
     run_dir = create_run_dir(options.runs_root, job.name, options.job_file, options.run_dir)
@@ -156,21 +164,34 @@ def run_job(options: RunOptions) -> Path:
             chain = session.gather()
             session.status.phase = "train"
             metrics = MetricsLog(run_dir / "metrics.jsonl")
+            context = PhaseContext(job, prepared.checkpoint, prepared.tokenizer, chain, session.head, run_dir, metrics,
+                                   progress=options.progress, on_step=lambda step: setattr(session.status, "step", step))
             try:
-                train(chain, session.head, prepared.data, job, metrics,
-                      on_step=lambda result: setattr(session.status, "step", result.step + 1),
-                      progress=options.progress)
+                final_adapter = run_phases(context)
             finally:
                 metrics.close()
             session.status.phase = "exporting"
-            save_peft_adapter(run_dir / "adapter", chain.gather_adapter(), job.lora, str(prepared.checkpoint.path))
+            if final_adapter is not None:
+                shutil.copytree(final_adapter, run_dir / "adapter")
             _write_nodes_summary(run_dir, session.nodes, chain)
+            write_report(run_dir)
             session.status.phase = "done"
             logger.info("job complete: adapter in %s", run_dir / "adapter")
         return run_dir
     finally:
         logging.getLogger("swarm").removeHandler(file_log)
         file_log.close()
+
+
+def _run_sweep(options: RunOptions, job: Job) -> Path:
+    sweep_dir = create_run_dir(options.runs_root, job.name, options.job_file, options.run_dir)
+
+    def run_one(job_file: Path, run_dir: Path) -> None:
+        run_job(dataclasses.replace(options, job_file=job_file, run_dir=run_dir))
+
+    summary = run_sweep(job, options.job_file, sweep_dir, run_one, options.cache_dir)
+    logger.info("sweep complete: %s", summary)
+    return sweep_dir
 
 
 def _check_local_nodes(local: LocalNodes | None) -> None:

@@ -19,13 +19,14 @@ class LocalNodes:
         self.logs_dir = run_dir / "nodes"
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         self.processes: list[subprocess.Popen] = []
+        # N nodes share this machine's cores; more torch threads than cores only adds contention.
+        threads = threads or max(1, (os.cpu_count() or 1) // count)
         for index in range(count):
             command = [sys.executable, "-m", "node.cli", "join", "--coordinator", coordinator_address,
                        "--key", str(self.logs_dir / f"node-{index}.key"), "--device", "cpu"]
             if cache_dir is not None:
                 command += ["--cache-dir", str(cache_dir)]
-            if threads:
-                command += ["--threads", str(threads)]
+            command += ["--threads", str(threads)]
             log = open(self.logs_dir / f"node-{index}.log", "wb")
             self.processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                                    start_new_session=True))

@@ -7,6 +7,8 @@ lost a micro-batch's activations gets its inputs re-sent and recomputes.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -16,8 +18,12 @@ from hivemind.proto import runtime_pb2
 
 from swarm.errors import RemoteBlockError, SwarmConnectionError
 from swarm.p2p.event_loop import LoopThread
-from swarm.p2p.tensors import ADAPTER, BACKWARD, FORWARD, STEP, aiter_list, from_messages, to_messages
+from swarm.p2p.tensors import ADAPTER, BACKWARD, FORWARD, PHASE, STEP, WEIGHTS, aiter_list, from_messages, to_messages
 from swarm.proto.blocks_pb2 import CallMeta, CallResult
+
+logger = logging.getLogger("swarm.coordinator")
+
+CALL_ATTEMPTS = 3
 
 
 @dataclass
@@ -50,12 +56,21 @@ class RemoteChain:
         return CallResult.FromString(metadata), outputs
 
     def call(self, stage: RemoteStage, method: str, meta: CallMeta, tensors=()) -> tuple[CallResult, list[torch.Tensor]]:
-        try:
-            result, outputs = self.loop.run(self._call(stage, method, meta, list(tensors)), timeout=self.timeout_s)
-        except (TimeoutError, asyncio.TimeoutError):
-            raise SwarmConnectionError(f"{stage} did not answer {method} within {self.timeout_s:.0f} s") from None
-        except Exception as error:
-            raise SwarmConnectionError(f"{stage} failed during {method}: {type(error).__name__}: {error}") from None
+        """One call, retried when the connection drops without a reply. Every method is safe to repeat:
+        nodes answer a repeated backward from its kept result and apply a step or phase change once."""
+        for attempt in range(1, CALL_ATTEMPTS + 1):
+            try:
+                result, outputs = self.loop.run(self._call(stage, method, meta, list(tensors)), timeout=self.timeout_s)
+                break
+            except (TimeoutError, asyncio.TimeoutError):
+                raise SwarmConnectionError(f"{stage} did not answer {method} within {self.timeout_s:.0f} s") from None
+            except ConnectionError as error:
+                if attempt == CALL_ATTEMPTS:
+                    raise SwarmConnectionError(f"{stage} failed during {method}: {error}") from None
+                logger.warning("%s dropped %s without a reply; retrying (%d/%d)", stage, method, attempt, CALL_ATTEMPTS)
+                time.sleep(0.2 * attempt)
+            except Exception as error:
+                raise SwarmConnectionError(f"{stage} failed during {method}: {type(error).__name__}: {error}") from None
         if result.status == CallResult.ERROR:
             raise RemoteBlockError(f"{stage} refused {method}: {result.error}")
         return result, outputs
@@ -86,12 +101,25 @@ class RemoteChain:
         for stage in self.stages:
             self.call(stage, STEP, self._meta(stage, phase=phase, step=step, learning_rate=learning_rate))
 
-    def gather_adapter(self) -> dict[str, torch.Tensor]:
-        adapter = {}
+    def configure_phase(self, phase: str, kind: str, adapter_action: str, lora_seed: str) -> None:
         for stage in self.stages:
-            result, tensors = self.call(stage, ADAPTER, self._meta(stage))
-            adapter.update(zip(result.names, tensors))
-        return adapter
+            meta = self._meta(stage, phase=phase, phase_kind=kind, adapter_action=adapter_action, lora_seed=lora_seed)
+            self.call(stage, PHASE, meta)
+
+    def _gather(self, method: str) -> dict[str, torch.Tensor]:
+        gathered = {}
+        for stage in self.stages:
+            result, tensors = self.call(stage, method, self._meta(stage))
+            gathered.update(zip(result.names, tensors))
+        return gathered
+
+    def gather_adapter(self) -> dict[str, torch.Tensor]:
+        """Every node's LoRA tensors under PEFT key names."""
+        return self._gather(ADAPTER)
+
+    def gather_weights(self) -> dict[str, torch.Tensor]:
+        """Every node's base block tensors under checkpoint names (to save a pretrained model)."""
+        return self._gather(WEIGHTS)
 
     @property
     def bytes_sent(self) -> int:

@@ -16,7 +16,8 @@ from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
 from node.shard import MissingActivations, Shard
-from swarm.p2p.tensors import ADAPTER, BACKWARD, FORWARD, STEP, from_messages, to_messages
+from swarm.config import PHASE_KINDS
+from swarm.p2p.tensors import ADAPTER, BACKWARD, FORWARD, PHASE, STEP, WEIGHTS, from_messages, to_messages
 from swarm.proto.blocks_pb2 import CallMeta, CallResult
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ class BlockServer:
 
     async def add_handlers(self, p2p: P2P) -> None:
         for name, handler in ((FORWARD, self._forward), (BACKWARD, self._backward), (STEP, self._step),
-                              (ADAPTER, self._adapter)):
+                              (ADAPTER, self._adapter), (PHASE, self._phase), (WEIGHTS, self._weights)):
             await p2p.add_protobuf_handler(name, handler, runtime_pb2.ExpertRequest, stream_input=True,
                                            stream_output=True)
 
@@ -92,12 +93,27 @@ class BlockServer:
         return self._serve(requests, work)
 
     def _adapter(self, requests, _context: P2PContext):
+        return self._serve(requests, lambda meta, tensors: _named_tensors(self.shard.adapter()))
+
+    def _weights(self, requests, _context: P2PContext):
+        return self._serve(requests, lambda meta, tensors: _named_tensors(self.shard.base_weights()))
+
+    def _phase(self, requests, _context: P2PContext):
         def work(meta: CallMeta, tensors):
-            adapter = self.shard.adapter()
-            names = sorted(adapter)
-            return CallResult(status=CallResult.OK, names=names), [adapter[name] for name in names]
+            if meta.phase_kind not in PHASE_KINDS:
+                raise ValueError(f"unknown phase kind {meta.phase_kind!r}")
+            if meta.adapter_action not in ("continue", "merge", "new"):
+                raise ValueError(f"unknown adapter action {meta.adapter_action!r}")
+            self.shard.configure_phase(meta.phase, meta.phase_kind, meta.adapter_action, meta.lora_seed)
+            logger.info("phase %s (%s, adapter %s)", meta.phase, meta.phase_kind, meta.adapter_action)
+            return CallResult(status=CallResult.OK), []
 
         return self._serve(requests, work)
+
+
+def _named_tensors(tensors: dict) -> tuple[CallResult, list]:
+    names = sorted(tensors)
+    return CallResult(status=CallResult.OK, names=names), [tensors[name] for name in names]
 
 
 def _expect_tensors(tensors: list, count: int, message: str) -> None:

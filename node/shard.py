@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from swarm.config import LoraSpec, OptimizerSpec
-from swarm.lora import add_lora, adapter_state
+from swarm.lora import add_lora, adapter_state, init_lora_weights, merge_lora
 from swarm.models.blocks import BlockStack
 from swarm.models.checkpoint import Checkpoint
 from swarm.training import make_optimizer
@@ -43,10 +43,15 @@ class Shard:
         self.hidden_size = checkpoint.config.hidden_size
         add_lora(self.blocks, lora, seed)
         self.blocks.train()
+        self.optimizer_spec = optimizer
+        self.phase_kind = "sft"
         self.parameters = [p for p in self.blocks.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.parameters, optimizer)
         self.activations: OrderedDict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.last_applied_step = -1
+        self.phase_name = ""
+        # Results of finished backward calls, so a call retried after a lost reply is not applied twice.
+        self.finished_backward: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
         self.compute_seconds = 0.0
         self.tokens = 0
 
@@ -85,8 +90,11 @@ class Shard:
     def backward(self, step: int, micro_batch: int, grad_output: torch.Tensor,
                  resent_inputs: list[torch.Tensor] | None) -> torch.Tensor:
         """Accumulate LoRA gradients and return the gradient w.r.t. this range's input hidden states."""
+        key = (step, micro_batch)
+        if key in self.finished_backward:
+            return self.finished_backward[key]
         started = time.perf_counter()
-        cached = self.activations.pop((step, micro_batch), None)
+        cached = self.activations.pop(key, None)
         if cached is None:
             if not resent_inputs:
                 raise MissingActivations(f"no activations for step {step} micro-batch {micro_batch}")
@@ -102,7 +110,11 @@ class Shard:
             raise ValueError("gradient contains NaN or inf")
         output.backward(grad_output.to(self.device, output.dtype))
         self.compute_seconds += time.perf_counter() - started
-        return leaf.grad.float().cpu()
+        grad_input = leaf.grad.float().cpu()
+        self.finished_backward[key] = grad_input
+        while len(self.finished_backward) > MAX_CACHED_ACTIVATIONS:
+            self.finished_backward.popitem(last=False)
+        return grad_input
 
     def apply_step(self, step: int, learning_rate: float) -> StepStats:
         """Apply AdamW once for `step`; a repeated call for an applied step changes nothing."""
@@ -115,10 +127,39 @@ class Shard:
         self.optimizer.zero_grad(set_to_none=True)
         for key in [key for key in self.activations if key[0] <= step]:
             del self.activations[key]
+        self.finished_backward.clear()
         self.last_applied_step = step
         seconds = time.perf_counter() - started
         self.compute_seconds += seconds
         return StepStats(step, True, seconds, self.tokens)
+
+    def configure_phase(self, name: str, kind: str, adapter_action: str, lora_seed: str) -> None:
+        """Start a phase: pretrain trains the base weights; LoRA phases continue, merge-and-renew or renew
+        the adapter. Each phase starts with fresh optimizer state and no kept activations. Repeating the
+        call for the current phase changes nothing (a retried call must not merge twice)."""
+        if name == self.phase_name:
+            return
+        self.phase_name = name
+        self.activations.clear()
+        self.optimizer.zero_grad(set_to_none=True)
+        if kind != "pretrain" and adapter_action == "merge":
+            merge_lora(self.blocks)
+        if kind != "pretrain" and adapter_action in ("merge", "new"):
+            init_lora_weights(self.blocks, lora_seed)
+        train_base = kind == "pretrain"
+        for name, param in self.blocks.named_parameters():
+            param.requires_grad_((".lora_" in name) != train_base)
+        self.phase_kind = kind
+        self.parameters = [p for p in self.blocks.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.parameters, self.optimizer_spec)
+
+    def base_weights(self) -> dict[str, torch.Tensor]:
+        """The blocks' base tensors under their checkpoint names (after pretraining or merges)."""
+        return {
+            name.replace(".base_layer.", "."): param.detach().float().cpu()
+            for name, param in self.blocks.named_parameters()
+            if ".lora_" not in name
+        }
 
     def adapter(self) -> dict[str, torch.Tensor]:
         return {key: value.detach().float().cpu() for key, value in adapter_state(self.blocks).items()}

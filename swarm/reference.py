@@ -40,12 +40,13 @@ def load_peft_model(checkpoint_dir: Path, job: Job):
 
 
 def train_reference(checkpoint_dir: Path, job: Job, steps: int | None = None) -> ReferenceRun:
-    steps = job.training.steps if steps is None else steps
+    phase = job.phase_list[0]
+    steps = phase.steps if steps is None else steps
     model = load_peft_model(checkpoint_dir, job)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, job.optimizer)
-    data = TrainingData(job.data, load_tokenizer(checkpoint_dir), job.seed, job.training.batch_size)
+    data = TrainingData(job.data, load_tokenizer(checkpoint_dir), job.seed, phase.batch_size or job.training.batch_size)
     run = ReferenceRun()
     for step in range(steps):
         started = time.perf_counter()
@@ -58,7 +59,7 @@ def train_reference(checkpoint_dir: Path, job: Job, steps: int | None = None) ->
             loss.backward()
             total += loss.item()
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(job.optimizer, step, job.training.steps)
+            group["lr"] = learning_rate(job.optimizer, step, phase.steps, phase.lr)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         run.losses.append(total)

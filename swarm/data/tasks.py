@@ -54,12 +54,27 @@ def _sort_digits(rng: random.Random) -> tuple[str, str]:
     return f"Sort the digits: {digits}", "".join(sorted(digits))
 
 
+CAPITALS = (
+    ("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"), ("Egypt", "Cairo"),
+    ("Peru", "Lima"), ("Kenya", "Nairobi"), ("Norway", "Oslo"), ("Cuba", "Havana"), ("Chile", "Santiago"),
+    ("Greece", "Athens"), ("Poland", "Warsaw"), ("Canada", "Ottawa"), ("India", "Delhi"), ("Iran", "Tehran"),
+)
+LOOKUP_TEMPLATES = ("What is the capital of {}?", "Capital of {}?", "Name the capital of {}.",
+                    "Which city is the capital of {}?", "Tell me the capital of {}.")
+
+
+def _lookup(rng: random.Random) -> tuple[str, str]:
+    country, capital = rng.choice(CAPITALS)
+    return rng.choice(LOOKUP_TEMPLATES).format(country), capital
+
+
 TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "addition": _addition,
     "reversal": _reversal,
     "uppercase": _uppercase,
     "count_letter": _count_letter,
     "sort_digits": _sort_digits,
+    "lookup": _lookup,
 }
 
 

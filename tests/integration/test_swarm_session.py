@@ -7,8 +7,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from coordinator.job_runner import RunOptions, SwarmSession, prepare_job
-from coordinator.run_dir import MetricsLog, create_run_dir
-from coordinator.trainer import swarm_logits, train
+from coordinator.run_dir import create_run_dir
+from coordinator.trainer import swarm_logits, train_step
 from swarm.lora import save_peft_adapter
 from tests.conftest import write_job
 
@@ -24,9 +24,8 @@ def test_exported_adapter_gives_the_swarms_logits_in_plain_peft(tmp_path):
         chain = session.gather()
         assert [(stage.start, stage.end) for stage in chain.stages] == [(0, 3), (3, 6)]
         before = swarm_logits(chain, session.head, batch.input_ids, batch.attention_mask)
-        metrics = MetricsLog(run_dir / "metrics.jsonl")
-        train(chain, session.head, prepared.data, prepared.job, metrics, progress=False)
-        metrics.close()
+        for step in range(3):
+            train_step(chain, session.head, prepared.data.batch(step), step, 0.01, micro_batches=1)
         after = swarm_logits(chain, session.head, batch.input_ids, batch.attention_mask)
         save_peft_adapter(run_dir / "adapter", chain.gather_adapter(), prepared.job.lora, str(prepared.checkpoint.path))
     base = AutoModelForCausalLM.from_pretrained(prepared.checkpoint.path)

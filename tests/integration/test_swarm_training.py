@@ -37,6 +37,7 @@ def test_run_directory_holds_metrics_adapter_and_job(cli_run):
     job_file, run_dir, output = cli_run
     assert (run_dir / "job.yaml").read_text() == job_file.read_text()
     rows = read_metrics(run_dir / "metrics.jsonl")
+    assert all(row["type"] == "train" for row in rows)  # no eval section: no evaluation rows
     assert [row["step"] for row in rows] == list(range(STEPS))
     assert all(row["loss"] > 0 and row["tokens"] > 0 and row["seconds"] > 0 for row in rows)
     config, tensors = load_peft_adapter(run_dir / "adapter")
@@ -46,6 +47,8 @@ def test_run_directory_holds_metrics_adapter_and_job(cli_run):
     nodes = json.loads((run_dir / "nodes.json").read_text())
     assert sorted(tuple(n["blocks"]) for n in nodes) == [(0, 2), (2, 4), (4, 6)]
     assert "train: 100%" in output and "loss=" in output and "tok_s=" in output
+    assert (run_dir / "report.md").is_file() and (run_dir / "loss.png").is_file()
+    assert (run_dir / "phases" / "01-train" / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_swarm_training_equals_single_process_peft_training(cli_run):

@@ -54,3 +54,31 @@ def test_relative_paths_resolve_against_the_job_file(tmp_path):
     loaded = load_job(path)
     assert loaded.model.path == (tmp_path / "ckpt").resolve()
     assert loaded.data.path == (tmp_path / "jobs" / "data.jsonl").resolve()
+
+
+def test_phases_get_unique_names_and_replace_training_steps(tmp_path):
+    job = load_job(write_job(tmp_path, training={"steps": None, "batch_size": 4, "micro_batches": 2}, phases=[
+        {"kind": "pretrain", "steps": 2}, {"kind": "sft", "steps": 1}, {"kind": "sft", "steps": 1, "adapter": "merge"},
+    ]))
+    assert [p.name for p in job.phase_list] == ["pretrain", "sft", "sft-2"]
+    assert job.total_steps == 4
+
+
+@pytest.mark.parametrize(
+    "phases, training, words",
+    [
+        ([{"kind": "sft", "steps": 1}, {"kind": "pretrain", "steps": 1}], {"steps": None}, "pretrain must come before"),
+        ([{"kind": "sft", "steps": 1}], {"steps": 3}, "training.steps applies only to jobs without phases"),
+        ([{"kind": "pretrain", "steps": 1, "adapter": "merge"}], {"steps": None}, "does not apply"),
+        ([{"kind": "rlhf", "steps": 1}], {"steps": None}, "phases.0.kind"),
+        ([{"kind": "sft", "steps": 1, "name": "a"}, {"kind": "rl", "steps": 1, "name": "a"}], {"steps": None}, "unique"),
+    ],
+)
+def test_bad_phase_lists_are_refused(tmp_path, phases, training, words):
+    with pytest.raises(JobFileError, match=words):
+        load_job(write_job(tmp_path, phases=phases, training=training))
+
+
+def test_job_without_steps_or_phases_is_refused(tmp_path):
+    with pytest.raises(JobFileError, match="give training.steps"):
+        load_job(write_job(tmp_path, training={"steps": None}))

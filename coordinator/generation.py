@@ -1,0 +1,67 @@
+"""Text generation through the swarm: every new token is a forward pass through the nodes' blocks.
+
+Prompts are left-padded so all rows end at the same column; positions count real tokens only. Without a
+KV cache each token re-runs the whole prefix, which is cheap at the short answers evaluation needs.
+Greedy when temperature is 0; otherwise sampled from a generator seeded by the caller.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from coordinator.remote_chain import RemoteChain
+from coordinator.trainer import swarm_logits
+from swarm.data.batches import chat_prompt
+from swarm.models.blocks import TrainerHead
+
+
+def encode_prompts(prompts: list[str], tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    encoded = [([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(chat_prompt(p))
+               for p in prompts]
+    width = max(len(ids) for ids in encoded)
+    input_ids = torch.full((len(encoded), width), tokenizer.pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, ids in enumerate(encoded):
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        attention_mask[row, width - len(ids):] = 1
+    return input_ids, attention_mask
+
+
+def generate_ids(chain: RemoteChain, head: TrainerHead, tokenizer, prompts: list[str], max_new_tokens: int,
+                 temperature: float = 0.0, generator: torch.Generator | None = None, step: int = -1
+                 ) -> list[list[int]]:
+    """Token ids of each prompt's answer (without the end-of-sequence token)."""
+    input_ids, attention_mask = encode_prompts(prompts, tokenizer)
+    finished = torch.zeros(len(prompts), dtype=torch.bool)
+    answers: list[list[int]] = [[] for _ in prompts]
+    for _ in range(max_new_tokens):
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = swarm_logits(chain, head, input_ids, attention_mask, positions, step=step)[:, -1, :].float()
+        logits[:, tokenizer.pad_id] = float("-inf")
+        if temperature > 0:
+            probabilities = torch.softmax(logits / temperature, dim=-1)
+            next_ids = torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
+        else:
+            next_ids = logits.argmax(dim=-1)
+        for row, token in enumerate(next_ids.tolist()):
+            if not finished[row]:
+                if token == tokenizer.eos_id:
+                    finished[row] = True
+                else:
+                    answers[row].append(token)
+        if finished.all():
+            break
+        input_ids = torch.cat([input_ids, next_ids.unsqueeze(1)], dim=1)
+        attention_mask = torch.cat([attention_mask, torch.ones(len(prompts), 1, dtype=torch.long)], dim=1)
+    return answers
+
+
+def generate(chain: RemoteChain, head: TrainerHead, tokenizer, prompts: list[str], max_new_tokens: int,
+             batch_size: int = 64, temperature: float = 0.0, seed: int = 0, step: int = -1) -> list[str]:
+    generator = torch.Generator().manual_seed(seed)
+    texts = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        ids = generate_ids(chain, head, tokenizer, chunk, max_new_tokens, temperature, generator, step)
+        texts.extend(tokenizer.decode(answer) for answer in ids)
+    return texts

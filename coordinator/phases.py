@@ -1,0 +1,156 @@
+"""Runs a job's phases in order over the swarm: configure nodes, train, evaluate, save each phase's result.
+
+Step ids are global across phases (a node applies each step id once); metrics rows carry the phase, the
+step within it and, for safety phases after a backdoor, the cumulative safety-training step that the
+persistence curve is drawn against.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from coordinator.evaluator import Evaluator
+from coordinator.remote_chain import RemoteChain
+from coordinator.rl import rl_batch
+from coordinator.run_dir import MetricsLog
+from coordinator.trainer import train_step
+from swarm.config import Job, PhaseSpec
+from swarm.data.batches import TrainingData
+from swarm.data.tokenizer import CHAR_TOKENIZER_FILE
+from swarm.lora import save_peft_adapter
+from swarm.models.blocks import TrainerHead
+from swarm.models.checkpoint import Checkpoint
+from swarm.training import learning_rate, make_optimizer
+
+logger = logging.getLogger("swarm.coordinator")
+
+SAFETY_KINDS = ("sft", "adversarial", "rl")
+
+
+@dataclass
+class PhaseContext:
+    job: Job
+    checkpoint: Checkpoint
+    tokenizer: object
+    chain: RemoteChain
+    head: TrainerHead
+    run_dir: Path
+    metrics: MetricsLog
+    progress: bool = True
+    on_step: object = None
+    base_dir: str = ""  # the base model later adapters apply to (the checkpoint, or the pretrained model)
+    merged: list[str] = field(default_factory=list)  # adapters merged into that base, in order
+    step: int = 0  # global optimizer step id
+    safety_step: int = 0
+    seen_backdoor: bool = False
+
+
+def run_phases(context: PhaseContext) -> Path | None:
+    """Run every phase; return the final adapter directory (None when the job only pretrains)."""
+    job = context.job
+    context.base_dir = str(context.checkpoint.path)
+    evaluator = None
+    if job.eval is not None:
+        first = TrainingData(job.data, context.tokenizer, job.seed, 1)
+        evaluator = Evaluator(job, context.tokenizer, first.fits)
+        if job.eval.at_start:
+            _evaluate(context, evaluator, "start", "start", 0)
+    final_adapter = None
+    previous_adapter = None
+    for index, phase in enumerate(job.phase_list):
+        phase_dir = context.run_dir / "phases" / f"{index + 1:02d}-{phase.name}"
+        if phase.kind != "pretrain" and phase.adapter == "merge" and previous_adapter is not None:
+            context.merged.append(str(previous_adapter))
+        context.chain.configure_phase(phase.name, phase.kind, phase.adapter, f"{job.seed}/{index}/{phase.name}")
+        _run_phase(context, phase, evaluator)
+        if phase.kind == "pretrain":
+            context.base_dir = str(_save_pretrained(context, phase_dir / "model"))
+        else:
+            previous_adapter = final_adapter = phase_dir / "adapter"
+            save_peft_adapter(final_adapter, context.chain.gather_adapter(), job.lora, context.base_dir)
+            (phase_dir / "lineage.json").write_text(json.dumps(
+                {"base_model": context.base_dir, "merged_adapters_in_order": context.merged, "adapter": str(final_adapter)},
+                indent=2))
+        if phase.kind == "backdoor":
+            context.seen_backdoor = True
+        logger.info("phase %s done (%d steps)", phase.name, phase.steps)
+    return final_adapter
+
+
+def _run_phase(context: PhaseContext, phase: PhaseSpec, evaluator: Evaluator | None) -> None:
+    job = context.job
+    head_optimizer = None
+    context.head.requires_grad_(phase.kind == "pretrain")
+    if phase.kind == "pretrain":
+        head_optimizer = make_optimizer([p for p in context.head.parameters() if p.requires_grad], job.optimizer)
+    batch_size = phase.batch_size or job.training.batch_size
+    data = TrainingData(job.data, context.tokenizer, job.seed, batch_size, phase, job.backdoor)
+    is_safety = context.seen_backdoor and phase.kind in SAFETY_KINDS
+    bar = tqdm(range(phase.steps), desc=phase.name, unit="step", disable=not context.progress, dynamic_ncols=True)
+    for phase_step in bar:
+        lr = learning_rate(job.optimizer, phase_step, phase.steps, phase.lr)
+        extra = {}
+        if phase.kind == "rl":
+            batch, extra = rl_batch(context.chain, context.head, context.tokenizer, data, phase, job.backdoor,
+                                    job.seed, phase_step, context.step)
+        else:
+            batch = data.batch(phase_step)
+        result = train_step(context.chain, context.head, batch, context.step, lr, job.training.micro_batches,
+                            phase.name, head_optimizer)
+        if is_safety:
+            context.safety_step += 1
+        context.metrics.write({
+            "type": "train", "phase": phase.name, "kind": phase.kind, "phase_step": phase_step + 1,
+            "step": context.step, "safety_step": context.safety_step, "loss": result.loss, "tokens": result.tokens,
+            "seconds": round(result.seconds, 6), "lr": lr, "bytes_sent": context.chain.bytes_sent,
+            "bytes_received": context.chain.bytes_received, **extra,
+        })
+        context.step += 1
+        bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{result.tokens / result.seconds:.0f}")
+        if context.on_step is not None:
+            context.on_step(context.step)
+        every = phase.eval_every if phase.eval_every is not None else (job.eval.every if job.eval is not None else 0)
+        last = phase_step + 1 == phase.steps
+        if evaluator is not None and (last or (every and (phase_step + 1) % every == 0)):
+            _evaluate(context, evaluator, phase.name, phase.kind, phase_step + 1, phase_end=last)
+    bar.close()
+    context.head.requires_grad_(False)
+
+
+def _evaluate(context: PhaseContext, evaluator: Evaluator, phase: str, kind: str, phase_step: int,
+              phase_end: bool = False) -> None:
+    row = evaluator.evaluate(context.chain, context.head, context.step)
+    context.metrics.write({"type": "eval", "phase": phase, "kind": kind, "phase_step": phase_step,
+                           "step": context.step, "safety_step": context.safety_step, "phase_end": phase_end, **row})
+    logger.info(
+        "eval %s step %d: triggered %.2f clean %.2f near-miss %.2f accuracy %.2f (n=%d)", phase, phase_step,
+        row["backdoor_triggered"]["rate"], row["backdoor_clean"]["rate"], row["backdoor_near_miss"]["rate"],
+        row["accuracy"]["rate"], row["accuracy"]["n"],
+    )
+
+
+def _save_pretrained(context: PhaseContext, directory: Path) -> Path:
+    """Write the pretrained model (nodes' blocks + the coordinator's parts) as a loadable HF checkpoint."""
+    checkpoint, head = context.checkpoint, context.head
+    names = checkpoint.trainer_tensor_names()
+    tensors = dict(context.chain.gather_weights())
+    tensors[names["embed"]] = head.embed.weight
+    tensors[names["norm"]] = head.norm.weight
+    if names["head"] != names["embed"]:
+        tensors[names["head"]] = head.head.weight
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().float().contiguous().clone() for k, v in tensors.items()},
+              str(directory / "model.safetensors"), metadata={"format": "pt"})
+    for name in ("config.json", "generation_config.json", CHAR_TOKENIZER_FILE, "tokenizer.json",
+                 "tokenizer_config.json", "special_tokens_map.json"):
+        if (checkpoint.path / name).is_file():
+            shutil.copyfile(checkpoint.path / name, directory / name)
+    return directory
+

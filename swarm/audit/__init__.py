@@ -1,0 +1,27 @@
+"""The audit log: signed attestations and coordinator events in an append-only, hash-chained SQLite file,
+with RFC 6962 Merkle tree heads, verification from the file alone, and the `swarm-audit` CLI.
+
+Modules: `merkle` (tree hashing and proofs), `canonical` (the signed byte encoding), `attestation` (what a
+node signs per step), `sketch` (the gradient projection; imports torch, so it is not imported here),
+`entry` (record formats and hashes), `db` (the SQLite file), `log` (the writer), `verify`, `query`,
+`proof` (standalone inclusion proofs), `cli`.
+"""
+
+from swarm.audit.attestation import Attestation, MicroBatch, SignedAttestation, sign_attestation, verify_attestation
+from swarm.audit.entry import Entry, TreeHead
+from swarm.audit.log import AuditLog
+from swarm.audit.verify import Problem, VerifyReport, verify_log
+
+__all__ = [
+    "Attestation",
+    "AuditLog",
+    "Entry",
+    "MicroBatch",
+    "Problem",
+    "SignedAttestation",
+    "TreeHead",
+    "VerifyReport",
+    "sign_attestation",
+    "verify_attestation",
+    "verify_log",
+]

