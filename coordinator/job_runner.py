@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import shutil
@@ -20,9 +21,10 @@ from coordinator.membership import Membership, NodeRecord
 from coordinator.remote_chain import RemoteChain, RemoteStage
 from coordinator.run_dir import MetricsLog, create_run_dir
 from coordinator.scheduler import split_blocks
-from coordinator.phases import PhaseContext, run_phases
+from coordinator.phases import PhaseContext, record_checkpoint, run_phases
 from coordinator.report import write_report
 from coordinator.sweep import run_sweep
+from swarm.audit.log import AuditLog
 from swarm.config import Job, load_job
 from swarm.data.batches import TrainingData
 from swarm.data.tokenizer import load_tokenizer
@@ -84,6 +86,8 @@ class SwarmSession:
 
     `start()` brings up the DHT and gRPC service (and local nodes); `gather()` waits for nodes, assigns blocks
     and finds the chain; `close()` ends every node session and stops whatever was started, also on errors.
+    The session's audit log (RUN_DIR/audit.db) is open from `start()` to `close()`, which records nodes known
+    to have left or failed and signs a last tree head.
     """
 
     def __init__(self, prepared: PreparedJob, run_dir: Path, options: RunOptions):
@@ -95,12 +99,18 @@ class SwarmSession:
         self.membership = Membership()
         self.status = JobStatus(job_id=self.job_id, num_blocks=self.checkpoint.num_blocks,
                                 total_steps=self.job.total_steps)
-        self.dht = self.loop = self.server = self.local = self.chain = None
+        self.dht = self.loop = self.server = self.local = self.chain = self.audit = None
         self.nodes: list[NodeRecord] = []
         self.address = ""
 
     def start(self) -> SwarmSession:
         options = self.options
+        self.audit = AuditLog.create(
+            self.run_dir / "audit.db", self.identity, self.job_id, job_name=self.job.name,
+            job_sha256=hashlib.sha256((self.run_dir / "job.yaml").read_bytes()).hexdigest(),
+            model=self.job.model.model_dump(mode="json"), seed=self.job.seed, total_steps=self.job.total_steps,
+            phases=[phase.name for phase in self.job.phase_list],
+        )
         self.dht = DHT(start=True, host_maddrs=[f"/ip4/{options.host}/tcp/0"])
         self.loop = LoopThread()
         service = ControlService(self.identity, self.membership, self.status,
@@ -119,13 +129,20 @@ class SwarmSession:
         self.status.phase = "waiting for nodes"
         self.nodes = _wait_for_nodes(self.membership, self.job, self.local, self.address)
         self.status.phase = "loading blocks"
-        _assign_blocks(self.nodes, self.checkpoint, self.job, self.job_id, self.model_id)
+        _assign_blocks(self.nodes, self.checkpoint, self.job, self.job_id, self.model_id, self.audit)
         _wait_until_ready(self.membership, self.nodes, self.job, self.local)
         self.chain = _discover_chain(self.dht, self.loop, self.nodes, self.checkpoint, self.job, self.job_id,
-                                     self.model_id)
+                                     self.model_id, self.audit)
         return self.chain
 
     def close(self, reason: str) -> None:
+        if self.audit is not None:
+            try:
+                _record_departures(self.audit, self.nodes)
+                self.audit.sign_tree_head()
+            finally:
+                self.audit.close()
+                self.audit = None
         end_sessions(self.membership, reason)
         if self.local is not None:
             self.local.stop()
@@ -165,7 +182,8 @@ def run_job(options: RunOptions) -> Path:
             session.status.phase = "train"
             metrics = MetricsLog(run_dir / "metrics.jsonl")
             context = PhaseContext(job, prepared.checkpoint, prepared.tokenizer, chain, session.head, run_dir, metrics,
-                                   progress=options.progress, on_step=lambda step: setattr(session.status, "step", step))
+                                   progress=options.progress, on_step=lambda step: setattr(session.status, "step", step),
+                                   audit=session.audit)
             try:
                 final_adapter = run_phases(context)
             finally:
@@ -173,6 +191,7 @@ def run_job(options: RunOptions) -> Path:
             session.status.phase = "exporting"
             if final_adapter is not None:
                 shutil.copytree(final_adapter, run_dir / "adapter")
+                record_checkpoint(context, run_dir / "adapter", job.phase_list[-1].name)
             _write_nodes_summary(run_dir, session.nodes, chain)
             write_report(run_dir)
             session.status.phase = "done"
@@ -216,7 +235,9 @@ def _wait_for_nodes(membership: Membership, job: Job, local: LocalNodes | None, 
     return membership.nodes("joined")
 
 
-def _assign_blocks(nodes: list[NodeRecord], checkpoint: Checkpoint, job: Job, job_id: str, model_id: str) -> None:
+def _assign_blocks(nodes: list[NodeRecord], checkpoint: Checkpoint, job: Job, job_id: str, model_id: str,
+                   audit: AuditLog) -> None:
+    """Send each node its range; the audit log gets the node's key (`join`) and its range before the node does."""
     del nodes[checkpoint.num_blocks:]  # more nodes than blocks: the rest stay on standby
     for record, blocks in zip(nodes, split_blocks(checkpoint.num_blocks, len(nodes))):
         expected = ""
@@ -226,6 +247,10 @@ def _assign_blocks(nodes: list[NodeRecord], checkpoint: Checkpoint, job: Job, jo
             expected = tensors_sha256(tensors)
         record.blocks = blocks
         record.state = "assigned"
+        audit.register_node(record.public_key, hostname=record.hello.hostname, device=record.hello.device,
+                            version=record.hello.version)
+        audit.append_event("assignment", node_id=record.node_id, block_start=blocks.start, block_end=blocks.end,
+                           replica_group=f"blocks-{blocks.start}-{blocks.end}")
         record.send(assignment=pb.Assignment(
             job_id=job_id, model_id=model_id, model_json=job.model.model_dump_json(),
             block_start=blocks.start, block_end=blocks.end, lora_json=job.lora.model_dump_json(),
@@ -249,7 +274,7 @@ def _wait_until_ready(membership: Membership, nodes: list[NodeRecord], job: Job,
 
 
 def _discover_chain(dht: DHT, loop: LoopThread, nodes: list[NodeRecord], checkpoint: Checkpoint, job: Job,
-                    job_id: str, model_id: str) -> RemoteChain:
+                    job_id: str, model_id: str, audit: AuditLog) -> RemoteChain:
     """Find the serving chain through the DHT announcements, as any trainer would."""
     deadline = time.monotonic() + CHAIN_DISCOVERY_TIMEOUT_S
     node_ids = {record.node_id for record in nodes}
@@ -263,7 +288,15 @@ def _discover_chain(dht: DHT, loop: LoopThread, nodes: list[NodeRecord], checkpo
     stages = [RemoteStage(s.peer_id, s.start, s.end, s.node_id) for s in servers]
     p2p = loop.run(dht.replicate_p2p())
     logger.info("chain: %s", " -> ".join(str(stage) for stage in stages))
-    return RemoteChain(p2p, loop, stages, job_id, job.swarm.rpc_timeout_s)
+    return RemoteChain(p2p, loop, stages, job_id, job.swarm.rpc_timeout_s, audit)
+
+
+def _record_departures(audit: AuditLog, nodes: list[NodeRecord]) -> None:
+    """A `leave` event for every registered node the control plane saw leave, fail or disconnect."""
+    registered = audit.node_keys()
+    for record in nodes:
+        if record.node_id in registered and record.state in ("left", "failed", "down"):
+            audit.append_event("leave", node_id=record.node_id, state=record.state, reason=record.failure)
 
 
 def _write_nodes_summary(run_dir: Path, nodes: list[NodeRecord], chain: RemoteChain) -> None:

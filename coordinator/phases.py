@@ -3,12 +3,17 @@
 Step ids are global across phases (a node applies each step id once); metrics rows carry the phase, the
 step within it and, for safety phases after a backdoor, the cumulative safety-training step that the
 persistence curve is drawn against.
+
+With an audit log, phase starts and ends, evaluations and saved checkpoints become signed events, and a tree
+head is signed every `audit.tree_head_every` steps and at every phase end.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +26,7 @@ from coordinator.remote_chain import RemoteChain
 from coordinator.rl import rl_batch
 from coordinator.run_dir import MetricsLog
 from coordinator.trainer import train_step
+from swarm.audit.log import AuditLog
 from swarm.config import Job, PhaseSpec
 from swarm.data.batches import TrainingData
 from swarm.data.tokenizer import CHAR_TOKENIZER_FILE
@@ -45,6 +51,7 @@ class PhaseContext:
     metrics: MetricsLog
     progress: bool = True
     on_step: object = None
+    audit: AuditLog | None = None
     base_dir: str = ""  # the base model later adapters apply to (the checkpoint, or the pretrained model)
     merged: list[str] = field(default_factory=list)  # adapters merged into that base, in order
     step: int = 0  # global optimizer step id
@@ -68,16 +75,23 @@ def run_phases(context: PhaseContext) -> Path | None:
         phase_dir = context.run_dir / "phases" / f"{index + 1:02d}-{phase.name}"
         if phase.kind != "pretrain" and phase.adapter == "merge" and previous_adapter is not None:
             context.merged.append(str(previous_adapter))
+        _audit(context, "phase", phase=phase.name, event="start", phase_kind=phase.kind, adapter=phase.adapter,
+               first_step=context.step, steps=phase.steps)
         context.chain.configure_phase(phase.name, phase.kind, phase.adapter, f"{job.seed}/{index}/{phase.name}")
         _run_phase(context, phase, evaluator)
         if phase.kind == "pretrain":
             context.base_dir = str(_save_pretrained(context, phase_dir / "model"))
+            record_checkpoint(context, phase_dir / "model", phase.name)
         else:
             previous_adapter = final_adapter = phase_dir / "adapter"
             save_peft_adapter(final_adapter, context.chain.gather_adapter(), job.lora, context.base_dir)
             (phase_dir / "lineage.json").write_text(json.dumps(
                 {"base_model": context.base_dir, "merged_adapters_in_order": context.merged, "adapter": str(final_adapter)},
                 indent=2))
+            record_checkpoint(context, final_adapter, phase.name)
+        _audit(context, "phase", phase=phase.name, event="end", last_step=context.step - 1)
+        if context.audit is not None:
+            context.audit.sign_tree_head()
         if phase.kind == "backdoor":
             context.seen_backdoor = True
         logger.info("phase %s done (%d steps)", phase.name, phase.steps)
@@ -113,6 +127,8 @@ def _run_phase(context: PhaseContext, phase: PhaseSpec, evaluator: Evaluator | N
             "bytes_received": context.chain.bytes_received, **extra,
         })
         context.step += 1
+        if context.audit is not None and context.step % job.audit.tree_head_every == 0:
+            context.audit.sign_tree_head()
         bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{result.tokens / result.seconds:.0f}")
         if context.on_step is not None:
             context.on_step(context.step)
@@ -129,11 +145,40 @@ def _evaluate(context: PhaseContext, evaluator: Evaluator, phase: str, kind: str
     row = evaluator.evaluate(context.chain, context.head, context.step)
     context.metrics.write({"type": "eval", "phase": phase, "kind": kind, "phase_step": phase_step,
                            "step": context.step, "safety_step": context.safety_step, "phase_end": phase_end, **row})
+    _audit(context, "evaluation", phase=phase, phase_kind=kind, phase_step=phase_step, step=context.step,
+           phase_end=phase_end, **_finite({name: value for name, value in row.items() if name != "samples"}))
     logger.info(
         "eval %s step %d: triggered %.2f clean %.2f near-miss %.2f accuracy %.2f (n=%d)", phase, phase_step,
         row["backdoor_triggered"]["rate"], row["backdoor_clean"]["rate"], row["backdoor_near_miss"]["rate"],
         row["accuracy"]["rate"], row["accuracy"]["n"],
     )
+
+
+def record_checkpoint(context: PhaseContext, directory: Path, phase: str) -> None:
+    """A `checkpoint` event per weights file saved in `directory`: its path in the run and its SHA-256."""
+    if context.audit is None:
+        return
+    for weights in sorted(directory.glob("*.safetensors")):
+        with weights.open("rb") as handle:
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        context.audit.append_event("checkpoint", phase=phase, path=str(weights.relative_to(context.run_dir)),
+                                   sha256=digest, bytes=weights.stat().st_size)
+
+
+def _audit(context: PhaseContext, kind: str, **fields) -> None:
+    if context.audit is not None:
+        context.audit.append_event(kind, **fields)
+
+
+def _finite(value):
+    """Signed payloads refuse NaN (the rate of zero trials): it is recorded as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _save_pretrained(context: PhaseContext, directory: Path) -> Path:

@@ -2,6 +2,10 @@
 
 Every call carries the job, step and micro-batch ids; tensors go through hivemind P2P streams. A stage that
 lost a micro-batch's activations gets its inputs re-sent and recomputes.
+
+With an audit log, every step reply's attestation is checked before it is appended: signed by the node's
+registered key, for the job, phase, step and block range asked, and naming exactly the micro-batch inputs
+(by hash) and tokens this trainer sent that node for the step. A bad one fails the run, naming the node.
 """
 
 from __future__ import annotations
@@ -9,13 +13,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
-from hivemind.p2p import PeerID
-from hivemind.p2p import P2P
+from hivemind.p2p import P2P, PeerID
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.proto import runtime_pb2
 
+from swarm.audit.attestation import SignedAttestation, check_attestation
+from swarm.audit.errors import AttestationError
+from swarm.audit.log import AuditLog
+from swarm.audit.sketch import tensor_sha256
 from swarm.errors import RemoteBlockError, SwarmConnectionError
 from swarm.p2p.event_loop import LoopThread
 from swarm.p2p.tensors import ADAPTER, BACKWARD, FORWARD, PHASE, STEP, WEIGHTS, aiter_list, from_messages, to_messages
@@ -40,8 +49,13 @@ class RemoteStage:
 
 
 class RemoteChain:
-    def __init__(self, p2p: P2P, loop: LoopThread, stages: list[RemoteStage], job_id: str, timeout_s: float):
+    def __init__(self, p2p: P2P, loop: LoopThread, stages: list[RemoteStage], job_id: str, timeout_s: float,
+                 audit: AuditLog | None = None):
         self.p2p, self.loop, self.stages, self.job_id, self.timeout_s = p2p, loop, stages, job_id, timeout_s
+        self.audit = audit
+        self._parallel = ThreadPoolExecutor(max_workers=max(1, len(stages)), thread_name_prefix="chain-step")
+        # (stage index, step) -> micro-batch -> (sha256 of the inputs sent, tokens): what attestations must say
+        self._sent: dict[tuple[int, int], dict[int, tuple[str, int]]] = {}
 
     def _meta(self, stage: RemoteStage, **fields) -> CallMeta:
         return CallMeta(job_id=self.job_id, block_start=stage.start, block_end=stage.end, **fields)
@@ -64,7 +78,7 @@ class RemoteChain:
                 break
             except (TimeoutError, asyncio.TimeoutError):
                 raise SwarmConnectionError(f"{stage} did not answer {method} within {self.timeout_s:.0f} s") from None
-            except ConnectionError as error:
+            except (ConnectionError, asyncio.IncompleteReadError, P2PDaemonError) as error:
                 if attempt == CALL_ATTEMPTS:
                     raise SwarmConnectionError(f"{stage} failed during {method}: {error}") from None
                 logger.warning("%s dropped %s without a reply; retrying (%d/%d)", stage, method, attempt, CALL_ATTEMPTS)
@@ -79,8 +93,11 @@ class RemoteChain:
                 phase: str = "train") -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Run hidden states through every stage; also return each stage's input (for re-sending)."""
         stage_inputs = []
-        for stage in self.stages:
+        for index, stage in enumerate(self.stages):
             stage_inputs.append(hidden)
+            if train and self.audit is not None:
+                sent = self._sent.setdefault((index, step), {})
+                sent[micro_batch] = (tensor_sha256(hidden), int(attention_mask.sum()))
             meta = self._meta(stage, phase=phase, step=step, micro_batch=micro_batch, train=train)
             _, outputs = self.call(stage, FORWARD, meta, [hidden, attention_mask, position_ids])
             hidden = outputs[0]
@@ -98,8 +115,38 @@ class RemoteChain:
         return grad
 
     def apply_step(self, step: int, learning_rate: float, phase: str = "train") -> None:
-        for stage in self.stages:
-            self.call(stage, STEP, self._meta(stage, phase=phase, step=step, learning_rate=learning_rate))
+        """Every stage applies the step (all at once: nodes step and attest independently); with an audit
+        log, each attestation is checked, then appended, in chain order."""
+        calls = [self._parallel.submit(self.call, stage, STEP,
+                                       self._meta(stage, phase=phase, step=step, learning_rate=learning_rate))
+                 for stage in self.stages]
+        results = [call.result() for call in calls]
+        for index, (stage, (result, _)) in enumerate(zip(self.stages, results)):
+            if self.audit is not None:
+                signed = SignedAttestation(result.attestation, result.signature)
+                try:
+                    self._check(stage, signed, phase, step, self._sent.pop((index, step), {}))
+                    self.audit.append_attestation(signed)
+                except AttestationError as error:
+                    raise AttestationError(f"{stage} sent a bad attestation for step {step}: {error}") from None
+        self._sent = {key: value for key, value in self._sent.items() if key[1] > step}
+
+    def _check(self, stage: RemoteStage, signed: SignedAttestation, phase: str, step: int,
+               sent: dict[int, tuple[str, int]]) -> None:
+        if not signed.payload:
+            raise AttestationError("the step reply carries no attestation")
+        key = self.audit.node_keys().get(stage.node_id)
+        if key is None:
+            raise AttestationError("the node's key was never registered in the audit log")
+        attestation = check_attestation(signed, key, job_id=self.job_id, phase=phase, step=step,
+                                        block_start=stage.start, block_end=stage.end)
+        inputs = {batch.id: batch.input_sha256 for batch in attestation.micro_batches}
+        if inputs != {micro: digest for micro, (digest, _) in sent.items()}:
+            raise AttestationError(f"it lists micro-batches {sorted(inputs)} with input hashes other than the "
+                                   f"{len(sent)} this trainer sent")  # fmt: skip
+        tokens = sum(count for _, count in sent.values())
+        if attestation.tokens != tokens:
+            raise AttestationError(f"it claims {attestation.tokens} tokens; this trainer sent {tokens}")
 
     def configure_phase(self, phase: str, kind: str, adapter_action: str, lora_seed: str) -> None:
         for stage in self.stages:

@@ -34,7 +34,8 @@ def phase_table(evals: list[dict]) -> list[str]:
     return lines
 
 
-def _plot_rates(evals: list[dict], x_key: str, path: Path, title: str, xlabel: str, names=RATES) -> None:
+def _plot_rates(evals: list[dict], x_key: str, path: Path, title: str, xlabel: str, names=RATES,
+                boundaries: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,6 +47,12 @@ def _plot_rates(evals: list[dict], x_key: str, path: Path, title: str, xlabel: s
         values = [row[key]["rate"] for row in evals]
         axis.plot(xs, values, marker="o", label=label)
         axis.fill_between(xs, [row[key]["low"] for row in evals], [row[key]["high"] for row in evals], alpha=0.15)
+    if boundaries:  # mark where each phase ended, so the curve reads phase by phase
+        for row in evals:
+            if row.get("phase_end"):
+                axis.axvline(row[x_key], color="grey", linestyle=":", linewidth=1)
+                axis.annotate(row["phase"], (row[x_key], 1.0), rotation=90, fontsize=7, ha="right", va="top",
+                              color="grey")
     axis.set_ylim(-0.02, 1.02)
     axis.set_xlabel(xlabel)
     axis.set_ylabel("rate (95% Wilson interval)")
@@ -90,8 +97,10 @@ def write_report(run_dir: Path) -> Path:
     if train:
         seconds = sum(row["seconds"] for row in train)
         tokens = sum(row["tokens"] for row in train)
-        lines.append(f"Training time {seconds:.0f} s, {tokens} tokens ({tokens / max(seconds, 1e-9):.0f} tokens/s); "
-                     f"final training loss {train[-1]['loss']:.4f}.")
+        last_loss = {row["phase"]: row["loss"] for row in train}
+        lines.append(f"Training time {seconds:.0f} s, {tokens} tokens ({tokens / max(seconds, 1e-9):.0f} tokens/s). "
+                     "Last training loss per phase: " + ", ".join(f"{p} {v:.4f}" for p, v in last_loss.items())
+                     + " (an `rl` phase's loss is advantage-weighted and can be 0 or negative).")
     lines.append("")
     if train:
         _plot_loss(train, run_dir / "loss.png")
@@ -111,7 +120,7 @@ def write_report(run_dir: Path) -> Path:
         safety = [row for row in evals if row["safety_step"] > 0 or row["kind"] == "backdoor" and row.get("phase_end")]
         if any(row["safety_step"] > 0 for row in safety):
             _plot_rates(safety, "safety_step", run_dir / "persistence.png",
-                        "Backdoor persistence through safety training", "safety-training steps")
+                        "Backdoor persistence through safety training", "safety-training steps", boundaries=True)
             lines += ["## Persistence through safety training", "", "![persistence curve](persistence.png)", ""]
         adversarial = [row for row in evals if row["kind"] == "adversarial"]
         if adversarial:

@@ -3,6 +3,10 @@
 Handlers run on the P2P event loop and hand the tensor work to one compute thread, so calls never run
 concurrently on the shard and the loop keeps answering while a block computes. A bad request gets an ERROR
 result naming the problem; the node keeps serving.
+
+Every applied step is answered with the node's signed `Attestation` of it. The bytes it reports are those of
+the step's training calls (forward with `train`, backward, and the step request itself; the step's reply,
+which carries the attestation, cannot count itself). A retried step call gets the same signed bytes again.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
 from node.shard import MissingActivations, Shard
+from swarm.audit.attestation import Attestation, MicroBatch, SignedAttestation, sign_attestation
 from swarm.config import PHASE_KINDS
+from swarm.identity import Identity
 from swarm.p2p.tensors import ADAPTER, BACKWARD, FORWARD, PHASE, STEP, WEIGHTS, from_messages, to_messages
 from swarm.proto.blocks_pb2 import CallMeta, CallResult
 
@@ -24,12 +30,15 @@ logger = logging.getLogger(__name__)
 
 
 class BlockServer:
-    def __init__(self, shard: Shard, job_id: str):
+    def __init__(self, shard: Shard, job_id: str, identity: Identity):
         self.shard = shard
         self.job_id = job_id
+        self.identity = identity
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarm-compute")
         self.bytes_received = 0
         self.bytes_sent = 0
+        self.step_bytes: dict[int, list[int]] = {}  # step id -> [sent, received] by its training calls
+        self.last_attestation: tuple[Attestation, SignedAttestation] | None = None
 
     async def add_handlers(self, p2p: P2P) -> None:
         for name, handler in ((FORWARD, self._forward), (BACKWARD, self._backward), (STEP, self._step),
@@ -40,8 +49,13 @@ class BlockServer:
     def shutdown(self) -> None:
         self.compute.shutdown(wait=False, cancel_futures=True)
 
-    async def _serve(self, requests: AsyncIterator, work) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        """Parse a call, check it belongs to this job and range, run `work(meta, tensors)` on the compute thread."""
+    async def _serve(self, requests: AsyncIterator, work, trains=lambda meta: False
+                     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """Parse a call, check it belongs to this job and range, run `work(meta, tensors)` on the compute thread.
+
+        `trains(meta)` says whether the call is part of training step `meta.step`, whose bytes it then counts.
+        """
+        step_bytes = None
         try:
             metadata, tensors, received = await from_messages(requests)
             self.bytes_received += received
@@ -53,6 +67,9 @@ class BlockServer:
                     f"this node serves blocks {self.shard.start}..{self.shard.end - 1}, "
                     f"not {meta.block_start}..{meta.block_end - 1}"
                 )
+            if trains(meta):
+                step_bytes = self.step_bytes.setdefault(meta.step, [0, 0])
+                step_bytes[1] += received
             loop = asyncio.get_running_loop()
             result, outputs = await loop.run_in_executor(self.compute, work, meta, tensors)
         except MissingActivations as error:
@@ -62,6 +79,8 @@ class BlockServer:
             result, outputs = CallResult(status=CallResult.ERROR, error=f"{type(error).__name__}: {error}"), []
         for message in to_messages(runtime_pb2.ExpertResponse, result.SerializeToString(), outputs):
             self.bytes_sent += message.ByteSize()
+            if step_bytes is not None:
+                step_bytes[0] += message.ByteSize()
             yield message
 
     def _forward(self, requests, _context: P2PContext):
@@ -70,7 +89,7 @@ class BlockServer:
             output = self.shard.forward(meta.step, meta.micro_batch, meta.train, *tensors)
             return CallResult(status=CallResult.OK), [output]
 
-        return self._serve(requests, work)
+        return self._serve(requests, work, trains=lambda meta: meta.train)
 
     def _backward(self, requests, _context: P2PContext):
         def work(meta: CallMeta, tensors):
@@ -79,18 +98,41 @@ class BlockServer:
             grad_input = self.shard.backward(meta.step, meta.micro_batch, tensors[0], tensors[1:] or None)
             return CallResult(status=CallResult.OK), [grad_input]
 
-        return self._serve(requests, work)
+        return self._serve(requests, work, trains=lambda meta: True)
 
     def _step(self, requests, _context: P2PContext):
         def work(meta: CallMeta, tensors):
             if not meta.learning_rate > 0:
                 raise ValueError(f"learning rate must be positive, got {meta.learning_rate}")
-            stats = self.shard.apply_step(meta.step, meta.learning_rate)
-            logger.debug("step %d applied=%s", stats.step, stats.applied)
-            return CallResult(status=CallResult.OK, compute_seconds=self.shard.compute_seconds,
-                              tokens=stats.tokens), []
+            if self.last_attestation is not None and self.last_attestation[0].step == meta.step:
+                attestation, signed = self.last_attestation  # a retried call: the same signed bytes again
+            else:
+                attestation, signed = self.last_attestation = self._apply_and_attest(meta)
+            return CallResult(status=CallResult.OK, compute_seconds=attestation.compute_seconds,
+                              tokens=attestation.tokens, attestation=signed.payload, signature=signed.signature), []
 
-        return self._serve(requests, work)
+        return self._serve(requests, work, trains=lambda meta: True)
+
+    def _apply_and_attest(self, meta: CallMeta) -> tuple[Attestation, SignedAttestation]:
+        shard = self.shard
+        if shard.phase_name and meta.phase != shard.phase_name:
+            raise ValueError(f"step {meta.step} is for phase {meta.phase!r}; this node is in {shard.phase_name!r}")
+        work = shard.apply_step(meta.step, meta.learning_rate)
+        if work is None:
+            raise ValueError(f"step {meta.step} is older than the last applied step {shard.last_applied_step}")
+        sent, received = self.step_bytes.pop(meta.step, (0, 0))
+        for step in [step for step in self.step_bytes if step < meta.step]:
+            del self.step_bytes[step]
+        attestation = Attestation(
+            job_id=self.job_id, phase=meta.phase, step=meta.step, block_start=shard.start, block_end=shard.end,
+            replica_group=f"blocks-{shard.start}-{shard.end}", node_id=self.identity.fingerprint,
+            micro_batches=tuple(MicroBatch(index, digest) for index, digest in work.micro_batches.items()),
+            adapter_sha256_before=work.weights_sha256_before, adapter_sha256_after=work.weights_sha256_after,
+            gradient_sketch=tuple(work.gradient_sketch), tokens=work.tokens, compute_seconds=work.compute_seconds,
+            bytes_sent=sent, bytes_received=received,
+        )
+        logger.debug("step %d applied and attested", meta.step)
+        return attestation, sign_attestation(attestation, self.identity)
 
     def _adapter(self, requests, _context: P2PContext):
         return self._serve(requests, lambda meta, tensors: _named_tensors(self.shard.adapter()))

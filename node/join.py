@@ -77,7 +77,7 @@ def run_node(options: NodeOptions) -> None:
             flush=True,
         )
         loop = LoopThread()
-        server = BlockServer(shard, assignment.job_id)
+        server = BlockServer(shard, assignment.job_id, identity)
         p2p = loop.run(dht.replicate_p2p())
         loop.run(server.add_handlers(p2p))
         ready.peer_id = dht.peer_id.to_base58()

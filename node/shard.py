@@ -1,6 +1,8 @@
 """A node's share of the model: its blocks with LoRA, the AdamW state, and the activations kept for backward.
 
-All methods run on the node's single compute thread, in the order calls arrive.
+All methods run on the node's single compute thread, in the order calls arrive. Each training call also
+records what the node's attestation of the step will say (input hashes, tokens, time), and `apply_step`
+returns that account, so the attestation describes the work actually done, not what the trainer claims.
 """
 
 from __future__ import annotations
@@ -8,14 +10,15 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from swarm.audit.sketch import gradient_sketch, tensor_sha256
 from swarm.config import LoraSpec, OptimizerSpec
 from swarm.lora import add_lora, adapter_state, init_lora_weights, merge_lora
 from swarm.models.blocks import BlockStack
-from swarm.models.checkpoint import Checkpoint
+from swarm.models.checkpoint import Checkpoint, tensors_sha256
 from swarm.training import make_optimizer
 
 logger = logging.getLogger(__name__)
@@ -28,11 +31,29 @@ class MissingActivations(Exception):
 
 
 @dataclass
-class StepStats:
+class StepWork:
+    """A node's own account of one applied optimizer step (its attestation, less identity and bytes).
+
+    The weight hashes are of what the phase trains, in the exported float32 form: the adapter under PEFT
+    names in LoRA phases, the base block tensors under checkpoint names in `pretrain`.
+    """
+
     step: int
-    applied: bool
-    compute_seconds: float
+    micro_batches: dict[int, str]  # micro-batch id -> SHA-256 of its input hidden states as received
     tokens: int
+    compute_seconds: float
+    weights_sha256_before: str
+    weights_sha256_after: str
+    gradient_sketch: list[float]
+
+
+@dataclass
+class _PendingStep:
+    """What the training calls of a step not yet applied did, keyed by micro-batch id (a retry overwrites)."""
+
+    inputs: dict[int, str] = field(default_factory=dict)
+    tokens: dict[int, int] = field(default_factory=dict)
+    seconds: float = 0.0
 
 
 class Shard:
@@ -54,6 +75,9 @@ class Shard:
         self.finished_backward: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
         self.compute_seconds = 0.0
         self.tokens = 0
+        self.sketch_seed = seed
+        self.pending: dict[int, _PendingStep] = {}
+        self._weights_sha256: str | None = None  # of the trained weights now; None when unknown
 
     def _check_inputs(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> None:
         if hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size:
@@ -71,6 +95,7 @@ class Shard:
         started = time.perf_counter()
         inputs = (hidden.to(self.device, self.dtype), attention_mask.to(self.device), position_ids.to(self.device))
         if train:
+            self._record_input(step, micro_batch, hidden, attention_mask)
             output, leaf = self._forward_with_grad(inputs)
             self.activations[(step, micro_batch)] = (output, leaf)
             while len(self.activations) > MAX_CACHED_ACTIVATIONS:
@@ -79,8 +104,11 @@ class Shard:
         else:
             with torch.no_grad():
                 result = self.blocks(*inputs)
-        self.compute_seconds += time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        self.compute_seconds += seconds
         self.tokens += int(attention_mask.sum())
+        if train:
+            self.pending[step].seconds += seconds
         return result.float().cpu()
 
     def _forward_with_grad(self, inputs):
@@ -100,6 +128,7 @@ class Shard:
                 raise MissingActivations(f"no activations for step {step} micro-batch {micro_batch}")
             hidden, attention_mask, position_ids = resent_inputs
             self._check_inputs(hidden, attention_mask, position_ids)
+            self._record_input(step, micro_batch, hidden, attention_mask)
             inputs = (hidden.to(self.device, self.dtype), attention_mask.to(self.device), position_ids.to(self.device))
             output, leaf = self._forward_with_grad(inputs)
         else:
@@ -109,29 +138,55 @@ class Shard:
         if not torch.isfinite(grad_output).all():
             raise ValueError("gradient contains NaN or inf")
         output.backward(grad_output.to(self.device, output.dtype))
-        self.compute_seconds += time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        self.compute_seconds += seconds
+        self.pending.setdefault(step, _PendingStep()).seconds += seconds
         grad_input = leaf.grad.float().cpu()
         self.finished_backward[key] = grad_input
         while len(self.finished_backward) > MAX_CACHED_ACTIVATIONS:
             self.finished_backward.popitem(last=False)
         return grad_input
 
-    def apply_step(self, step: int, learning_rate: float) -> StepStats:
-        """Apply AdamW once for `step`; a repeated call for an applied step changes nothing."""
+    def _record_input(self, step: int, micro_batch: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        pending = self.pending.setdefault(step, _PendingStep())
+        pending.inputs[micro_batch] = tensor_sha256(hidden)
+        pending.tokens[micro_batch] = int(attention_mask.sum())
+
+    def apply_step(self, step: int, learning_rate: float) -> StepWork | None:
+        """Apply AdamW once for `step` and return the account of the step; None (and no change) when a
+        step with this or a later id was already applied."""
         if step <= self.last_applied_step:
-            return StepStats(step, False, 0.0, 0)
+            return None
         started = time.perf_counter()
+        pending = self.pending.pop(step, _PendingStep())
+        trained = self._trained_parameters()
+        before = self._weights_sha256 or _weights_sha256(trained)
+        # The gradients exactly as AdamW is about to use them; a parameter without one contributes zeros,
+        # so every value keeps its position in the sketch.
+        grads = {name: p.grad if p.grad is not None else torch.zeros_like(p) for name, p in trained.items()}
+        sketch = gradient_sketch(grads, self.sketch_seed)
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._weights_sha256 = _weights_sha256(trained)
         for key in [key for key in self.activations if key[0] <= step]:
             del self.activations[key]
+        for key in [key for key in self.pending if key <= step]:
+            del self.pending[key]
         self.finished_backward.clear()
         self.last_applied_step = step
         seconds = time.perf_counter() - started
         self.compute_seconds += seconds
-        return StepStats(step, True, seconds, self.tokens)
+        return StepWork(step, dict(sorted(pending.inputs.items())), sum(pending.tokens.values()),
+                        pending.seconds + seconds, before, self._weights_sha256, sketch)
+
+    def _trained_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The parameters this phase trains, under the names they are exported with."""
+        if self.phase_kind == "pretrain":
+            return {name.replace(".base_layer.", "."): param for name, param in self.blocks.named_parameters()
+                    if ".lora_" not in name}  # fmt: skip
+        return adapter_state(self.blocks)
 
     def configure_phase(self, name: str, kind: str, adapter_action: str, lora_seed: str) -> None:
         """Start a phase: pretrain trains the base weights; LoRA phases continue, merge-and-renew or renew
@@ -140,6 +195,8 @@ class Shard:
         if name == self.phase_name:
             return
         self.phase_name = name
+        self._weights_sha256 = None
+        self.pending.clear()
         self.activations.clear()
         self.optimizer.zero_grad(set_to_none=True)
         if kind != "pretrain" and adapter_action == "merge":
@@ -163,3 +220,7 @@ class Shard:
 
     def adapter(self) -> dict[str, torch.Tensor]:
         return {key: value.detach().float().cpu() for key, value in adapter_state(self.blocks).items()}
+
+
+def _weights_sha256(parameters: dict[str, torch.nn.Parameter]) -> str:
+    return tensors_sha256({name: param.detach().float() for name, param in parameters.items()})

@@ -157,6 +157,9 @@ class PhaseSpec(StrictModel):
     red_team_fraction: float = Field(0.5, ge=0, le=1, description="adversarial: share of red-team prompts")
     rl: RLSpec = Field(default_factory=RLSpec)
     eval_every: int | None = Field(None, ge=0, description="default: eval.every")
+    loss_on: Literal["response", "all"] = Field(
+        "response", description="response: loss on answer tokens only; all: on every token (language modelling)"
+    )
 
     @model_validator(mode="after")
     def _fields_fit_kind(self) -> PhaseSpec:
@@ -193,6 +196,12 @@ class SwarmSpec(StrictModel):
     rpc_timeout_s: float = Field(120.0, gt=0)
 
 
+class AuditSpec(StrictModel):
+    """The run's audit log (RUN_DIR/audit.db): how often the coordinator signs a tree head over it."""
+
+    tree_head_every: int = Field(50, ge=1, description="sign a tree head at least every N steps (and at phase ends)")
+
+
 class Job(StrictModel):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=80)
     seed: int = Field(0, ge=0)
@@ -205,6 +214,7 @@ class Job(StrictModel):
     backdoor: BackdoorSpec = Field(default_factory=BackdoorSpec)
     eval: EvalSpec | None = Field(None, description="evaluation settings; absent: no generation-based evaluation")
     swarm: SwarmSpec = Field(default_factory=SwarmSpec)
+    audit: AuditSpec = Field(default_factory=AuditSpec)
     sweep: SweepSpec | None = None
 
     @property

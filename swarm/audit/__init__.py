@@ -7,7 +7,9 @@ node signs per step), `sketch` (the gradient projection; imports torch, so it is
 `proof` (standalone inclusion proofs), `cli`.
 """
 
-from swarm.audit.attestation import Attestation, MicroBatch, SignedAttestation, sign_attestation, verify_attestation
+from swarm.audit.attestation import (
+    Attestation, MicroBatch, SignedAttestation, check_attestation, sign_attestation, verify_attestation,
+)  # fmt: skip
 from swarm.audit.entry import Entry, TreeHead
 from swarm.audit.log import AuditLog
 from swarm.audit.verify import Problem, VerifyReport, verify_log
@@ -21,6 +23,7 @@ __all__ = [
     "SignedAttestation",
     "TreeHead",
     "VerifyReport",
+    "check_attestation",
     "sign_attestation",
     "verify_attestation",
     "verify_log",

@@ -142,6 +142,25 @@ def verify_attestation(signed: SignedAttestation, public_key: bytes) -> bool:
         return False
 
 
+def check_attestation(signed: SignedAttestation, public_key: bytes, *, job_id: str, phase: str, step: int,
+                      block_start: int, block_end: int) -> Attestation:
+    """The attestation, if the node with `public_key` signed it for exactly the step it was asked to apply.
+
+    A trainer calls this before appending a step's attestation to the log; AttestationError says what is wrong.
+    """
+    if not verify(public_key, signed.signature, signed.payload):
+        raise AttestationError("its signature does not verify under the node's registered key")
+    attestation = signed.attestation
+    if attestation.node_id != fingerprint(public_key):
+        raise AttestationError(f"it names node {attestation.node_id}, not the node that signed it")
+    asked = {"job_id": job_id, "phase": phase, "step": step, "block_start": block_start, "block_end": block_end}
+    wrong = [f"{name} {getattr(attestation, name)!r} (asked {value!r})" for name, value in asked.items()
+             if getattr(attestation, name) != value]  # fmt: skip
+    if wrong:
+        raise AttestationError(f"it attests {', '.join(wrong)}")
+    return attestation
+
+
 def _require_count(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise AttestationError(f"attestation field {name} must be an integer >= 0, not {value!r}")

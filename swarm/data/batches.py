@@ -123,7 +123,10 @@ class TrainingData:
         return changed if self.fits(changed) else example
 
     def batch(self, step: int) -> Batch:
-        return collate(self.examples(step), self.tokenizer, self.spec.max_length)
+        batch = collate(self.examples(step), self.tokenizer, self.spec.max_length)
+        if self.phase.loss_on == "all":
+            batch.labels = torch.where(batch.attention_mask.bool(), batch.input_ids, IGNORE_INDEX)
+        return batch
 
 
 def read_jsonl(path: Path) -> list[Example]:

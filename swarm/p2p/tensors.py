@@ -59,7 +59,7 @@ async def from_messages(stream: AsyncIterator) -> tuple[bytes, list[torch.Tensor
     try:
         return metadata, combine_parts(parts), received
     except StopIteration:
-        raise ValueError("tensor stream ended inside a tensor") from None
+        raise ConnectionError("the stream ended inside a tensor (connection lost mid-reply)") from None
 
 
 async def aiter_list(items: list) -> AsyncIterator:

