@@ -66,15 +66,12 @@ class Shard:
         self.blocks.train()
         self.optimizer_spec = optimizer
         self.phase_kind = "sft"
-        self.parameters = [p for p in self.blocks.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(self.parameters, optimizer)
+        self.optimizer = make_optimizer([p for p in self.blocks.parameters() if p.requires_grad], optimizer)
         self.activations: OrderedDict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.last_applied_step = -1
         self.phase_name = ""
         # Results of finished backward calls, so a call retried after a lost reply is not applied twice.
         self.finished_backward: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
-        self.compute_seconds = 0.0
-        self.tokens = 0
         self.sketch_seed = seed
         self.pending: dict[int, _PendingStep] = {}
         self._weights_sha256: str | None = None  # of the trained weights now; None when unknown
@@ -93,7 +90,7 @@ class Shard:
                 attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         self._check_inputs(hidden, attention_mask, position_ids)
         started = time.perf_counter()
-        inputs = (hidden.to(self.device, self.dtype), attention_mask.to(self.device), position_ids.to(self.device))
+        inputs = self._on_device(hidden, attention_mask, position_ids)
         if train:
             self._record_input(step, micro_batch, hidden, attention_mask)
             output, leaf = self._forward_with_grad(inputs)
@@ -104,12 +101,12 @@ class Shard:
         else:
             with torch.no_grad():
                 result = self.blocks(*inputs)
-        seconds = time.perf_counter() - started
-        self.compute_seconds += seconds
-        self.tokens += int(attention_mask.sum())
         if train:
-            self.pending[step].seconds += seconds
+            self.pending[step].seconds += time.perf_counter() - started
         return result.float().cpu()
+
+    def _on_device(self, hidden, attention_mask, position_ids) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return hidden.to(self.device, self.dtype), attention_mask.to(self.device), position_ids.to(self.device)
 
     def _forward_with_grad(self, inputs):
         hidden = inputs[0].detach().requires_grad_(True)
@@ -129,8 +126,7 @@ class Shard:
             hidden, attention_mask, position_ids = resent_inputs
             self._check_inputs(hidden, attention_mask, position_ids)
             self._record_input(step, micro_batch, hidden, attention_mask)
-            inputs = (hidden.to(self.device, self.dtype), attention_mask.to(self.device), position_ids.to(self.device))
-            output, leaf = self._forward_with_grad(inputs)
+            output, leaf = self._forward_with_grad(self._on_device(hidden, attention_mask, position_ids))
         else:
             output, leaf = cached
         if grad_output.shape != output.shape:
@@ -138,9 +134,7 @@ class Shard:
         if not torch.isfinite(grad_output).all():
             raise ValueError("gradient contains NaN or inf")
         output.backward(grad_output.to(self.device, output.dtype))
-        seconds = time.perf_counter() - started
-        self.compute_seconds += seconds
-        self.pending.setdefault(step, _PendingStep()).seconds += seconds
+        self.pending.setdefault(step, _PendingStep()).seconds += time.perf_counter() - started
         grad_input = leaf.grad.float().cpu()
         self.finished_backward[key] = grad_input
         while len(self.finished_backward) > MAX_CACHED_ACTIVATIONS:
@@ -176,17 +170,17 @@ class Shard:
             del self.pending[key]
         self.finished_backward.clear()
         self.last_applied_step = step
-        seconds = time.perf_counter() - started
-        self.compute_seconds += seconds
         return StepWork(step, dict(sorted(pending.inputs.items())), sum(pending.tokens.values()),
-                        pending.seconds + seconds, before, self._weights_sha256, sketch)
+                        pending.seconds + time.perf_counter() - started, before, self._weights_sha256, sketch)
 
     def _trained_parameters(self) -> dict[str, torch.nn.Parameter]:
         """The parameters this phase trains, under the names they are exported with."""
-        if self.phase_kind == "pretrain":
-            return {name.replace(".base_layer.", "."): param for name, param in self.blocks.named_parameters()
-                    if ".lora_" not in name}  # fmt: skip
-        return adapter_state(self.blocks)
+        return self._base_parameters() if self.phase_kind == "pretrain" else adapter_state(self.blocks)
+
+    def _base_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The blocks' base parameters under checkpoint names (LoRA wraps `q_proj` as `q_proj.base_layer`)."""
+        return {name.replace(".base_layer.", "."): param for name, param in self.blocks.named_parameters()
+                if ".lora_" not in name}  # fmt: skip
 
     def configure_phase(self, name: str, kind: str, adapter_action: str, lora_seed: str) -> None:
         """Start a phase: pretrain trains the base weights; LoRA phases continue, merge-and-renew or renew
@@ -207,16 +201,11 @@ class Shard:
         for name, param in self.blocks.named_parameters():
             param.requires_grad_((".lora_" in name) != train_base)
         self.phase_kind = kind
-        self.parameters = [p for p in self.blocks.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(self.parameters, self.optimizer_spec)
+        self.optimizer = make_optimizer([p for p in self.blocks.parameters() if p.requires_grad], self.optimizer_spec)
 
     def base_weights(self) -> dict[str, torch.Tensor]:
         """The blocks' base tensors under their checkpoint names (after pretraining or merges)."""
-        return {
-            name.replace(".base_layer.", "."): param.detach().float().cpu()
-            for name, param in self.blocks.named_parameters()
-            if ".lora_" not in name
-        }
+        return {name: param.detach().float().cpu() for name, param in self._base_parameters().items()}
 
     def adapter(self) -> dict[str, torch.Tensor]:
         return {key: value.detach().float().cpu() for key, value in adapter_state(self.blocks).items()}
