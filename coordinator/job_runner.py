@@ -24,6 +24,7 @@ from coordinator.scheduler import split_blocks
 from coordinator.phases import PhaseContext, record_checkpoint, run_phases
 from coordinator.report import write_report
 from coordinator.sweep import run_sweep
+from swarm.audit.attestation import replica_group
 from swarm.audit.log import AuditLog
 from swarm.config import Job, load_job
 from swarm.data.batches import TrainingData
@@ -62,9 +63,9 @@ class PreparedJob:
     data: TrainingData  # the first phase's data
 
 
-def prepare_job(options: RunOptions) -> PreparedJob:
+def prepare_job(options: RunOptions, job: Job | None = None) -> PreparedJob:
     """Everything that can fail because of the job file, checked before any process starts."""
-    job = load_job(options.job_file)
+    job = job or load_job(options.job_file)
     checkpoint = Checkpoint.open(resolve_model(job.model, options.cache_dir))
     if job.swarm.min_nodes > checkpoint.num_blocks:
         raise JobFileError(
@@ -170,7 +171,7 @@ def run_job(options: RunOptions) -> Path:
     job = load_job(options.job_file)
     if job.sweep is not None:
         return _run_sweep(options, job)
-    prepared = prepare_job(options)
+    prepared = prepare_job(options, job)
     job = prepared.job
     run_dir = create_run_dir(options.runs_root, job.name, options.job_file, options.run_dir)
     file_log = logging.FileHandler(run_dir / "coordinator.log")
@@ -250,7 +251,7 @@ def _assign_blocks(nodes: list[NodeRecord], checkpoint: Checkpoint, job: Job, jo
         audit.register_node(record.public_key, hostname=record.hello.hostname, device=record.hello.device,
                             version=record.hello.version)
         audit.append_event("assignment", node_id=record.node_id, block_start=blocks.start, block_end=blocks.end,
-                           replica_group=f"blocks-{blocks.start}-{blocks.end}")
+                           replica_group=replica_group(blocks.start, blocks.end))
         record.send(assignment=pb.Assignment(
             job_id=job_id, model_id=model_id, model_json=job.model.model_dump_json(),
             block_start=blocks.start, block_end=blocks.end, lora_json=job.lora.model_dump_json(),

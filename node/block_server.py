@@ -20,7 +20,7 @@ from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
 from node.shard import MissingActivations, Shard
-from swarm.audit.attestation import Attestation, MicroBatch, SignedAttestation, sign_attestation
+from swarm.audit.attestation import Attestation, MicroBatch, SignedAttestation, replica_group, sign_attestation
 from swarm.config import PHASE_KINDS
 from swarm.identity import Identity
 from swarm.p2p.tensors import ADAPTER, BACKWARD, FORWARD, PHASE, STEP, WEIGHTS, from_messages, to_messages
@@ -125,7 +125,7 @@ class BlockServer:
             del self.step_bytes[step]
         attestation = Attestation(
             job_id=self.job_id, phase=meta.phase, step=meta.step, block_start=shard.start, block_end=shard.end,
-            replica_group=f"blocks-{shard.start}-{shard.end}", node_id=self.identity.fingerprint,
+            replica_group=replica_group(shard.start, shard.end), node_id=self.identity.fingerprint,
             micro_batches=tuple(MicroBatch(index, digest) for index, digest in work.micro_batches.items()),
             adapter_sha256_before=work.weights_sha256_before, adapter_sha256_after=work.weights_sha256_after,
             gradient_sketch=tuple(work.gradient_sketch), tokens=work.tokens, compute_seconds=work.compute_seconds,

@@ -123,6 +123,11 @@ class SignedAttestation:
         return Attestation.from_bytes(self.payload)
 
 
+def replica_group(block_start: int, block_end: int) -> str:
+    """The name nodes serving the same block range attest under, and assignments are logged with."""
+    return f"blocks-{block_start}-{block_end}"
+
+
 def sign_attestation(attestation: Attestation, identity: Identity) -> SignedAttestation:
     if attestation.node_id != identity.fingerprint:
         raise AttestationError(
