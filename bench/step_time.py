@@ -1,16 +1,20 @@
 """Swarm step time vs single-process step time, same model, data and batch, measured side by side.
 
     python bench/step_time.py --preset llama-small --nodes 2 --batch-size 8 --seq 128 --steps 10
+    python bench/step_time.py --preset llama-25m --nodes 2 --steps 4 --rounds 3
 
 Starts N local nodes, times `--steps` swarm training steps after `--warmup`, then the same steps in one
-process with plain peft, and prints both and their ratio. Run on an otherwise idle machine; numbers from
-one run are comparable with each other only.
+process with plain peft, and prints both and their ratio. With `--rounds R` it alternates R times between
+swarm steps and single-process steps (the nodes stay up, idle, while the single process runs), so a load
+that comes and goes on a shared machine hits both sides alike. Prints the load average before and after.
+Run on an otherwise idle machine; numbers from one run are comparable with each other only.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import string
@@ -28,6 +32,7 @@ from coordinator.job_runner import RunOptions, SwarmSession, prepare_job  # noqa
 from coordinator.run_dir import create_run_dir  # noqa: E402
 from coordinator.trainer import train_step  # noqa: E402
 from swarm.logs import setup_logging  # noqa: E402
+from swarm.models.presets import PRESETS  # noqa: E402
 from swarm.reference import train_reference  # noqa: E402
 
 
@@ -50,12 +55,16 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1, help="alternate swarm and single-process timing R times")
+    parser.add_argument("--node-threads", type=int, default=None, help="torch threads per node (default: all)")
     args = parser.parse_args()
+    load_before = os.getloadavg()
     setup_logging("WARNING", "bench")
     threads = torch.get_num_threads()
+    node_threads = args.node_threads or threads
     work = Path(tempfile.mkdtemp(prefix="bench-step-time-"))
     write_long_examples(work / "data.jsonl", args.seq)
-    total = args.warmup + args.steps
+    total = args.warmup + args.steps * args.rounds
     job = {
         "name": "bench-step-time", "model": {"preset": args.preset},
         "data": {"source": "jsonl", "path": str(work / "data.jsonl"), "max_length": args.seq},
@@ -64,26 +73,42 @@ def main() -> None:
     }
     (work / "job.yaml").write_text(yaml.safe_dump(job))
     options = RunOptions(job_file=work / "job.yaml", run_dir=work / "run", local_nodes=args.nodes,
-                         node_threads=threads, progress=False)
+                         node_threads=node_threads, progress=False)
     prepared = prepare_job(options)
     run_dir = create_run_dir(options.runs_root, prepared.job.name, options.job_file, options.run_dir)
-    swarm_seconds = []
+    swarm_seconds, local_seconds = [], []
     with SwarmSession(prepared, run_dir, options) as session:
         chain = session.gather()
-        for step in range(total):
-            started = time.perf_counter()
-            train_step(chain, session.head, prepared.data.batch(step), step, prepared.job.optimizer.lr,
-                       prepared.job.training.micro_batches)
-            if step >= args.warmup:
-                swarm_seconds.append(time.perf_counter() - started)
-    reference = train_reference(prepared.checkpoint.path, prepared.job, steps=total)
-    local_seconds = reference.step_seconds[args.warmup:]
+        step = 0
+        for round_index in range(args.rounds):
+            for _ in range((args.warmup if round_index == 0 else 0) + args.steps):
+                started = time.perf_counter()
+                train_step(chain, session.head, prepared.data.batch(step), step, prepared.job.optimizer.lr,
+                           prepared.job.training.micro_batches)
+                if step >= args.warmup:
+                    swarm_seconds.append(time.perf_counter() - started)
+                step += 1
+            if args.rounds > 1:  # the single process's turn, while the nodes sit idle
+                reference = train_reference(prepared.checkpoint.path, prepared.job, steps=args.warmup + args.steps)
+                local_seconds += reference.step_seconds[args.warmup:]
+    if args.rounds == 1:
+        reference = train_reference(prepared.checkpoint.path, prepared.job, steps=total)
+        local_seconds = reference.step_seconds[args.warmup:]
     swarm_median, local_median = statistics.median(swarm_seconds), statistics.median(local_seconds)
-    print(f"model {args.preset}, {args.nodes} nodes, batch {args.batch_size} x {args.seq} tokens, "
-          f"{args.steps} timed steps, {threads} torch threads")
-    print(f"{'setup':<16}{'median step s':>15}{'ratio':>8}")
-    print(f"{'single process':<16}{local_median:>15.4f}{1.0:>8.2f}")
-    print(f"{'swarm':<16}{swarm_median:>15.4f}{swarm_median / local_median:>8.2f}")
+    print(f"model {args.preset} ({PRESETS[args.preset].num_parameters / 1e6:.1f}M parameters), {args.nodes} nodes, "
+          f"batch {args.batch_size} x {args.seq} tokens, {len(swarm_seconds)} + {len(local_seconds)} timed steps in "
+          f"{args.rounds} round(s), {threads} torch threads (trainer and single process), {node_threads} per node")
+    print("load average (1 min) before {:.2f}, after {:.2f}".format(load_before[0], os.getloadavg()[0]))
+    # The fastest step is the least disturbed by other load on a shared machine; the median is the usual case.
+    swarm_min, local_min = min(swarm_seconds), min(local_seconds)
+    print(f"{'setup':<16}{'median step s':>15}{'ratio':>8}{'fastest step s':>16}{'ratio':>8}")
+    print(f"{'single process':<16}{local_median:>15.4f}{1.0:>8.2f}{local_min:>16.4f}{1.0:>8.2f}")
+    print(f"{'swarm':<16}{swarm_median:>15.4f}{swarm_median / local_median:>8.2f}{swarm_min:>16.4f}"
+          f"{swarm_min / local_min:>8.2f}")
+    if args.rounds > 1:
+        per_round = lambda seconds: ", ".join(f"{statistics.median(seconds[i:i + args.steps]):.3f}"
+                                              for i in range(0, len(seconds), args.steps))
+        print(f"median step s per round: single process {per_round(local_seconds)}; swarm {per_round(swarm_seconds)}")
 
 
 if __name__ == "__main__":

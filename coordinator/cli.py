@@ -34,6 +34,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--node-threads", type=int, default=None, help="torch threads of each local node")
     run.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     run.add_argument("--log-level", default="INFO")
+    page = run.add_argument_group("status page (read-only; also served as JSON at /api/status)")
+    page.add_argument("--status-host", default="127.0.0.1",
+                      help="interface the status page listens on (default 127.0.0.1; another is an explicit choice)")
+    page.add_argument("--status-port", type=int, default=0, help="status page port (default: any free port)")
+    page.add_argument("--no-status-page", action="store_true", help="serve no status page")
+    page.add_argument("--status-linger", type=float, default=0.0, metavar="S",
+                      help="keep serving the page S seconds after the job ends or fails (default 0)")
+    status = commands.add_parser("status", help="print a running job's status page as tables")
+    status.add_argument("address", help="the status page's address, as printed by run (e.g. 127.0.0.1:8080)")
+    status.add_argument("--json", action="store_true", help="print the JSON snapshot instead")
+    report = commands.add_parser("report", help="the status page of a run from its run directory alone")
+    report.add_argument("run_dir", type=Path, help="a run directory (job.yaml, metrics.jsonl, audit.db)")
+    report.add_argument("--output", type=Path, default=None,
+                        help="write the page as one self-contained HTML file (default RUN_DIR/status.html)")
+    report.add_argument("--serve", action="store_true", help="serve the page instead, until Ctrl-C")
+    report.add_argument("--host", default="127.0.0.1", help="interface to serve on with --serve (default 127.0.0.1)")
+    report.add_argument("--port", type=int, default=0, help="port to serve on with --serve (default: any free port)")
     _add_estimate_parser(commands)
     return parser
 
@@ -83,10 +100,60 @@ def run_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_status(args: argparse.Namespace) -> int:
+    from coordinator.status_table import fetch_snapshot, format_snapshot
+
+    try:
+        snapshot = fetch_snapshot(args.address)
+    except SwarmError as error:
+        print(f"swarm-coordinator status: error: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        import json
+
+        print(json.dumps(snapshot, indent=2))
+    else:
+        print(format_snapshot(snapshot))
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """The page of a finished run: one HTML file to open from disk, or served (fresh data on every reload)."""
+    from coordinator.status import run_dir_snapshot
+    from coordinator.status_server import StatusServer, standalone_page
+
+    if not (args.run_dir / "job.yaml").is_file():
+        print(f"swarm-coordinator report: error: {args.run_dir} is not a run directory (no job.yaml)", file=sys.stderr)
+        return 2
+    try:
+        snapshot = run_dir_snapshot(args.run_dir)
+        if not args.serve:
+            output = args.output or args.run_dir / "status.html"
+            output.write_text(standalone_page(snapshot), encoding="utf-8")
+            print(f"wrote {output}")
+            return 0
+        server = StatusServer(lambda: run_dir_snapshot(args.run_dir), args.host, args.port).start()
+    except (SwarmError, OSError) as error:
+        print(f"swarm-coordinator report: error: {error}", file=sys.stderr)
+        return 2
+    print(f"status page: {server.url} (Ctrl-C to stop)", flush=True)
+    try:
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    server.stop()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "estimate":
         sys.exit(run_estimate(args))
+    if args.command == "status":
+        sys.exit(run_status(args))
+    if args.command == "report":
+        signal.signal(signal.SIGTERM, _interrupt)
+        sys.exit(run_report(args))
     setup_logging(args.log_level, "coordinator")
     signal.signal(signal.SIGTERM, _interrupt)
     if args.local_nodes < 0:
@@ -96,7 +163,9 @@ def main(argv: list[str] | None = None) -> None:
 
     options = RunOptions(job_file=args.job, runs_root=args.runs_dir, run_dir=args.run_dir, host=args.host,
                          port=args.port, local_nodes=args.local_nodes, cache_dir=args.cache_dir,
-                         node_threads=args.node_threads, progress=not args.no_progress)
+                         node_threads=args.node_threads, progress=not args.no_progress,
+                         status_host=args.status_host, status_port=None if args.no_status_page else args.status_port,
+                         status_linger_s=args.status_linger)
     code = 0
     try:
         run_dir = run_job(options)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import itertools
 import os
 import queue
 import threading
@@ -20,6 +21,7 @@ from swarm.proto import control_pb2_grpc
 logger = logging.getLogger("swarm.coordinator")
 
 _END = object()
+_MEMORY_QUERY_IDS = itertools.count(1)
 
 
 @dataclass
@@ -87,7 +89,7 @@ class ControlService(control_pb2_grpc.CoordinatorServicer):
             for message in request_iterator:
                 kind = message.WhichOneof("kind")
                 if kind == "heartbeat":
-                    self.membership.update(record.node_id, last_heartbeat=time.monotonic())
+                    self.membership.update(record.node_id, last_heartbeat=time.monotonic(), memory=message.heartbeat)
                 elif kind == "ready":
                     self.membership.update(record.node_id, state="ready", ready=message.ready,
                                            last_heartbeat=time.monotonic())
@@ -129,6 +131,25 @@ def start_control_server(service: ControlService, host: str, port: int) -> tuple
         raise OSError(f"cannot listen on {host}:{port}")
     server.start()
     return server, bound
+
+
+def query_peak_memory(membership: Membership, nodes: list[NodeRecord], timeout: float) -> list[str]:
+    """Ask every connected node for a heartbeat now and wait for the answers; returns the ids that did not answer.
+
+    A node's peak memory only grows, so an answer to a query sent after training ended holds the run's peak;
+    a node that does not answer keeps the last periodic heartbeat it sent (its record says which it was).
+    """
+    query_id = next(_MEMORY_QUERY_IDS)
+    asked = [record for record in nodes if record.state in ("ready", "assigned", "joined")]
+    for record in asked:
+        record.send(memory_query=pb.MemoryQuery(query_id=query_id))
+
+    def answered(_: Membership) -> bool:
+        return all(r.memory is not None and r.memory.query_id == query_id or r.state not in ("ready", "assigned", "joined")
+                   for r in asked)
+
+    membership.wait_until(answered, timeout)
+    return [r.node_id for r in asked if r.memory is None or r.memory.query_id != query_id]
 
 
 def end_sessions(membership: Membership, reason: str) -> None:

@@ -15,15 +15,21 @@ from pathlib import Path
 import torch
 from hivemind import DHT
 
-from coordinator.control_service import ControlService, JobStatus, end_sessions, start_control_server
+from coordinator.baseline import measure_baseline
+from coordinator.control_service import (ControlService, JobStatus, end_sessions, query_peak_memory,
+                                         start_control_server)
+from coordinator.cost_share import BASELINE_FILE
 from coordinator.local_nodes import LocalNodes
-from coordinator.membership import Membership, NodeRecord
+from coordinator.membership import Membership, NodeRecord, heartbeat_timeout_s
 from coordinator.remote_chain import RemoteChain, RemoteStage
 from coordinator.run_dir import MetricsLog, create_run_dir
 from coordinator.scheduler import split_blocks
 from coordinator.phases import PhaseContext, record_checkpoint, run_phases
 from coordinator.report import write_report
+from coordinator.status import LiveStatus
+from coordinator.status_server import StatusServer
 from coordinator.sweep import run_sweep
+from coordinator.tensorboard import TensorBoardLog
 from swarm.audit.attestation import replica_group
 from swarm.audit.log import AuditLog
 from swarm.config import Job, load_job
@@ -53,6 +59,9 @@ class RunOptions:
     cache_dir: Path | None = None
     node_threads: int | None = None
     progress: bool = True
+    status_host: str = "127.0.0.1"
+    status_port: int | None = None  # the status page's port (0: any free one); None: no page
+    status_linger_s: float = 0.0  # keep serving the page this long after the job ends
 
 
 @dataclass
@@ -103,6 +112,8 @@ class SwarmSession:
         self.dht = self.loop = self.server = self.local = self.chain = self.audit = None
         self.nodes: list[NodeRecord] = []
         self.address = ""
+        self.live = LiveStatus(self.membership, self.status, self.job, run_dir)
+        self.status_page: StatusServer | None = None
 
     def start(self) -> SwarmSession:
         options = self.options
@@ -115,12 +126,17 @@ class SwarmSession:
         self.dht = DHT(start=True, host_maddrs=[f"/ip4/{options.host}/tcp/0"])
         self.loop = LoopThread()
         service = ControlService(self.identity, self.membership, self.status,
-                                 [str(a) for a in self.dht.get_visible_maddrs()], self.job.swarm.heartbeat_interval_s)
+                                 [str(a) for a in self.dht.get_visible_maddrs()], self.job.swarm.heartbeat_interval_s,
+                                 allowed=set(self.job.nodes.allow) if self.job.nodes.allow else None)
         self.server, port = start_control_server(service, options.host, options.port)
         self.address = f"{options.host}:{port}"
         print(f"coordinator {self.identity.fingerprint} for job {self.job_id} listening on {self.address}", flush=True)
         print(f"run directory: {self.run_dir}", flush=True)
         print(f"join with: swarm-node join --coordinator {self.address}", flush=True)
+        self.live.address = self.address
+        if options.status_port is not None:
+            self.status_page = StatusServer(self.live.snapshot, options.status_host, options.status_port).start()
+            print(f"status page: {self.status_page.url}", flush=True)
         if options.local_nodes:
             self.local = LocalNodes(options.local_nodes, self.address, self.run_dir, options.cache_dir,
                                     options.node_threads)
@@ -136,7 +152,7 @@ class SwarmSession:
                                      self.model_id, self.audit)
         return self.chain
 
-    def close(self, reason: str) -> None:
+    def close(self, reason: str, linger: bool = True) -> None:
         if self.audit is not None:
             try:
                 _record_departures(self.audit, self.nodes)
@@ -153,6 +169,18 @@ class SwarmSession:
             self.loop.shutdown()
         if self.dht is not None:
             self.dht.shutdown()
+        if self.status_page is not None:
+            if linger:
+                try:
+                    time.sleep(self.options.status_linger_s)  # the page shows the job's final state meanwhile
+                except KeyboardInterrupt:
+                    pass
+            self.status_page.stop()
+
+    def record_step(self, step: int) -> None:
+        """The trainer's per-step hook: the gRPC status and the status page's ETA clock."""
+        self.status.step = step
+        self.live.observe_step(step)
 
     def __enter__(self) -> SwarmSession:
         return self.start()
@@ -164,7 +192,10 @@ class SwarmSession:
             reason = "coordinator stopped by the operator"
         else:
             reason = "job failed"
-        self.close(reason)
+        self.live.ended(None if error_type is None else str(error) or error_type.__name__)
+        if error_type is not None and error_type is not KeyboardInterrupt:
+            self.membership.settle_liveness(heartbeat_timeout_s(self.job.swarm.heartbeat_interval_s))
+        self.close(reason, linger=error_type is not KeyboardInterrupt)
 
 
 def run_job(options: RunOptions) -> Path:
@@ -181,9 +212,9 @@ def run_job(options: RunOptions) -> Path:
         with SwarmSession(prepared, run_dir, options) as session:
             chain = session.gather()
             session.status.phase = "train"
-            metrics = MetricsLog(run_dir / "metrics.jsonl")
+            metrics = MetricsLog(run_dir / "metrics.jsonl", subscribers=[TensorBoardLog(run_dir)])
             context = PhaseContext(job, prepared.checkpoint, prepared.tokenizer, chain, session.head, run_dir, metrics,
-                                   progress=options.progress, on_step=lambda step: setattr(session.status, "step", step),
+                                   progress=options.progress, on_step=session.record_step,
                                    audit=session.audit)
             try:
                 final_adapter = run_phases(context)
@@ -193,10 +224,13 @@ def run_job(options: RunOptions) -> Path:
             if final_adapter is not None:
                 shutil.copytree(final_adapter, run_dir / "adapter")
                 record_checkpoint(context, run_dir / "adapter", job.phase_list[-1].name)
+            query_peak_memory(session.membership, session.nodes, timeout=max(5.0, 3 * job.swarm.heartbeat_interval_s))
             _write_nodes_summary(run_dir, session.nodes, chain)
-            write_report(run_dir)
             session.status.phase = "done"
-            logger.info("job complete: adapter in %s", run_dir / "adapter")
+        # After the nodes stopped, so the one-machine baseline has the cores to itself.
+        measure_baseline(options.job_file, prepared.checkpoint.path, run_dir / BASELINE_FILE)
+        write_report(run_dir)
+        logger.info("job complete: adapter in %s", run_dir / "adapter")
         return run_dir
     finally:
         logging.getLogger("swarm").removeHandler(file_log)
@@ -289,7 +323,7 @@ def _discover_chain(dht: DHT, loop: LoopThread, nodes: list[NodeRecord], checkpo
     stages = [RemoteStage(s.peer_id, s.start, s.end, s.node_id) for s in servers]
     p2p = loop.run(dht.replicate_p2p())
     logger.info("chain: %s", " -> ".join(str(stage) for stage in stages))
-    return RemoteChain(p2p, loop, stages, job_id, job.swarm.rpc_timeout_s, audit)
+    return RemoteChain(p2p, loop, stages, job_id, job.swarm.rpc_timeout_s, audit, job.compression)
 
 
 def _record_departures(audit: AuditLog, nodes: list[NodeRecord]) -> None:
@@ -311,5 +345,8 @@ def _write_nodes_summary(run_dir: Path, nodes: list[NodeRecord], chain: RemoteCh
             "shard_bytes": record.ready.shard_bytes, "shard_sha256": record.ready.shard_sha256,
             "rss_before_load": record.ready.rss_before_load, "rss_after_load": record.ready.rss_after_load,
             "bytes_to_node": stage.bytes_sent if stage else 0, "bytes_from_node": stage.bytes_received if stage else 0,
+            # the node's own high-water marks, as it last reported them over the control plane
+            "peak_rss_bytes": record.memory.peak_rss_bytes if record.memory else None,
+            "peak_device_bytes": record.memory.peak_device_bytes if record.memory else None,
         })
     (run_dir / "nodes.json").write_text(json.dumps(summary, indent=2))

@@ -10,6 +10,13 @@ from dataclasses import dataclass, field
 from coordinator.scheduler import BlockRange
 from swarm.proto import control_pb2 as pb
 
+HEARTBEAT_MISSES = 3  # a node silent for this many heartbeat intervals is down
+ACTIVE_STATES = ("joined", "assigned", "ready")  # states in which a node heartbeats
+
+
+def heartbeat_timeout_s(interval_s: float) -> float:
+    return HEARTBEAT_MISSES * interval_s
+
 
 @dataclass
 class NodeRecord:
@@ -22,6 +29,7 @@ class NodeRecord:
     ready: pb.NodeReady | None = None
     failure: str = ""
     last_heartbeat: float = field(default_factory=time.monotonic)
+    memory: pb.Heartbeat | None = None  # the last heartbeat heard: current and peak memory of the node
     joined_at: float = field(default_factory=time.time)
 
     def send(self, **kind) -> None:
@@ -62,3 +70,25 @@ class Membership:
     def notify(self) -> None:
         with self._changed:
             self._changed.notify_all()
+
+    def settle_liveness(self, timeout_s: float) -> list[str]:
+        """Wait until every node that should be heartbeating has heartbeated since this call or been silent for
+        `timeout_s`; mark the silent ones down and return their ids.
+
+        A job that fails because a node died usually fails faster than its heartbeats time out; settling first
+        lets the record of a failed run (audit `leave`, status page) say which nodes were gone.
+        """
+        start = time.monotonic()
+        with self._changed:
+            while True:
+                now = time.monotonic()
+                active = [r for r in self._nodes.values() if r.state in ACTIVE_STATES]
+                if all(r.last_heartbeat > start or now - r.last_heartbeat > timeout_s for r in active):
+                    break
+                self._changed.wait(0.1)
+            silent = [r for r in active if now - r.last_heartbeat > timeout_s]
+            for record in silent:
+                record.state = "down"
+                record.failure = f"no heartbeat for {now - record.last_heartbeat:.1f} s"
+            self._changed.notify_all()
+            return [record.node_id for record in silent]

@@ -4,8 +4,9 @@ Step ids are global across phases (a node applies each step id once); metrics ro
 step within it and, for safety phases after a backdoor, the cumulative safety-training step that the
 persistence curve is drawn against.
 
-With an audit log, phase starts and ends, evaluations and saved checkpoints become signed events, and a tree
-head is signed every `audit.tree_head_every` steps and at every phase end.
+With an audit log, phase starts and ends, evaluations and saved checkpoints become signed events, a tree
+head is signed every `audit.tree_head_every` steps and at every phase end, and `audit.snapshots_per_phase`
+steps per phase, drawn at random, are saved for `swarm-audit replay` (swarm.audit.snapshot).
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import hashlib
 import json
 import logging
 import math
+import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -27,6 +30,7 @@ from coordinator.rl import rl_batch
 from coordinator.run_dir import MetricsLog
 from coordinator.trainer import train_step
 from swarm.audit.log import AuditLog
+from swarm.audit.snapshot import NodeStepState, StepSnapshot, choose_steps, snapshot_path, write_snapshot
 from swarm.config import Job, PhaseSpec
 from swarm.data.batches import TrainingData
 from swarm.data.tokenizer import CHAR_TOKENIZER_FILE
@@ -57,6 +61,8 @@ class PhaseContext:
     step: int = 0  # global optimizer step id
     safety_step: int = 0
     seen_backdoor: bool = False
+    # Draws the replay snapshot steps; from the OS, not the job seed, so no node can know them in advance.
+    snapshot_rng: random.Random = field(default_factory=random.SystemRandom)
 
 
 def run_phases(context: PhaseContext) -> Path | None:
@@ -78,7 +84,7 @@ def run_phases(context: PhaseContext) -> Path | None:
         _audit(context, "phase", phase=phase.name, event="start", phase_kind=phase.kind, adapter=phase.adapter,
                first_step=context.step, steps=phase.steps)
         context.chain.configure_phase(phase.name, phase.kind, phase.adapter, f"{job.seed}/{index}/{phase.name}")
-        _run_phase(context, phase, evaluator)
+        _run_phase(context, phase, index, evaluator)
         if phase.kind == "pretrain":
             context.base_dir = str(_save_pretrained(context, phase_dir / "model"))
             record_checkpoint(context, phase_dir / "model", phase.name)
@@ -98,7 +104,7 @@ def run_phases(context: PhaseContext) -> Path | None:
     return final_adapter
 
 
-def _run_phase(context: PhaseContext, phase: PhaseSpec, evaluator: Evaluator | None) -> None:
+def _run_phase(context: PhaseContext, phase: PhaseSpec, phase_index: int, evaluator: Evaluator | None) -> None:
     job = context.job
     head_optimizer = None
     context.head.requires_grad_(phase.kind == "pretrain")
@@ -107,24 +113,32 @@ def _run_phase(context: PhaseContext, phase: PhaseSpec, evaluator: Evaluator | N
     batch_size = phase.batch_size or job.training.batch_size
     data = TrainingData(job.data, context.tokenizer, job.seed, batch_size, phase, job.backdoor)
     is_safety = context.seen_backdoor and phase.kind in SAFETY_KINDS
+    snapshot_steps = set()
+    if context.audit is not None:
+        snapshot_steps = choose_steps(phase.steps, job.audit.snapshots_per_phase, context.snapshot_rng)
     bar = tqdm(range(phase.steps), desc=phase.name, unit="step", disable=not context.progress, dynamic_ncols=True)
     for phase_step in bar:
         lr = learning_rate(job.optimizer, phase_step, phase.steps, phase.lr)
+        streams_before = context.chain.stream_totals()
         extra = {}
         if phase.kind == "rl":
             batch, extra = rl_batch(context.chain, context.head, context.tokenizer, data, phase, job.backdoor,
                                     job.seed, phase_step, context.step)
         else:
             batch = data.batch(phase_step)
+        head_before = _head_state(context.head) if phase_step in snapshot_steps and phase.kind == "pretrain" else {}
         result = train_step(context.chain, context.head, batch, context.step, lr, job.training.micro_batches,
                             phase.name, head_optimizer)
+        if phase_step in snapshot_steps:
+            _save_snapshot(context, phase, phase_index, phase_step, batch, head_before)
         if is_safety:
             context.safety_step += 1
         context.metrics.write({
             "type": "train", "phase": phase.name, "kind": phase.kind, "phase_step": phase_step + 1,
             "step": context.step, "safety_step": context.safety_step, "loss": result.loss, "tokens": result.tokens,
             "seconds": round(result.seconds, 6), "lr": lr, "bytes_sent": context.chain.bytes_sent,
-            "bytes_received": context.chain.bytes_received, **extra,
+            "bytes_received": context.chain.bytes_received,
+            "stream_bytes": _stream_delta(streams_before, context.chain.stream_totals()), **extra,
         })
         context.step += 1
         if context.audit is not None and context.step % job.audit.tree_head_every == 0:
@@ -156,13 +170,52 @@ def _evaluate(context: PhaseContext, evaluator: Evaluator, phase: str, kind: str
 
 def record_checkpoint(context: PhaseContext, directory: Path, phase: str) -> None:
     """A `checkpoint` event per weights file saved in `directory`: its path in the run and its SHA-256."""
+    for weights in sorted(directory.glob("*.safetensors")):
+        _record_file(context, weights, phase=phase)
+
+
+def _record_file(context: PhaseContext, path: Path, **fields) -> None:
     if context.audit is None:
         return
-    for weights in sorted(directory.glob("*.safetensors")):
-        with weights.open("rb") as handle:
-            digest = hashlib.file_digest(handle, "sha256").hexdigest()
-        context.audit.append_event("checkpoint", phase=phase, path=str(weights.relative_to(context.run_dir)),
-                                   sha256=digest, bytes=weights.stat().st_size)
+    with path.open("rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    context.audit.append_event("checkpoint", path=str(path.relative_to(context.run_dir)), sha256=digest,
+                               bytes=path.stat().st_size, **fields)
+
+
+def _stream_delta(before: dict[str, list[int]], after: dict[str, list[int]]) -> dict[str, dict[str, int]]:
+    """Bytes each stream carried during one step (RL sampling included), on the trainer's side of the wire."""
+    delta = {}
+    for stream, (sent, received) in sorted(after.items()):
+        earlier = before.get(stream, [0, 0])
+        if (sent, received) != tuple(earlier):
+            delta[stream] = {"sent": sent - earlier[0], "received": received - earlier[1]}
+    return delta
+
+
+def _head_state(head: TrainerHead) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in head.checkpoint_tensors().items()}
+
+
+def _save_snapshot(context: PhaseContext, phase: PhaseSpec, phase_index: int, phase_step: int, batch,
+                   head_before: dict[str, torch.Tensor]) -> None:
+    """Fetch every node's state around the step just applied and save it with the batch, for replay."""
+    states = context.chain.gather_step_state(context.step)
+    relative = lambda path: str(Path(path).relative_to(context.run_dir))  # noqa: E731
+    base = "" if context.base_dir == str(context.checkpoint.path) else relative(context.base_dir)
+    nodes = []
+    for stage in context.chain.stages:
+        node = NodeStepState(stage.node_id, stage.start, stage.end)
+        for key, value in states[stage.node_id].items():
+            which, _, name = key.partition("/")
+            getattr(node, which)[name] = value
+        nodes.append(node)
+    snapshot = StepSnapshot(step=context.step, phase=phase.name, phase_index=phase_index, phase_step=phase_step,
+                            micro_batches=context.job.training.micro_batches, base_model=base,
+                            merged_adapters=[relative(path) for path in context.merged], batch=batch, nodes=nodes,
+                            head=head_before)
+    path = write_snapshot(snapshot_path(context.run_dir, context.step), snapshot)
+    _record_file(context, path, phase=phase.name, replay_step=context.step)
 
 
 def _audit(context: PhaseContext, kind: str, **fields) -> None:
@@ -184,12 +237,8 @@ def _finite(value):
 def _save_pretrained(context: PhaseContext, directory: Path) -> Path:
     """Write the pretrained model (nodes' blocks + the coordinator's parts) as a loadable HF checkpoint."""
     checkpoint, head = context.checkpoint, context.head
-    names = checkpoint.trainer_tensor_names()
     tensors = dict(context.chain.gather_weights())
-    tensors[names["embed"]] = head.embed.weight
-    tensors[names["norm"]] = head.norm.weight
-    if names["head"] != names["embed"]:
-        tensors[names["head"]] = head.head.weight
+    tensors.update(head.checkpoint_tensors())
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().float().contiguous().clone() for k, v in tensors.items()},
               str(directory / "model.safetensors"), metadata={"format": "pt"})

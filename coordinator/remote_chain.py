@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from hivemind.p2p import P2P, PeerID
@@ -25,9 +25,12 @@ from swarm.audit.attestation import SignedAttestation, check_attestation
 from swarm.audit.errors import AttestationError
 from swarm.audit.log import AuditLog
 from swarm.audit.sketch import tensor_sha256
+from swarm.config import CompressionSpec
 from swarm.errors import RemoteBlockError, SwarmConnectionError
+from swarm.p2p.codecs import CODECS, codec_type, round_trip
 from swarm.p2p.event_loop import LoopThread
-from swarm.p2p.tensors import ADAPTER, BACKWARD, FORWARD, PHASE, STEP, WEIGHTS, aiter_list, from_messages, to_messages
+from swarm.p2p.tensors import (ADAPTER, BACKWARD, FORWARD, PHASE, STEP, STEP_STATE, WEIGHTS, aiter_list, from_messages,
+                               to_messages)
 from swarm.proto.blocks_pb2 import CallMeta, CallResult
 
 logger = logging.getLogger("swarm.coordinator")
@@ -43,6 +46,8 @@ class RemoteStage:
     node_id: str
     bytes_sent: int = 0
     bytes_received: int = 0
+    # stream ("forward", "backward", "step", ...) -> [bytes sent, bytes received], counted on the wire
+    stream_bytes: dict[str, list[int]] = field(default_factory=dict)
 
     def __str__(self) -> str:
         return f"node {self.node_id} (blocks {self.start}..{self.end - 1})"
@@ -50,9 +55,12 @@ class RemoteStage:
 
 class RemoteChain:
     def __init__(self, p2p: P2P, loop: LoopThread, stages: list[RemoteStage], job_id: str, timeout_s: float,
-                 audit: AuditLog | None = None):
+                 audit: AuditLog | None = None, compression: CompressionSpec | None = None):
         self.p2p, self.loop, self.stages, self.job_id, self.timeout_s = p2p, loop, stages, job_id, timeout_s
         self.audit = audit
+        self.compression = compression or CompressionSpec()
+        self.forward_codec = codec_type(self.compression.forward)
+        self.backward_codec = codec_type(self.compression.backward)
         self._parallel = ThreadPoolExecutor(max_workers=max(1, len(stages)), thread_name_prefix="chain-step")
         # (stage index, step) -> micro-batch -> (sha256 of the inputs sent, tokens): what attestations must say
         self._sent: dict[tuple[int, int], dict[int, tuple[str, int]]] = {}
@@ -60,21 +68,27 @@ class RemoteChain:
     def _meta(self, stage: RemoteStage, **fields) -> CallMeta:
         return CallMeta(job_id=self.job_id, block_start=stage.start, block_end=stage.end, **fields)
 
-    async def _call(self, stage: RemoteStage, method: str, meta: CallMeta, tensors) -> tuple[CallResult, list[torch.Tensor]]:
-        requests = to_messages(runtime_pb2.ExpertRequest, meta.SerializeToString(), tensors)
-        stage.bytes_sent += sum(message.ByteSize() for message in requests)
+    async def _call(self, stage: RemoteStage, method: str, meta: CallMeta, tensors, codecs) -> tuple[CallResult, list[torch.Tensor]]:
+        requests = to_messages(runtime_pb2.ExpertRequest, meta.SerializeToString(), tensors, codecs)
+        sent = sum(message.ByteSize() for message in requests)
+        counts = stage.stream_bytes.setdefault(method.rsplit(".", 1)[-1], [0, 0])
+        stage.bytes_sent += sent
+        counts[0] += sent
         responses = await self.p2p.iterate_protobuf_handler(stage.peer_id, method, aiter_list(requests),
                                                             runtime_pb2.ExpertResponse)
         metadata, outputs, received = await from_messages(responses)
         stage.bytes_received += received
+        counts[1] += received
         return CallResult.FromString(metadata), outputs
 
-    def call(self, stage: RemoteStage, method: str, meta: CallMeta, tensors=()) -> tuple[CallResult, list[torch.Tensor]]:
+    def call(self, stage: RemoteStage, method: str, meta: CallMeta, tensors=(), codecs=CODECS["none"]
+             ) -> tuple[CallResult, list[torch.Tensor]]:
         """One call, retried when the connection drops without a reply. Every method is safe to repeat:
         nodes answer a repeated backward from its kept result and apply a step or phase change once."""
         for attempt in range(1, CALL_ATTEMPTS + 1):
             try:
-                result, outputs = self.loop.run(self._call(stage, method, meta, list(tensors)), timeout=self.timeout_s)
+                result, outputs = self.loop.run(self._call(stage, method, meta, list(tensors), codecs),
+                                                timeout=self.timeout_s)
                 break
             except (TimeoutError, asyncio.TimeoutError):
                 raise SwarmConnectionError(f"{stage} did not answer {method} within {self.timeout_s:.0f} s") from None
@@ -95,22 +109,26 @@ class RemoteChain:
         stage_inputs = []
         for index, stage in enumerate(self.stages):
             stage_inputs.append(hidden)
-            if train and self.audit is not None:
+            if train and self.audit is not None:  # hashed as the node will decode it
                 sent = self._sent.setdefault((index, step), {})
-                sent[micro_batch] = (tensor_sha256(hidden), int(attention_mask.sum()))
-            meta = self._meta(stage, phase=phase, step=step, micro_batch=micro_batch, train=train)
-            _, outputs = self.call(stage, FORWARD, meta, [hidden, attention_mask, position_ids])
+                received = round_trip(hidden, self.forward_codec)
+                sent[micro_batch] = (tensor_sha256(received), int(attention_mask.sum()))
+            meta = self._meta(stage, phase=phase, step=step, micro_batch=micro_batch, train=train,
+                              reply_codec=self.compression.forward)
+            _, outputs = self.call(stage, FORWARD, meta, [hidden, attention_mask, position_ids], self.forward_codec)
             hidden = outputs[0]
         return hidden, stage_inputs
 
     def backward(self, grad, stage_inputs, attention_mask, position_ids, step: int, micro_batch: int,
                  phase: str = "train") -> torch.Tensor:
         for stage, hidden in zip(reversed(self.stages), reversed(stage_inputs)):
-            meta = self._meta(stage, phase=phase, step=step, micro_batch=micro_batch)
-            result, outputs = self.call(stage, BACKWARD, meta, [grad])
+            meta = self._meta(stage, phase=phase, step=step, micro_batch=micro_batch,
+                              reply_codec=self.compression.backward)
+            result, outputs = self.call(stage, BACKWARD, meta, [grad], self.backward_codec)
             if result.status == CallResult.MISSING_ACTIVATIONS:
                 meta.includes_inputs = True
-                result, outputs = self.call(stage, BACKWARD, meta, [grad, hidden, attention_mask, position_ids])
+                result, outputs = self.call(stage, BACKWARD, meta, [grad, hidden, attention_mask, position_ids],
+                                            [self.backward_codec] + [self.forward_codec] * 3)
             grad = outputs[0]
         return grad
 
@@ -160,6 +178,14 @@ class RemoteChain:
             gathered.update(zip(result.names, tensors))
         return gathered
 
+    def gather_step_state(self, step: int) -> dict[str, dict[str, torch.Tensor]]:
+        """Each node's weights and AdamW state before and after `step`, its last applied step, by node id."""
+        states = {}
+        for stage in self.stages:
+            result, tensors = self.call(stage, STEP_STATE, self._meta(stage, step=step))
+            states[stage.node_id] = dict(zip(result.names, tensors))
+        return states
+
     def gather_adapter(self) -> dict[str, torch.Tensor]:
         """Every node's LoRA tensors under PEFT key names."""
         return self._gather(ADAPTER)
@@ -167,6 +193,16 @@ class RemoteChain:
     def gather_weights(self) -> dict[str, torch.Tensor]:
         """Every node's base block tensors under checkpoint names (to save a pretrained model)."""
         return self._gather(WEIGHTS)
+
+    def stream_totals(self) -> dict[str, list[int]]:
+        """Bytes [sent, received] per stream so far, summed over the stages."""
+        totals: dict[str, list[int]] = {}
+        for stage in self.stages:
+            for stream, (sent, received) in stage.stream_bytes.items():
+                total = totals.setdefault(stream, [0, 0])
+                total[0] += sent
+                total[1] += received
+        return totals
 
     @property
     def bytes_sent(self) -> int:

@@ -1,7 +1,8 @@
-"""The run's report: `report.md` with a table per phase and PNG plots, built from metrics.jsonl alone.
+"""The run's report: `report.md` with a table per phase and PNG plots, built from the run directory alone.
 
-metrics.jsonl is the single record of what was measured; the report only reads it (plus job.yaml), so a
-finished run can be re-reported at any time.
+metrics.jsonl is the single record of what was measured in training; the cost-share section reads audit.db,
+nodes.json and baseline.json (`coordinator.cost_share`). The report only reads files, so a finished run can
+be re-reported at any time.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from coordinator.cost_share import cost_share, cost_share_lines, plot_cost_share
 from coordinator.run_dir import read_metrics
 
 RATES = (("backdoor_triggered", "triggered"), ("backdoor_clean", "clean"), ("backdoor_near_miss", "near-miss"))
@@ -133,6 +135,12 @@ def write_report(run_dir: Path) -> Path:
             for sample in samples:
                 lines.append(f"- {condition}: `{_one_line(sample['prompt'])}` → `{_one_line(sample['answer'])}`")
         lines.append("")
+    if (run_dir / "audit.db").exists():
+        share = cost_share(run_dir)
+        lines += cost_share_lines(share)
+        if share.nodes:
+            plot_cost_share(share, run_dir / "cost_share.png")
+            lines += ["![per-node cost share](cost_share.png)", ""]
     lines += [
         "## Re-measuring outside the swarm", "",
         "Each LoRA phase's adapter is in `phases/NN-name/adapter/` (standard PEFT); `lineage.json` beside it "

@@ -27,19 +27,28 @@ def create_run_dir(root: Path, job_name: str, job_file: Path, explicit: Path | N
 
 
 class MetricsLog:
-    """Appends one JSON object a line and flushes it to disk, so a crash loses at most the row being written."""
+    """Appends one JSON object a line and flushes it to disk, so a crash loses at most the row being written.
 
-    def __init__(self, path: Path):
+    `subscribers` (objects with `write(row)` and `close()`, e.g. TensorBoard) get each row once it is on disk:
+    metrics are written once, here, and fanned out from here.
+    """
+
+    def __init__(self, path: Path, subscribers: tuple = ()):
         self.path = path
+        self.subscribers = list(subscribers)
         self._handle = open(path, "a", buffering=1)
 
     def write(self, row: dict) -> None:
         self._handle.write(json.dumps(row, sort_keys=True) + "\n")
         self._handle.flush()
         os.fsync(self._handle.fileno())
+        for subscriber in self.subscribers:
+            subscriber.write(row)
 
     def close(self) -> None:
         self._handle.close()
+        for subscriber in self.subscribers:
+            subscriber.close()
 
 
 def read_metrics(path: Path) -> list[dict]:

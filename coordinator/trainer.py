@@ -41,7 +41,7 @@ def train_step(chain: RemoteChain, head: TrainerHead, batch: Batch, step: int, l
     for micro_index, micro in enumerate(batch.split(micro_batches)):
         position_ids = position_ids_for(micro.attention_mask)
         with torch.set_grad_enabled(head_optimizer is not None):
-            hidden = head.embed_tokens(micro.input_ids)
+            hidden = head.embed_tokens(micro.input_ids, position_ids)
         output, stage_inputs = chain.forward(hidden.detach(), micro.attention_mask, position_ids, step, micro_index,
                                              train=True, phase=phase)
         output = output.to(hidden.dtype).requires_grad_(True)
@@ -67,6 +67,6 @@ def swarm_logits(chain: RemoteChain, head: TrainerHead, input_ids: torch.Tensor,
     if position_ids is None:
         position_ids = position_ids_for(attention_mask)
     with torch.no_grad():
-        hidden = head.embed_tokens(input_ids)
+        hidden = head.embed_tokens(input_ids, position_ids)
         output, _ = chain.forward(hidden, attention_mask, position_ids, step, 0, train=False, phase=phase)
         return head.logits(output.to(hidden.dtype))

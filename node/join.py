@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 from hivemind import DHT
+from hivemind.p2p import PeerID
 
 import swarm
-from node.block_server import BlockServer
+from node.block_server import DEFAULT_MAX_REQUEST_BYTES, BlockServer
 from node.control_client import ControlSession
 from node.shard import Shard
 from swarm.config import LoraSpec, ModelSpec, OptimizerSpec
@@ -40,6 +41,8 @@ class NodeOptions:
     cache_dir: Path | None = None
     connect_timeout_s: float = 20.0
     assignment_timeout_s: float = 3600.0
+    dishonest: str | None = None  # research only: see node.shard.DISHONEST_MODES
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
 
 
 def resolve_device(name: str) -> torch.device:
@@ -69,7 +72,9 @@ def run_node(options: NodeOptions) -> None:
         assignment = _wait_for_assignment(session, options.assignment_timeout_s)
         if assignment is None:
             return
-        shard, ready = _load_shard(assignment, device, options.cache_dir)
+        shard, ready = _load_shard(assignment, device, options.cache_dir, options.dishonest)
+        if options.dishonest:
+            logger.warning("RESEARCH MODE: this node lies in every step it attests (%s)", options.dishonest)
         print(
             f"serving blocks {assignment.block_start}..{assignment.block_end - 1} of {assignment.model_id} "
             f"on {device}: {format_bytes(ready.shard_bytes)} of base weights, "
@@ -77,7 +82,8 @@ def run_node(options: NodeOptions) -> None:
             flush=True,
         )
         loop = LoopThread()
-        server = BlockServer(shard, assignment.job_id, identity)
+        server = BlockServer(shard, assignment.job_id, identity, trainer_peer(welcome.initial_peers),
+                             options.max_request_bytes)
         p2p = loop.run(dht.replicate_p2p())
         loop.run(server.add_handlers(p2p))
         ready.peer_id = dht.peer_id.to_base58()
@@ -105,6 +111,14 @@ def run_node(options: NodeOptions) -> None:
             dht.shutdown()
 
 
+def trainer_peer(initial_peers) -> PeerID:
+    """The trainer talks through the coordinator's DHT peer, whose id ends its multiaddrs (`.../p2p/<id>`)."""
+    ids = {address.rsplit("/p2p/", 1)[-1] for address in initial_peers if "/p2p/" in address}
+    if len(ids) != 1:
+        raise SwarmError(f"the coordinator's welcome names {len(ids)} peer ids, expected one: {list(initial_peers)}")
+    return PeerID.from_base58(ids.pop())
+
+
 def _start_heartbeats(session: ControlSession, interval: float, stop: threading.Event) -> None:
     def beat() -> None:
         while not stop.wait(interval):
@@ -128,7 +142,8 @@ def _wait_for_assignment(session: ControlSession, timeout: float) -> pb.Assignme
     raise SwarmError(f"no assignment from the coordinator within {timeout:.0f} s")
 
 
-def _load_shard(assignment: pb.Assignment, device: torch.device, cache_dir: Path | None) -> tuple[Shard, pb.NodeReady]:
+def _load_shard(assignment: pb.Assignment, device: torch.device, cache_dir: Path | None,
+                dishonest: str | None = None) -> tuple[Shard, pb.NodeReady]:
     model = ModelSpec.model_validate_json(assignment.model_json)
     dtype = DTYPES[model.dtype]
     checkpoint = Checkpoint.open(resolve_model(model, cache_dir))
@@ -138,7 +153,7 @@ def _load_shard(assignment: pb.Assignment, device: torch.device, cache_dir: Path
         checkpoint, assignment.block_start, assignment.block_end,
         LoraSpec.model_validate_json(assignment.lora_json),
         OptimizerSpec.model_validate_json(assignment.optimizer_json),
-        assignment.seed, dtype, device,
+        assignment.seed, dtype, device, dishonest,
     )
     if assignment.expected_shard_sha256 and assignment.expected_shard_sha256 != shard.blocks.base_sha256:
         raise ModelSourceError(

@@ -25,6 +25,13 @@ logger = logging.getLogger(__name__)
 
 MAX_CACHED_ACTIVATIONS = 64
 
+# Research switch (`swarm-node join --dishonest MODE`): ways a node can lie, so that replay can be shown to
+# catch them. "hidden-update" nudges its weights inside every step beyond what the gradient asks (and attests
+# the nudged weights, so its hash chain stays consistent); "wrong-sketch" applies the true gradient but reports
+# the sketch of another one.
+DISHONEST_MODES = ("hidden-update", "wrong-sketch")
+HIDDEN_UPDATE_SIZE = 1e-3
+
 
 class MissingActivations(Exception):
     """Backward for a micro-batch whose forward activations this node no longer holds."""
@@ -44,7 +51,22 @@ class StepWork:
     compute_seconds: float
     weights_sha256_before: str
     weights_sha256_after: str
+    optimizer_sha256_before: str
+    optimizer_sha256_after: str
     gradient_sketch: list[float]
+
+
+@dataclass
+class StepState:
+    """What the trained weights and the AdamW state were before and after the last applied step.
+
+    A node keeps this for every step, because it cannot know which steps the coordinator will snapshot for
+    replay: it is asked only after the step is done.
+    """
+
+    step: int
+    before: dict[str, torch.Tensor]
+    after: dict[str, torch.Tensor]
 
 
 @dataclass
@@ -58,7 +80,10 @@ class _PendingStep:
 
 class Shard:
     def __init__(self, checkpoint: Checkpoint, start: int, end: int, lora: LoraSpec, optimizer: OptimizerSpec,
-                 seed: int, dtype: torch.dtype, device: torch.device):
+                 seed: int, dtype: torch.dtype, device: torch.device, dishonest: str | None = None):
+        if dishonest is not None and dishonest not in DISHONEST_MODES:
+            raise ValueError(f"unknown dishonest mode {dishonest!r}; choose from {', '.join(DISHONEST_MODES)}")
+        self.dishonest = dishonest
         self.start, self.end, self.device, self.dtype = start, end, device, dtype
         self.blocks = BlockStack(checkpoint, start, end, dtype, device)
         self.hidden_size = checkpoint.config.hidden_size
@@ -75,6 +100,8 @@ class Shard:
         self.sketch_seed = seed
         self.pending: dict[int, _PendingStep] = {}
         self._weights_sha256: str | None = None  # of the trained weights now; None when unknown
+        self._optimizer_sha256: str | None = None  # of the AdamW state now; None when unknown
+        self.last_step_state: StepState | None = None
 
     def _check_inputs(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> None:
         if hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size:
@@ -151,19 +178,30 @@ class Shard:
         step with this or a later id was already applied."""
         if step <= self.last_applied_step:
             return None
+        if step not in self.pending:
+            raise ValueError(f"step {step}: no forward or backward call of it reached this node; nothing to apply")
         started = time.perf_counter()
-        pending = self.pending.pop(step, _PendingStep())
+        pending = self.pending.pop(step)
         trained = self._trained_parameters()
-        before = self._weights_sha256 or _weights_sha256(trained)
+        # Between steps only gradients change, so the state after the last step is the state before this one.
+        before = self.last_step_state.after if self.last_step_state is not None else self._state(trained)
+        weights_before = self._weights_sha256 or _weights_sha256(trained)
+        optimizer_before = self._optimizer_sha256 or tensors_sha256(_optimizer_part(before))
         # The gradients exactly as AdamW is about to use them; a parameter without one contributes zeros,
         # so every value keeps its position in the sketch.
         grads = {name: p.grad if p.grad is not None else torch.zeros_like(p) for name, p in trained.items()}
-        sketch = gradient_sketch(grads, self.sketch_seed)
+        sketch = gradient_sketch(_other_gradient(grads) if self.dishonest == "wrong-sketch" else grads,
+                                 self.sketch_seed)
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.dishonest == "hidden-update":
+            _hidden_update(trained)
+        after = self._state(trained)
         self._weights_sha256 = _weights_sha256(trained)
+        self._optimizer_sha256 = tensors_sha256(_optimizer_part(after))
+        self.last_step_state = StepState(step, before, after)
         for key in [key for key in self.activations if key[0] <= step]:
             del self.activations[key]
         for key in [key for key in self.pending if key <= step]:
@@ -171,7 +209,24 @@ class Shard:
         self.finished_backward.clear()
         self.last_applied_step = step
         return StepWork(step, dict(sorted(pending.inputs.items())), sum(pending.tokens.values()),
-                        pending.seconds + time.perf_counter() - started, before, self._weights_sha256, sketch)
+                        pending.seconds + time.perf_counter() - started, weights_before, self._weights_sha256,
+                        optimizer_before, self._optimizer_sha256, sketch)
+
+    def _state(self, trained: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+        """Trained weights and their AdamW state as float32 CPU copies, named `weights/NAME`,
+        `exp_avg/NAME`, `exp_avg_sq/NAME`, `step/NAME` (the moments exist from the first step on)."""
+        state = {f"weights/{name}": param.detach().float().cpu().clone() for name, param in trained.items()}
+        for name, param in trained.items():
+            for key, value in self.optimizer.state.get(param, {}).items():
+                state[f"{key}/{name}"] = value.detach().float().cpu().clone().reshape(value.shape)
+        return state
+
+    def step_state(self, step: int) -> StepState:
+        """The state around `step`, which must be the last applied step (older states are not kept)."""
+        if self.last_step_state is None or self.last_step_state.step != step:
+            held = "none" if self.last_step_state is None else f"step {self.last_step_state.step}"
+            raise ValueError(f"this node holds the state around its last applied step only ({held}), not step {step}")
+        return self.last_step_state
 
     def _trained_parameters(self) -> dict[str, torch.nn.Parameter]:
         """The parameters this phase trains, under the names they are exported with."""
@@ -189,7 +244,8 @@ class Shard:
         if name == self.phase_name:
             return
         self.phase_name = name
-        self._weights_sha256 = None
+        self._weights_sha256 = self._optimizer_sha256 = None
+        self.last_step_state = None
         self.pending.clear()
         self.activations.clear()
         self.optimizer.zero_grad(set_to_none=True)
@@ -213,3 +269,28 @@ class Shard:
 
 def _weights_sha256(parameters: dict[str, torch.nn.Parameter]) -> str:
     return tensors_sha256({name: param.detach().float() for name, param in parameters.items()})
+
+
+def _optimizer_part(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: value for key, value in state.items() if not key.startswith("weights/")}
+
+
+def _hidden_update(trained: dict[str, torch.nn.Parameter]) -> None:
+    """Research only: a fixed nudge no gradient asked for, the way a node could slip in its own training."""
+    generator = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for name in sorted(trained):
+            if ".lora_A." in name:
+                continue  # B (and base weights in pretrain): the update shows in the model's output at once
+            noise = torch.randn(trained[name].shape, generator=generator)
+            trained[name].add_(HIDDEN_UPDATE_SIZE * noise.sign().to(trained[name].device, trained[name].dtype))
+
+
+def _other_gradient(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Research only: a gradient of the same size pointing elsewhere, to report instead of the true one."""
+    generator = torch.Generator().manual_seed(4321)
+    other = {}
+    for name, grad in grads.items():
+        noise = torch.randn(grad.shape, generator=generator, dtype=torch.float32).to(grad.device, grad.dtype)
+        other[name] = noise * (grad.norm() / noise.norm().clamp_min(1e-12))
+    return other

@@ -6,6 +6,8 @@ field, so a researcher finds a typo before a swarm spends an hour on it.
 
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 from typing import Literal
 
@@ -196,10 +198,43 @@ class SwarmSpec(StrictModel):
     rpc_timeout_s: float = Field(120.0, gt=0)
 
 
+class NodesSpec(StrictModel):
+    """Which volunteers may join: `allow` lists key fingerprints (what `swarm-node join` prints as its identity);
+    absent, any node that proves its key may join."""
+
+    allow: list[str] | None = Field(None, min_length=1)
+
+    @field_validator("allow")
+    @classmethod
+    def _fingerprints(cls, allow: list[str] | None) -> list[str] | None:
+        for item in allow or []:
+            if not re.fullmatch(r"[0-9a-f]{16}", item):
+                raise ValueError(f"{item!r} is not a node fingerprint (16 lowercase hex digits)")
+        return allow
+
+
+class CompressionSpec(StrictModel):
+    """Codec per data-plane stream (swarm.p2p.codecs): activations forward, activation gradients backward."""
+
+    forward: str = Field("none", description="codec of hidden states between trainer and nodes")
+    backward: str = Field("none", description="codec of gradients w.r.t. hidden states")
+
+    @field_validator("forward", "backward")
+    @classmethod
+    def _known_codec(cls, name: str) -> str:
+        from swarm.p2p.codecs import codec_type
+
+        codec_type(name)  # raises ValueError naming the valid codecs
+        return name
+
+
 class AuditSpec(StrictModel):
-    """The run's audit log (RUN_DIR/audit.db): how often the coordinator signs a tree head over it."""
+    """The run's audit log (RUN_DIR/audit.db): how often the coordinator signs a tree head over it, and how many
+    steps per phase it snapshots for `swarm-audit replay` (steps drawn at random, so nodes cannot tell which)."""
 
     tree_head_every: int = Field(50, ge=1, description="sign a tree head at least every N steps (and at phase ends)")
+    snapshots_per_phase: int = Field(
+        2, ge=0, description="steps per phase whose weights, optimizer state and batch are saved for replay")
 
 
 class Job(StrictModel):
@@ -214,6 +249,8 @@ class Job(StrictModel):
     backdoor: BackdoorSpec = Field(default_factory=BackdoorSpec)
     eval: EvalSpec | None = Field(None, description="evaluation settings; absent: no generation-based evaluation")
     swarm: SwarmSpec = Field(default_factory=SwarmSpec)
+    compression: CompressionSpec = Field(default_factory=CompressionSpec)
+    nodes: NodesSpec = Field(default_factory=NodesSpec)
     audit: AuditSpec = Field(default_factory=AuditSpec)
     sweep: SweepSpec | None = None
 

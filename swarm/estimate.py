@@ -537,8 +537,9 @@ def inputs_from_flags(flags: dict) -> tuple[ModelShape, Workload, NodeSpec]:
     if f.get("preset") is not None:
         from swarm.models.presets import PRESETS  # imports torch: only when asked for
 
-        if f["preset"] not in PRESETS:
-            raise ModelShapeError(f"--preset {f['preset']!r}: choose one of {', '.join(sorted(PRESETS))}")
+        llama = sorted(name for name, preset in PRESETS.items() if preset.family == "llama")
+        if f["preset"] not in llama:  # the estimator's arithmetic is a Llama decoder's
+            raise ModelShapeError(f"--preset {f['preset']!r}: choose one of {', '.join(llama)}")
         shape = ModelShape.from_preset(PRESETS[f["preset"]])
     elif f.get("params") is not None:
         shape = llama_shape(parse_count(f["params"], "--params"), vocab)

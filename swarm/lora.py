@@ -17,32 +17,52 @@ from peft import LoraConfig, inject_adapter_in_model
 from safetensors.torch import load_file, save_file
 
 from swarm.config import LoraSpec
+from swarm.errors import JobFileError
+from swarm.models.families import ModelFamily, family_of_directory
 
 ADAPTER_NAME = "default"
 PEFT_PREFIX = "base_model.model."
 
 
-def peft_config(spec: LoraSpec, base_model_path: str | None = None) -> LoraConfig:
+def peft_config(spec: LoraSpec, base_model_path: str | None = None, family: ModelFamily | None = None) -> LoraConfig:
+    """peft's config for the job's LoRA on this model family (read from base_model_path when not given).
+
+    The family decides the default target modules and whether they are transformers' Conv1D (GPT-2), whose
+    weights peft must treat as fan-in x fan-out.
+    """
+    if family is None and base_model_path is not None:
+        family = family_of_directory(base_model_path)
+    targets = list(spec.target_modules) if family is None else family.lora_target_modules(spec.target_modules)
     return LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,
-        target_modules=list(spec.target_modules),
+        target_modules=targets,
+        fan_in_fan_out=family is not None and family.lora_fan_in_fan_out,
         bias="none",
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model_path,
     )
 
 
-def add_lora(module: torch.nn.Module, spec: LoraSpec, seed: int | str) -> list[str]:
-    """Inject LoRA into `module`'s target linears, freeze everything else; return the adapter's keys."""
-    inject_adapter_in_model(peft_config(spec), module, adapter_name=ADAPTER_NAME)
+def add_lora(module: torch.nn.Module, spec: LoraSpec, seed: int | str, family: ModelFamily | None = None) -> list[str]:
+    """Inject LoRA into `module`'s target linears, freeze everything else; return the adapter's keys.
+
+    The family defaults to the module's own (`BlockStack.family`)."""
+    family = family or getattr(module, "family", None)
+    config = peft_config(spec, family=family)
+    try:
+        inject_adapter_in_model(config, module, adapter_name=ADAPTER_NAME)
+    except ValueError as error:
+        if "not found in the base model" not in str(error):
+            raise
     for name, param in module.named_parameters():
         param.requires_grad_(".lora_" in name)
     init_lora_weights(module, seed)
     keys = list(adapter_state(module))
     if not keys:
-        raise ValueError(f"lora.target_modules {spec.target_modules} match no module of this model")
+        hint = f"; this {family.model_type} model's default is {list(family.lora_targets)}" if family else ""
+        raise JobFileError(f"lora.target_modules {sorted(config.target_modules)} match no module of this model{hint}")
     return keys
 
 

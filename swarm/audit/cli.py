@@ -5,6 +5,7 @@
     swarm-audit proof RUN_DIR ENTRY [--out FILE]              JSON inclusion proof of one entry
     swarm-audit check-proof PROOF.json [--coordinator FP]     check such a proof with nothing else
     swarm-audit export RUN_DIR --jsonl [--out FILE]           every entry and tree head as JSONL
+    swarm-audit replay RUN_DIR --sample F [--seed S]          re-execute sampled steps; exit 1 naming liars
 
 RUN_DIR is a job's run directory (holding audit.db) or the audit.db itself. Mistakes a user can make (a
 missing directory, a file that is not an audit log, an entry out of range) exit 2 with one line on stderr.
@@ -23,8 +24,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from swarm.audit.attestation import DEFAULT_SKETCH_TOLERANCE, DEFAULT_STATE_TOLERANCE
 from swarm.audit.proof import check_proof, load_proof
-from swarm.audit.query import export_jsonl, inclusion_proof, who
+from swarm.audit.query import export_jsonl, inclusion_proof, replay_findings, who
 from swarm.audit.verify import verify_log
 from swarm.errors import SwarmError
 
@@ -84,6 +86,20 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--jsonl", action="store_true", required=True, help="JSON lines (the only format)")
     export.add_argument("--out", type=Path, help="write here instead of stdout")
     export.set_defaults(command=_export)
+
+    replay = commands.add_parser("replay", help="re-execute sampled attested steps and compare with what nodes signed")
+    replay.add_argument("run_dir", metavar="RUN_DIR", type=Path)
+    replay.add_argument("--sample", type=float, required=True, metavar="F",
+                        help="fraction (0, 1] of the snapshotted steps to re-execute (the job's "
+                             "audit.snapshots_per_phase says how many steps per phase were snapshotted)")
+    replay.add_argument("--seed", type=int, help="draw the sample reproducibly (default: at random)")
+    replay.add_argument("--cache-dir", type=Path, help="where built-in presets are materialized")
+    replay.add_argument("--sketch-tolerance", type=float, default=DEFAULT_SKETCH_TOLERANCE,
+                        help=f"relative L2 error allowed between gradient sketches (default {DEFAULT_SKETCH_TOLERANCE:g})")
+    replay.add_argument("--state-tolerance", type=float, default=DEFAULT_STATE_TOLERANCE,
+                        help="error allowed in the weights after a step, relative to the step's update, and in the "
+                             f"optimizer moments, relative to their size (default {DEFAULT_STATE_TOLERANCE:g})")
+    replay.set_defaults(command=_replay)
     return parser
 
 
@@ -118,7 +134,13 @@ def _who(args: argparse.Namespace) -> int:
         )
         for row in rows
     ]  # fmt: skip
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    findings = replay_findings(args.run_dir) if args.run_dir.is_dir() else None
+    if findings is not None:  # the run was replayed: say whose work failed it
+        table[0] += ("REPLAY",)
+        for index, row in enumerate(rows, start=1):
+            count = findings.get(row.node_id, 0)
+            table[index] += (f"FAILED ({count} findings)" if count else "ok",)
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     for line in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
     total_steps = sum(row.steps for row in rows)
@@ -127,6 +149,31 @@ def _who(args: argparse.Namespace) -> int:
     seconds = sum(row.compute_seconds for row in rows)
     print(f"total: {nodes}, {total_steps} attested steps, {total_tokens} tokens, {seconds:.1f} compute seconds")
     return EXIT_OK
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from swarm.audit.replay import replay_run, write_report  # imports torch and transformers: only here
+
+    def show(check) -> None:
+        for node in check.nodes:
+            print(f"step {check.step} ({check.phase}) node {node.node_id} blocks {node.block_start}..{node.block_end - 1}: "
+                  f"sketch error {node.sketch_error:.2g}, weights {node.weights_error:.2g}, "
+                  f"optimizer {node.optimizer_error:.2g}", flush=True)
+
+    report = replay_run(args.run_dir, args.sample, seed=args.seed, cache_dir=args.cache_dir,
+                        sketch_tolerance=args.sketch_tolerance, state_tolerance=args.state_tolerance, on_step=show)
+    path = write_report(args.run_dir, report)
+    print(f"checked the state chain of {report.attested_steps} attestations; replayed {len(report.replayed)} of "
+          f"{report.snapshots} snapshotted steps (results in {path})")
+    if report.ok:
+        print("replay OK: every replayed step matches what its nodes attested")
+        return EXIT_OK
+    print(f"replay FAILED: {len(report.findings)} findings")
+    for node, count in sorted(report.failed_nodes().items(), key=lambda item: -item[1]):
+        print(f"  node {node}: {count} findings")
+    for finding in report.findings[:SHOWN_PROBLEMS]:
+        print(f"  {finding}")
+    return EXIT_INVALID
 
 
 def _proof(args: argparse.Namespace) -> int:

@@ -174,6 +174,13 @@ class AuditLog:
         return self._tree
 
     def close(self) -> None:
+        if self._coordinator is not None:
+            # Fold the write-ahead log into audit.db, so the file alone holds every entry even when a reader
+            # still has it open (and SQLite therefore keeps audit.db-wal after this connection closes).
+            try:
+                self._connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                pass  # a busy reader: SQLite checkpoints on a later open; nothing is lost, only not yet folded
         self._connection.close()
 
     def __enter__(self) -> AuditLog:

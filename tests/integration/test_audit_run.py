@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -14,12 +15,14 @@ from collections import defaultdict
 import pytest
 import torch
 
+from coordinator.cost_share import cost_share
 from coordinator.remote_chain import RemoteChain, RemoteStage
 from coordinator.run_dir import read_metrics
 from swarm.audit import AuditLog, verify_log
 from swarm.audit.attestation import Attestation, MicroBatch, sign_attestation
 from swarm.audit.canonical import parse_json_object
 from swarm.audit.errors import AttestationError
+from swarm.audit.query import who
 from swarm.audit.sketch import tensor_sha256
 from swarm.identity import Identity
 from swarm.proto.blocks_pb2 import CallResult
@@ -90,6 +93,36 @@ def test_who_names_each_node_with_its_blocks_steps_and_the_tokens_the_trainer_se
     assert shares == pytest.approx(100.0, abs=0.15)  # each share is rounded to 0.1%
 
 
+def test_the_reports_cost_shares_sum_to_one_and_match_swarm_audit_who(run_dir):
+    share = cost_share(run_dir)
+    audited = {row.node_id: row for row in who(run_dir / "audit.db")}
+    assert {node.node_id for node in share.nodes} == set(audited) and len(audited) == 3
+    assert sum(node.compute_share for node in share.nodes) == pytest.approx(1.0)
+    assert sum(node.flops_share for node in share.nodes) == pytest.approx(1.0)
+    for node in share.nodes:
+        row = audited[node.node_id]
+        assert (node.tokens, node.compute_seconds, node.compute_share) == (row.tokens, row.compute_seconds,
+                                                                           row.compute_share)
+    header, *lines = swarm_audit("who", run_dir).stdout.splitlines()
+    column = header.split().index("SHARE")
+    cli = {cells[0]: float(cells[column].rstrip("%")) for cells in (line.split() for line in lines[:3])}
+    report = (run_dir / "report.md").read_text()
+    for node in share.nodes:
+        (line,) = [line for line in report.splitlines() if line.startswith(f"| `{node.node_id}`")]
+        assert float(line.split(" | ")[5].rstrip("%")) == pytest.approx(cli[node.node_id], abs=0.051)
+
+
+def test_every_node_reported_its_peak_memory_and_the_one_machine_baseline_was_measured(run_dir):
+    for node in json.loads((run_dir / "nodes.json").read_text()):
+        assert node["peak_rss_bytes"] >= node["rss_after_load"] > 0  # a high-water mark, heard after training
+        assert node["peak_device_bytes"] == 0  # CPU nodes
+    baseline = json.loads((run_dir / "baseline.json").read_text())
+    assert baseline["steps_timed"] == 3 and baseline["seconds_per_token"] > 0, baseline
+    share = cost_share(run_dir)
+    assert share.one_machine.seconds > 0 and share.one_machine.peak_rss_bytes > 0
+    assert "| peak memory |" in (run_dir / "report.md").read_text()
+
+
 def test_each_attestation_lists_every_micro_batch_and_the_steps_real_cost(run_dir):
     for _, attestation in attestations(run_dir):
         assert [batch.id for batch in attestation.micro_batches] == list(range(MICRO_BATCHES))
@@ -118,9 +151,12 @@ def test_assignments_phases_and_checkpoints_are_signed_events(run_dir):
     assert [(e["phase"], e["event"]) for e in events(run_dir, "phase")] == [
         ("sft", "start"), ("sft", "end"), ("sft-2", "start"), ("sft-2", "end")]
     checkpoints = events(run_dir, "checkpoint")
-    assert [e["path"] for e in checkpoints] == ["phases/01-sft/adapter/adapter_model.safetensors",
-                                                "phases/02-sft-2/adapter/adapter_model.safetensors",
-                                                "adapter/adapter_model.safetensors"]
+    assert [e["path"] for e in checkpoints if "replay_step" not in e] == [
+        "phases/01-sft/adapter/adapter_model.safetensors", "phases/02-sft-2/adapter/adapter_model.safetensors",
+        "adapter/adapter_model.safetensors"]
+    snapshots = [e for e in checkpoints if "replay_step" in e]  # audit.snapshots_per_phase: 2 by default
+    assert [e["phase"] for e in snapshots] == ["sft", "sft", "sft-2", "sft-2"]
+    assert all(e["path"] == f"snapshots/step-{e['replay_step']:06d}.safetensors" for e in snapshots)
     for event in checkpoints:
         assert event["sha256"] == hashlib.sha256((run_dir / event["path"]).read_bytes()).hexdigest()
 
@@ -142,6 +178,34 @@ def test_an_edited_attestation_in_the_finished_log_fails_verify_naming_that_entr
     result = swarm_audit("verify", tampered)
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"first bad entry {index}:" in result.stdout
+
+
+def test_the_honest_run_replays_clean(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)  # replay writes replay.json into the run directory
+    replay = swarm_audit("replay", copy, "--sample", "1", "--seed", "0")
+    assert replay.returncode == 0, replay.stdout + replay.stderr
+    assert "replay OK" in replay.stdout and "replayed 4 of 4 snapshotted steps" in replay.stdout
+    report = json.loads((copy / "replay.json").read_text())
+    checks = [node for step in report["replayed"] for node in step["nodes"]]
+    assert len(checks) == 12 and report["attested_steps"] == 15 and not report["findings"]
+    assert max(n["sketch_error"] for n in checks) <= 1e-3 and max(n["weights_error"] for n in checks) <= 1e-2
+    who_table = swarm_audit("who", copy).stdout
+    assert who_table.splitlines()[0].endswith("REPLAY") and who_table.count(" ok\n") == 3
+
+
+def test_replay_refuses_a_snapshot_changed_after_the_log_recorded_it(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    snapshot = sorted((copy / "snapshots").glob("*.safetensors"))[0]
+    data = bytearray(snapshot.read_bytes())
+    data[-1] ^= 0x01  # one bit of one tensor
+    snapshot.write_bytes(bytes(data))
+    replay = swarm_audit("replay", copy, "--sample", "1")
+    assert replay.returncode == 2, replay.stdout + replay.stderr
+    assert "differs from the file the audit log recorded" in replay.stderr
+    bad_sample = swarm_audit("replay", copy, "--sample", "0")
+    assert bad_sample.returncode == 2 and "--sample must be in (0, 1]" in bad_sample.stderr
 
 
 # -- the trainer's check before appending, without processes: the node's reply is forged in place --------
@@ -167,7 +231,8 @@ def attestation_for(node: Identity, hidden: torch.Tensor, **changes) -> Attestat
     fields = dict(
         job_id="job-1", phase="train", step=0, block_start=0, block_end=2, replica_group="blocks-0-2",
         node_id=node.fingerprint, micro_batches=(MicroBatch(0, tensor_sha256(hidden)),),
-        adapter_sha256_before="0" * 64, adapter_sha256_after="1" * 64, gradient_sketch=(0.5,), tokens=6,
+        adapter_sha256_before="0" * 64, adapter_sha256_after="1" * 64,
+        optimizer_sha256_before="2" * 64, optimizer_sha256_after="3" * 64, gradient_sketch=(0.5,), tokens=6,
         compute_seconds=0.1, bytes_sent=1, bytes_received=1,
     )  # fmt: skip
     return Attestation(**{**fields, **changes})

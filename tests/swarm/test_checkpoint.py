@@ -48,10 +48,11 @@ def test_trainer_head_holds_no_decoder_layers_and_uses_tied_embeddings(tmp_path)
 def test_unsupported_architecture_lists_supported_ones(tmp_path):
     directory = save_tiny_checkpoint(tmp_path / "ckpt")
     config = json.loads((directory / "config.json").read_text())
-    config["model_type"] = "gpt2"
-    config["architectures"] = ["GPT2LMHeadModel"]
+    config["model_type"] = "bloom"
+    config["architectures"] = ["BloomForCausalLM"]
     (directory / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelSourceError, match="unsupported model architecture 'gpt2'; supported: llama, mistral, qwen2"):
+    with pytest.raises(ModelSourceError,
+                       match="unsupported model architecture 'bloom'; supported: gpt2, gpt_neox, llama, mistral, qwen2"):
         Checkpoint.open(directory)
 
 

@@ -82,3 +82,8 @@ def test_bad_phase_lists_are_refused(tmp_path, phases, training, words):
 def test_job_without_steps_or_phases_is_refused(tmp_path):
     with pytest.raises(JobFileError, match="give training.steps"):
         load_job(write_job(tmp_path, training={"steps": None}))
+
+
+def test_an_allowlist_entry_that_is_not_a_fingerprint_is_refused_by_name():
+    with pytest.raises(JobFileError, match=r"nodes.allow: .*'abc' is not a node fingerprint \(16 lowercase hex digits\)"):
+        parse_job(job_dict(nodes={"allow": ["abc"]}))

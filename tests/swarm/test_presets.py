@@ -1,13 +1,14 @@
 import torch
-from transformers import AutoModelForCausalLM, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
+from swarm.models.families import family_named
 from swarm.models.presets import PRESETS, materialize_preset
 
 
 def test_preset_parameter_counts_are_what_they_claim():
     for name, preset in PRESETS.items():
         with torch.device("meta"):
-            model = LlamaForCausalLM(preset.llama_config())
+            model = family_named(preset.family).causal_lm(preset.hf_config())
         assert sum(p.numel() for p in model.parameters()) == preset.num_parameters, name
     assert 2e5 <= PRESETS["llama-micro"].num_parameters and PRESETS["llama-20m"].num_parameters <= 2e7
 
@@ -19,3 +20,10 @@ def test_materialized_preset_is_deterministic_and_loads_with_transformers(tmp_pa
     assert materialize_preset("llama-micro", seed=5, cache_dir=tmp_path / "a") == first  # reused, not rebuilt
     model = AutoModelForCausalLM.from_pretrained(first)
     assert model.config.num_hidden_layers == PRESETS["llama-micro"].num_hidden_layers
+
+
+def test_family_presets_build_their_familys_model_with_the_character_vocabulary(tmp_path):
+    for name in ("mistral-micro", "qwen2-micro", "gpt2-micro", "neox-micro"):
+        model = AutoModelForCausalLM.from_pretrained(materialize_preset(name, seed=0, cache_dir=tmp_path))
+        assert model.config.model_type == PRESETS[name].family, name
+        assert (model.config.vocab_size, model.config.eos_token_id, model.config.pad_token_id) == (128, 2, 0), name

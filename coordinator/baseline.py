@@ -1,0 +1,95 @@
+"""The single-process baseline of a run: a few plain-peft LoRA steps of the same model and batch, timed.
+
+The report compares what the swarm spent with what one machine would have spent on the same run. That figure
+is measured here, on this machine, right after the run (its nodes stopped, so they do not compete for the
+cores): `swarm.reference.train_reference` trains the whole model in one process with the job's batch and
+micro-batches. It runs in a child process so its peak memory is the baseline's alone, not the coordinator's.
+
+    python -m coordinator.baseline JOB_FILE CHECKPOINT_DIR OUT.json [--steps 3 --warmup 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+
+logger = logging.getLogger("swarm.coordinator")
+
+BASELINE_TIMEOUT_S = 600.0
+MEMORY_HEADROOM = 3  # skip when weights x this exceed the free memory: weights, activations, logits and slack
+
+
+def measure_baseline(job_file: Path, checkpoint_dir: Path, out: Path, steps: int = 3, warmup: int = 1) -> dict:
+    """Write `out` (baseline.json) and return it; a baseline that cannot run here is recorded as skipped."""
+    weights = sum(path.stat().st_size for path in Path(checkpoint_dir).glob("*.safetensors"))
+    available = psutil.virtual_memory().available
+    if weights * MEMORY_HEADROOM > available:
+        result = {"skipped": f"the whole model ({weights / 2**30:.1f} GiB of weights) does not fit in this machine's "
+                             f"free memory ({available / 2**30:.1f} GiB)"}
+    else:
+        command = [sys.executable, "-m", "coordinator.baseline", *(str(Path(p).resolve()) for p in (job_file, checkpoint_dir, out)),
+                   "--steps", str(steps), "--warmup", str(warmup)]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=BASELINE_TIMEOUT_S,
+                                  cwd=Path(__file__).resolve().parent.parent)
+        except subprocess.TimeoutExpired:
+            done = None
+        if done is not None and done.returncode == 0:
+            return json.loads(out.read_text())
+        tail = "timed out" if done is None else (done.stderr.strip().splitlines() or ["no output"])[-1]
+        result = {"skipped": f"the single-process run failed ({tail})"}
+    logger.warning("single-process baseline: %s", result["skipped"])
+    out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("job_file", type=Path)
+    parser.add_argument("checkpoint_dir", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    args = parser.parse_args()
+
+    import peft  # noqa: F401  imported before measuring, so the memory growth below is the model, not code
+    import torch
+    import transformers  # noqa: F401
+
+    from swarm.config import load_job
+    from swarm.data.batches import TrainingData
+    from swarm.data.tokenizer import load_tokenizer
+    from swarm.memory import rss_bytes
+    from swarm.reference import train_reference
+
+    job = load_job(args.job_file)
+    total = args.warmup + args.steps
+    rss_before = rss_bytes()
+    run = train_reference(args.checkpoint_dir, job, steps=total)
+    phase = job.phase_list[0]
+    data = TrainingData(job.data, load_tokenizer(args.checkpoint_dir), job.seed, phase.batch_size or job.training.batch_size)
+    tokens = [data.batch(step).tokens for step in range(total)]  # the batches train_reference trained on
+    timed = run.step_seconds[args.warmup:]
+    result = {
+        "how": "swarm.reference.train_reference: plain peft LoRA on the whole model in one process",
+        "device": "cpu", "torch_threads": torch.get_num_threads(), "steps_timed": len(timed),
+        "step_seconds": timed, "tokens": tokens[args.warmup:],
+        "seconds_per_token": sum(timed) / sum(tokens[args.warmup:]),
+        "rss_before_load": rss_before, "peak_rss_bytes": _peak_rss(),
+    }
+    args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
