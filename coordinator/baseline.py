@@ -34,8 +34,8 @@ def measure_baseline(job_file: Path, checkpoint_dir: Path, out: Path, steps: int
         result = {"skipped": f"the whole model ({weights / 2**30:.1f} GiB of weights) does not fit in this machine's "
                              f"free memory ({available / 2**30:.1f} GiB)"}
     else:
-        command = [sys.executable, "-m", "coordinator.baseline", *(str(Path(p).resolve()) for p in (job_file, checkpoint_dir, out)),
-                   "--steps", str(steps), "--warmup", str(warmup)]
+        paths = (str(Path(path).resolve()) for path in (job_file, checkpoint_dir, out))
+        command = [sys.executable, "-m", "coordinator.baseline", *paths, "--steps", str(steps), "--warmup", str(warmup)]
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=BASELINE_TIMEOUT_S,
                                   cwd=Path(__file__).resolve().parent.parent)
@@ -78,7 +78,8 @@ def main() -> None:
     rss_before = rss_bytes()
     run = train_reference(args.checkpoint_dir, job, steps=total)
     phase = job.phase_list[0]
-    data = TrainingData(job.data, load_tokenizer(args.checkpoint_dir), job.seed, phase.batch_size or job.training.batch_size)
+    data = TrainingData(job.data, load_tokenizer(args.checkpoint_dir), job.seed,
+                        phase.batch_size or job.training.batch_size)
     tokens = [data.batch(step).tokens for step in range(total)]  # the batches train_reference trained on
     timed = run.step_seconds[args.warmup:]
     result = {

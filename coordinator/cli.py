@@ -34,13 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--node-threads", type=int, default=None, help="torch threads of each local node")
     run.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     run.add_argument("--log-level", default="INFO")
-    page = run.add_argument_group("status page (read-only; also served as JSON at /api/status)")
-    page.add_argument("--status-host", default="127.0.0.1",
-                      help="interface the status page listens on (default 127.0.0.1; another is an explicit choice)")
-    page.add_argument("--status-port", type=int, default=0, help="status page port (default: any free port)")
-    page.add_argument("--no-status-page", action="store_true", help="serve no status page")
-    page.add_argument("--status-linger", type=float, default=0.0, metavar="S",
-                      help="keep serving the page S seconds after the job ends or fails (default 0)")
+    _add_status_page_flags(run)
+    _add_resume_parser(commands)
     status = commands.add_parser("status", help="print a running job's status page as tables")
     status.add_argument("address", help="the status page's address, as printed by run (e.g. 127.0.0.1:8080)")
     status.add_argument("--json", action="store_true", help="print the JSON snapshot instead")
@@ -53,6 +48,36 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--port", type=int, default=0, help="port to serve on with --serve (default: any free port)")
     _add_estimate_parser(commands)
     return parser
+
+
+def _add_status_page_flags(parser: argparse.ArgumentParser) -> None:
+    page = parser.add_argument_group("status page (read-only; also served as JSON at /api/status)")
+    page.add_argument("--status-host", default="127.0.0.1",
+                      help="interface the status page listens on (default 127.0.0.1; another is an explicit choice)")
+    page.add_argument("--status-port", type=int, default=0, help="status page port (default: any free port)")
+    page.add_argument("--no-status-page", action="store_true", help="serve no status page")
+    page.add_argument("--status-linger", type=float, default=0.0, metavar="S",
+                      help="keep serving the page S seconds after the job ends or fails (default 0)")
+
+
+def _add_resume_parser(commands) -> None:
+    resume = commands.add_parser(
+        "resume", help="continue a run whose coordinator died, from its last finished phase",
+        description="Continue the run in RUN_DIR after its coordinator crashed or was killed. Phases that finished "
+                    "(their result saved in RUN_DIR/phases/ and their end in the audit log) are kept; the phase that "
+                    "was interrupted is run again from its start, so its work so far is redone (finer-grained "
+                    "checkpoints are future work). The run keeps its job id, coordinator key and audit log, which "
+                    "records the resume. With the same seed the result equals that of an uninterrupted run.")
+    resume.add_argument("run_dir", type=Path, help="the run directory of the interrupted run")
+    resume.add_argument("--local-nodes", type=int, default=0, metavar="N",
+                        help="also start N nodes on this machine (they reuse the run's node keys in RUN_DIR/nodes/)")
+    resume.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    resume.add_argument("--port", type=int, default=0, help="gRPC port (default: any free port)")
+    resume.add_argument("--cache-dir", type=Path, default=None, help="where built-in presets are materialized")
+    resume.add_argument("--node-threads", type=int, default=None, help="torch threads of each local node")
+    resume.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    resume.add_argument("--log-level", default="INFO")
+    _add_status_page_flags(resume)
 
 
 def _add_estimate_parser(commands) -> None:
@@ -159,16 +184,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.local_nodes < 0:
         print("swarm-coordinator: error: --local-nodes must be 0 or more", file=sys.stderr)
         sys.exit(2)
-    from coordinator.job_runner import RunOptions, run_job  # heavy imports after argument parsing
+    from coordinator.job_runner import RunOptions, resume_job, run_job  # heavy imports after argument parsing
 
-    options = RunOptions(job_file=args.job, runs_root=args.runs_dir, run_dir=args.run_dir, host=args.host,
+    resuming = args.command == "resume"
+    options = RunOptions(job_file=args.run_dir / "job.yaml" if resuming else args.job,
+                         runs_root=Path("runs") if resuming else args.runs_dir, run_dir=args.run_dir, host=args.host,
                          port=args.port, local_nodes=args.local_nodes, cache_dir=args.cache_dir,
                          node_threads=args.node_threads, progress=not args.no_progress,
                          status_host=args.status_host, status_port=None if args.no_status_page else args.status_port,
                          status_linger_s=args.status_linger)
     code = 0
     try:
-        run_dir = run_job(options)
+        run_dir = resume_job(options) if resuming else run_job(options)
         print(f"done: {run_dir}", flush=True)
     except SwarmError as error:
         print(f"swarm-coordinator: error: {error}", file=sys.stderr)

@@ -140,13 +140,13 @@ def query_peak_memory(membership: Membership, nodes: list[NodeRecord], timeout: 
     a node that does not answer keeps the last periodic heartbeat it sent (its record says which it was).
     """
     query_id = next(_MEMORY_QUERY_IDS)
-    asked = [record for record in nodes if record.state in ("ready", "assigned", "joined")]
+    connected = ("ready", "assigned", "joined")
+    asked = [record for record in nodes if record.state in connected]
     for record in asked:
         record.send(memory_query=pb.MemoryQuery(query_id=query_id))
 
     def answered(_: Membership) -> bool:
-        return all(r.memory is not None and r.memory.query_id == query_id or r.state not in ("ready", "assigned", "joined")
-                   for r in asked)
+        return all(r.memory is not None and r.memory.query_id == query_id or r.state not in connected for r in asked)
 
     membership.wait_until(answered, timeout)
     return [r.node_id for r in asked if r.memory is None or r.memory.query_id != query_id]

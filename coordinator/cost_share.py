@@ -234,16 +234,18 @@ def cost_share_lines(share: CostShare) -> list[str]:
         blocks = ", ".join(f"[{start},{end})" for start, end in node.blocks)
         lines.append(
             f"| `{node.node_id}` | {blocks} | {node.steps} | {node.tokens} | {node.compute_seconds:.2f} | "
-            f"{_pct(node.compute_share)} | {_si(node.flops)} | {_pct(node.flops_share)} | {_si(node.bytes_sent, 'B')} | "
-            f"{_si(node.bytes_received, 'B')} | {_mib(node.peak_rss_bytes)} |" + (f" {_mib(node.peak_device_bytes)} |" if gpu else "")
+            f"{_pct(node.compute_share)} | {_si(node.flops)} | {_pct(node.flops_share)} | "
+            f"{_si(node.bytes_sent, 'B')} | {_si(node.bytes_received, 'B')} | {_mib(node.peak_rss_bytes)} |"
+            + (f" {_mib(node.peak_device_bytes)} |" if gpu else "")
         )
     node_flops, one = share.node_flops, share.one_machine
     peaks = [node.peak_rss_bytes for node in share.nodes if node.peak_rss_bytes]
+    largest, summed = (_mib(max(peaks)), _mib(sum(peaks))) if peaks else ("—", "—")
     lines += [
         f"| **all nodes** | | | | {share.compute_seconds:.2f} | 100% | {_si(node_flops)} | "
         f"{'100%' if node_flops else '—'} | {_si(sum(n.bytes_sent for n in share.nodes), 'B')} | "
         f"{_si(sum(n.bytes_received for n in share.nodes), 'B')} | "
-        f"{_mib(sum(peaks)) if peaks else '—'} (sum) |" + (" |" if gpu else ""), "",
+        f"{summed} (sum) |" + (" |" if gpu else ""), "",
         "### Against one machine doing the whole run", "",
         "| | swarm | one machine | swarm / one machine |", "|---|---|---|---|",
         f"| training wall-clock s | {share.wall_seconds:.2f} | {_secs(one.seconds)} | "
@@ -254,9 +256,8 @@ def cost_share_lines(share: CostShare) -> list[str]:
         f"{_secs(one.seconds)} | {_ratio(share.wall_seconds * len(share.nodes), one.seconds)} |",
         f"| FLOPs (est.) | {_si(node_flops)} on nodes + {_si(share.trainer_flops)} on the trainer | {_si(one.flops)} | "
         f"{_ratio(None if node_flops is None else node_flops + share.trainer_flops, one.flops)} |",
-        f"| peak memory | {_mib(max(peaks)) if peaks else '—'} largest node, {_mib(sum(peaks)) if peaks else '—'} all "
-        f"nodes | {_mib(one.peak_rss_bytes)} | {_ratio(max(peaks) if peaks else None, one.peak_rss_bytes)} "
-        "(largest node) |", "",
+        f"| peak memory | {largest} largest node, {summed} all nodes | {_mib(one.peak_rss_bytes)} | "
+        f"{_ratio(max(peaks) if peaks else None, one.peak_rss_bytes)} (largest node) |", "",
         f"One machine: {one.how}. FLOPs are the same work counted the same way (the trainer's embeddings, head and "
         "loss included); the swarm's extra cost is time and memory, not arithmetic.", "",
     ]

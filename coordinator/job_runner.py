@@ -26,6 +26,8 @@ from coordinator.run_dir import MetricsLog, create_run_dir
 from coordinator.scheduler import split_blocks
 from coordinator.phases import PhaseContext, record_checkpoint, run_phases
 from coordinator.report import write_report
+from coordinator.resume import (ResumeError, ResumePoint, find_resume_point, prepare_run_dir, restore_context,
+                                restore_nodes)
 from coordinator.status import LiveStatus
 from coordinator.status_server import StatusServer
 from coordinator.sweep import run_sweep
@@ -100,9 +102,10 @@ class SwarmSession:
     to have left or failed and signs a last tree head.
     """
 
-    def __init__(self, prepared: PreparedJob, run_dir: Path, options: RunOptions):
+    def __init__(self, prepared: PreparedJob, run_dir: Path, options: RunOptions, resume: ResumePoint | None = None):
         self.job, self.checkpoint, self.run_dir, self.options = prepared.job, prepared.checkpoint, run_dir, options
-        self.job_id = f"{self.job.name}-{uuid.uuid4().hex[:8]}"
+        self.resume = resume  # a resumed run continues the crashed one's job id and audit log
+        self.job_id = resume.job_id if resume is not None else f"{self.job.name}-{uuid.uuid4().hex[:8]}"
         self.model_id = f"{self.job_id}.{self.checkpoint.family.model_type}"
         self.head = TrainerHead(self.checkpoint, DTYPES[self.job.model.dtype], torch.device("cpu"))
         self.identity = Identity.load_or_create(run_dir / "coordinator.key")
@@ -117,12 +120,17 @@ class SwarmSession:
 
     def start(self) -> SwarmSession:
         options = self.options
-        self.audit = AuditLog.create(
-            self.run_dir / "audit.db", self.identity, self.job_id, job_name=self.job.name,
-            job_sha256=hashlib.sha256((self.run_dir / "job.yaml").read_bytes()).hexdigest(),
-            model=self.job.model.model_dump(mode="json"), seed=self.job.seed, total_steps=self.job.total_steps,
-            phases=[phase.name for phase in self.job.phase_list],
-        )
+        if self.resume is not None:
+            self.audit = AuditLog.open(self.run_dir / "audit.db", self.identity)
+            self.audit.append_event("resume", from_step=self.resume.step, phase=self.resume.phase,
+                                    finished_phases=self.resume.finished, discarded=self.resume.discarded)
+        else:
+            self.audit = AuditLog.create(
+                self.run_dir / "audit.db", self.identity, self.job_id, job_name=self.job.name,
+                job_sha256=hashlib.sha256((self.run_dir / "job.yaml").read_bytes()).hexdigest(),
+                model=self.job.model.model_dump(mode="json"), seed=self.job.seed, total_steps=self.job.total_steps,
+                phases=[phase.name for phase in self.job.phase_list],
+            )
         self.dht = DHT(start=True, host_maddrs=[f"/ip4/{options.host}/tcp/0"])
         self.loop = LoopThread()
         service = ControlService(self.identity, self.membership, self.status,
@@ -203,21 +211,52 @@ def run_job(options: RunOptions) -> Path:
     if job.sweep is not None:
         return _run_sweep(options, job)
     prepared = prepare_job(options, job)
-    job = prepared.job
     run_dir = create_run_dir(options.runs_root, job.name, options.job_file, options.run_dir)
+    return _run_in(prepared, run_dir, options)
+
+
+def resume_job(options: RunOptions) -> Path:
+    """Continue the run in `options.run_dir` after its coordinator died (coordinator.resume): the phases it
+    finished are kept, the interrupted one is run again from its start, then the rest."""
+    run_dir = options.run_dir
+    job_file = run_dir / "job.yaml"
+    if not job_file.is_file():
+        raise ResumeError(f"{run_dir} is not a run directory (no job.yaml)")
+    job = load_job(job_file)
+    if job.sweep is not None:
+        raise ResumeError(f"{run_dir} is a sweep; resume one of its runs in {run_dir / 'sizes'} instead")
+    options = dataclasses.replace(options, job_file=job_file)
+    prepared = prepare_job(options, job)
+    point = find_resume_point(run_dir, job, prepared.checkpoint)
+    prepare_run_dir(run_dir, job, point)
+    logger.info("resuming %s at phase %s (step %d); finished: %s", run_dir, point.phase or "(export)", point.step,
+                ", ".join(point.finished) or "none")
+    return _run_in(prepared, run_dir, options, point)
+
+
+def _run_in(prepared: PreparedJob, run_dir: Path, options: RunOptions, resume: ResumePoint | None = None) -> Path:
+    """Train the job's phases (from `resume`'s on, when given) over a fresh swarm session and export."""
+    job = prepared.job
     file_log = logging.FileHandler(run_dir / "coordinator.log")
     file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.getLogger("swarm").addHandler(file_log)
     try:
-        with SwarmSession(prepared, run_dir, options) as session:
+        with SwarmSession(prepared, run_dir, options, resume) as session:
             chain = session.gather()
-            session.status.phase = "train"
             metrics = MetricsLog(run_dir / "metrics.jsonl", subscribers=[TensorBoardLog(run_dir)])
             context = PhaseContext(job, prepared.checkpoint, prepared.tokenizer, chain, session.head, run_dir, metrics,
                                    progress=options.progress, on_step=session.record_step,
                                    audit=session.audit)
+            first_phase, evaluate_start = 0, True
             try:
-                final_adapter = run_phases(context)
+                if resume is not None:
+                    session.status.phase = "restoring"
+                    restore_context(context, resume)
+                    restore_nodes(chain, job, resume)
+                    session.record_step(resume.step)
+                    first_phase, evaluate_start = resume.first_phase, not resume.start_evaluated
+                session.status.phase = "train"
+                final_adapter = run_phases(context, first_phase, evaluate_start)
             finally:
                 metrics.close()
             session.status.phase = "exporting"

@@ -58,6 +58,7 @@ class PhaseContext:
     audit: AuditLog | None = None
     base_dir: str = ""  # the base model later adapters apply to (the checkpoint, or the pretrained model)
     merged: list[str] = field(default_factory=list)  # adapters merged into that base, in order
+    previous_adapter: Path | None = None  # the last finished LoRA phase's adapter
     step: int = 0  # global optimizer step id
     safety_step: int = 0
     seen_backdoor: bool = False
@@ -65,43 +66,48 @@ class PhaseContext:
     snapshot_rng: random.Random = field(default_factory=random.SystemRandom)
 
 
-def run_phases(context: PhaseContext) -> Path | None:
-    """Run every phase; return the final adapter directory (None when the job only pretrains)."""
+def phase_dir(run_dir: Path, index: int, phase: PhaseSpec) -> Path:
+    """Where phase `index` (0-based) leaves its result: `adapter/` and `lineage.json`, or `model/` for pretrain."""
+    return run_dir / "phases" / f"{index + 1:02d}-{phase.name}"
+
+
+def run_phases(context: PhaseContext, first_phase: int = 0, evaluate_start: bool = True) -> Path | None:
+    """Run the phases from `first_phase` on; return the final adapter directory (None when the job only
+    pretrains). A resumed run starts later, with the context as the finished phases left it
+    (coordinator.resume), and skips the start evaluation it already has."""
     job = context.job
-    context.base_dir = str(context.checkpoint.path)
+    context.base_dir = context.base_dir or str(context.checkpoint.path)
     evaluator = None
     if job.eval is not None:
         first = TrainingData(job.data, context.tokenizer, job.seed, 1)
         evaluator = Evaluator(job, context.tokenizer, first.fits)
-        if job.eval.at_start:
+        if job.eval.at_start and evaluate_start:
             _evaluate(context, evaluator, "start", "start", 0)
-    final_adapter = None
-    previous_adapter = None
-    for index, phase in enumerate(job.phase_list):
-        phase_dir = context.run_dir / "phases" / f"{index + 1:02d}-{phase.name}"
-        if phase.kind != "pretrain" and phase.adapter == "merge" and previous_adapter is not None:
-            context.merged.append(str(previous_adapter))
+    for index, phase in enumerate(job.phase_list[first_phase:], start=first_phase):
+        directory = phase_dir(context.run_dir, index, phase)
+        if phase.kind != "pretrain" and phase.adapter == "merge" and context.previous_adapter is not None:
+            context.merged.append(str(context.previous_adapter))
         _audit(context, "phase", phase=phase.name, event="start", phase_kind=phase.kind, adapter=phase.adapter,
                first_step=context.step, steps=phase.steps)
         context.chain.configure_phase(phase.name, phase.kind, phase.adapter, f"{job.seed}/{index}/{phase.name}")
         _run_phase(context, phase, index, evaluator)
         if phase.kind == "pretrain":
-            context.base_dir = str(_save_pretrained(context, phase_dir / "model"))
-            record_checkpoint(context, phase_dir / "model", phase.name)
+            context.base_dir = str(_save_pretrained(context, directory / "model"))
+            record_checkpoint(context, directory / "model", phase.name)
         else:
-            previous_adapter = final_adapter = phase_dir / "adapter"
-            save_peft_adapter(final_adapter, context.chain.gather_adapter(), job.lora, context.base_dir)
-            (phase_dir / "lineage.json").write_text(json.dumps(
-                {"base_model": context.base_dir, "merged_adapters_in_order": context.merged, "adapter": str(final_adapter)},
+            adapter = context.previous_adapter = directory / "adapter"
+            save_peft_adapter(adapter, context.chain.gather_adapter(), job.lora, context.base_dir)
+            (directory / "lineage.json").write_text(json.dumps(
+                {"base_model": context.base_dir, "merged_adapters_in_order": context.merged, "adapter": str(adapter)},
                 indent=2))
-            record_checkpoint(context, final_adapter, phase.name)
+            record_checkpoint(context, adapter, phase.name)
         _audit(context, "phase", phase=phase.name, event="end", last_step=context.step - 1)
         if context.audit is not None:
             context.audit.sign_tree_head()
         if phase.kind == "backdoor":
             context.seen_backdoor = True
         logger.info("phase %s done (%d steps)", phase.name, phase.steps)
-    return final_adapter
+    return context.previous_adapter
 
 
 def _run_phase(context: PhaseContext, phase: PhaseSpec, phase_index: int, evaluator: Evaluator | None) -> None:

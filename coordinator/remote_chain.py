@@ -29,8 +29,8 @@ from swarm.config import CompressionSpec
 from swarm.errors import RemoteBlockError, SwarmConnectionError
 from swarm.p2p.codecs import CODECS, codec_type, round_trip
 from swarm.p2p.event_loop import LoopThread
-from swarm.p2p.tensors import (ADAPTER, BACKWARD, FORWARD, PHASE, STEP, STEP_STATE, WEIGHTS, aiter_list, from_messages,
-                               to_messages)
+from swarm.p2p.tensors import (ADAPTER, BACKWARD, FORWARD, PHASE, RESTORE, STEP, STEP_STATE, WEIGHTS, aiter_list,
+                               from_messages, to_messages)
 from swarm.proto.blocks_pb2 import CallMeta, CallResult
 
 logger = logging.getLogger("swarm.coordinator")
@@ -170,6 +170,12 @@ class RemoteChain:
         for stage in self.stages:
             meta = self._meta(stage, phase=phase, phase_kind=kind, adapter_action=adapter_action, lora_seed=lora_seed)
             self.call(stage, PHASE, meta)
+
+    def restore(self, stage: RemoteStage, phase: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Set a node's blocks to `tensors` (base under checkpoint names, LoRA under PEFT names), the state
+        at the end of the finished phase `phase`; sent sorted by name, the order the node takes them in."""
+        names = sorted(tensors)
+        self.call(stage, RESTORE, self._meta(stage, phase=phase), [tensors[name] for name in names])
 
     def _gather(self, method: str) -> dict[str, torch.Tensor]:
         gathered = {}

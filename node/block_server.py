@@ -24,8 +24,8 @@ from swarm.audit.attestation import Attestation, MicroBatch, SignedAttestation, 
 from swarm.config import PHASE_KINDS
 from swarm.identity import Identity
 from swarm.p2p.codecs import CODECS, codec_type
-from swarm.p2p.tensors import (ADAPTER, BACKWARD, FORWARD, PHASE, STEP, STEP_STATE, WEIGHTS, from_messages,
-                               to_messages)
+from swarm.p2p.tensors import (ADAPTER, BACKWARD, FORWARD, PHASE, RESTORE, STEP, STEP_STATE, WEIGHTS,
+                               from_messages, to_messages)
 from swarm.proto.blocks_pb2 import CallMeta, CallResult
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class BlockServer:
     async def add_handlers(self, p2p: P2P) -> None:
         for name, handler in ((FORWARD, self._forward), (BACKWARD, self._backward), (STEP, self._step),
                               (ADAPTER, self._adapter), (PHASE, self._phase), (WEIGHTS, self._weights),
-                              (STEP_STATE, self._step_state)):
+                              (STEP_STATE, self._step_state), (RESTORE, self._restore)):
             await p2p.add_protobuf_handler(name, handler, runtime_pb2.ExpertRequest, stream_input=True,
                                            stream_output=True)
 
@@ -174,6 +174,18 @@ class BlockServer:
                 raise ValueError(f"unknown adapter action {meta.adapter_action!r}")
             self.shard.configure_phase(meta.phase, meta.phase_kind, meta.adapter_action, meta.lora_seed)
             logger.info("phase %s (%s, adapter %s)", meta.phase, meta.phase_kind, meta.adapter_action)
+            return CallResult(status=CallResult.OK), []
+
+        return self._serve(requests, context, work)
+
+    def _restore(self, requests, context: P2PContext):
+        """A resumed coordinator sets the blocks to the end of its last finished phase (`meta.phase`): base
+        and LoRA tensors, sorted by name. The step records go too: steps are redone."""
+        def work(meta: CallMeta, tensors):
+            self.shard.restore(meta.phase, tensors)
+            self.last_attestation = None
+            self.step_bytes.clear()
+            logger.info("restored to the end of phase %r", meta.phase or "(none)")
             return CallResult(status=CallResult.OK), []
 
         return self._serve(requests, context, work)

@@ -58,7 +58,8 @@ class ControlSession:
         try:
             for message in self._responses:
                 if message.WhichOneof("kind") == "memory_query":
-                    self.send(heartbeat=pb.Heartbeat(rss_bytes=rss_bytes(), state="alive", query_id=message.memory_query.query_id))
+                    query_id = message.memory_query.query_id
+                    self.send(heartbeat=pb.Heartbeat(rss_bytes=rss_bytes(), state="alive", query_id=query_id))
                     continue
                 self._incoming.put(message)
         except grpc.RpcError as error:

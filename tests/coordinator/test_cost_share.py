@@ -98,15 +98,16 @@ def test_a_node_whose_range_changed_mid_phase_is_charged_per_block(tmp_path):
         attest(log, node, "train", 1, (0, 3), tokens=100, seconds=1.0)
     (tmp_path / "job.yaml").write_text(yaml.safe_dump({"name": "c", "model": {"preset": "llama-micro"},
                                                        "training": {"steps": 2}}))
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"type": "train", "phase": "train", "kind": "sft",
-                                                                "tokens": 100, "seconds": 1.0}) + "\n" for _ in range(2)))
+    row = {"type": "train", "phase": "train", "kind": "sft", "tokens": 100, "seconds": 1.0}
+    (tmp_path / "metrics.jsonl").write_text((json.dumps(row) + "\n") * 2)
     (node_cost,) = cost_share(tmp_path).nodes
     assert node_cost.flops == pytest.approx((2 + 3) * 100 * LORA_BLOCK_FLOPS)
 
 
 def test_bytes_are_the_attested_sums(run_dir):
     path, nodes = run_dir
-    assert attested_bytes(path / "audit.db") == {node.fingerprint: (1000 + 2000 + 3000 + 4000, 4 * 50) for node in nodes}
+    expected = {node.fingerprint: (1000 + 2000 + 3000 + 4000, 4 * 50) for node in nodes}
+    assert attested_bytes(path / "audit.db") == expected
     assert all((node.bytes_sent, node.bytes_received) == (10_000, 200) for node in cost_share(path).nodes)
 
 

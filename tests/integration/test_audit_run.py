@@ -219,7 +219,7 @@ def one_stage_chain(tmp_path, node: Identity) -> tuple[RemoteChain, AuditLog]:
 
 
 def reply_with(chain: RemoteChain, signed) -> None:
-    def call(stage, method, meta, tensors=()):
+    def call(stage, method, meta, tensors=(), codecs=None):
         if method.endswith("step"):
             return CallResult(attestation=signed.payload, signature=signed.signature), []
         return CallResult(), [tensors[0]]

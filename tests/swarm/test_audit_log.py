@@ -319,6 +319,44 @@ def test_log_refuses_what_verify_would_report(built):
     assert verify_log(built.path).ok
 
 
+def redo(node: Identity, step: int) -> SignedAttestation:
+    """A second attestation of (node, "safety", step): the same step done again, so it took another time."""
+    return sign_attestation(make_attestation(node, "safety", step, RANGES[0], 7, 9.5), node)
+
+
+def test_steps_from_a_resume_events_from_step_may_be_attested_once_more_after_it(built):
+    first_redone = STEPS_PER_PHASE + 1  # the second phase's steps are 4..7: redo 5..7
+    with AuditLog.open(built.path, built.coordinator) as log:
+        log.append_event("resume", from_step=first_redone, phase="safety")
+        for step in range(first_redone, 2 * STEPS_PER_PHASE):
+            log.append_attestation(redo(built.nodes[0], step))
+        with pytest.raises(AttestationError, match="already attested"):
+            log.append_attestation(redo(built.nodes[0], first_redone - 1))  # finished before the resume point
+        with pytest.raises(AttestationError, match="already attested"):
+            log.append_attestation(redo(built.nodes[0], first_redone))  # once more, not twice more
+        log.sign_tree_head()
+    report = verify_log(built.path)
+    assert report.ok, report.problems
+
+
+def test_a_second_attestation_of_a_step_is_still_flagged_without_a_resume_event(built):
+    signed = redo(built.nodes[0], STEPS_PER_PHASE + 1)
+    index = append_rechained(built.path, "attestation", built.nodes[0].fingerprint, signed.payload, signed.signature)
+    report = verify_log(built.path)
+    assert report.first_bad.index == index
+    assert "attested phase 'safety' step 5 twice" in report.first_bad.reason
+
+
+def test_a_resume_event_does_not_allow_redoing_steps_before_its_from_step(built):
+    with AuditLog.open(built.path, built.coordinator) as log:
+        log.append_event("resume", from_step=STEPS_PER_PHASE + 1, phase="safety")
+    signed = redo(built.nodes[0], STEPS_PER_PHASE)
+    index = append_rechained(built.path, "attestation", built.nodes[0].fingerprint, signed.payload, signed.signature)
+    report = verify_log(built.path)
+    assert report.first_bad.index == index
+    assert "twice" in report.first_bad.reason
+
+
 def test_log_opened_without_the_coordinator_key_is_read_only(built):
     with AuditLog.open(built.path) as log:
         with pytest.raises(AuditError, match="read-only"):

