@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import itertools
 import os
-import queue
 import threading
 import time
 from concurrent import futures

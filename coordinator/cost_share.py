@@ -22,10 +22,6 @@ from pathlib import Path
 import yaml
 
 from coordinator.run_dir import read_metrics
-from swarm.audit.attestation import Attestation
-from swarm.audit.entry import ATTESTATION
-from swarm.audit.errors import AttestationError
-from swarm.audit.log import AuditLog
 from swarm.audit.query import who
 from swarm.config import Job, parse_job
 from swarm.estimate import ModelShape, Workload, flops_per_token
@@ -102,22 +98,6 @@ def _method(kind: str) -> str:
     return "full" if kind == "pretrain" else "lora"
 
 
-def attested_bytes(audit_path: Path) -> dict[str, tuple[int, int]]:
-    """(bytes sent, bytes received) per node, summed over its attestations (`who` does not carry bytes)."""
-    totals: dict[str, tuple[int, int]] = {}
-    with AuditLog.open(audit_path) as log:
-        for entry in log.entries():
-            if entry.kind != ATTESTATION:
-                continue
-            try:
-                attestation = Attestation.from_bytes(entry.payload)
-            except AttestationError:
-                continue  # who() skips (and logs) the same entries
-            sent, received = totals.get(attestation.node_id, (0, 0))
-            totals[attestation.node_id] = (sent + attestation.bytes_sent, received + attestation.bytes_received)
-    return totals
-
-
 def _node_flops(audit_path: Path, phases: dict[str, str], shape: ModelShape, work: Workload) -> dict[str, float]:
     """FLOPs per node: per phase, tokens through each block the node held x that block's training FLOPs."""
     flops: dict[str, float] = {}
@@ -146,15 +126,14 @@ def cost_share(run_dir: Path) -> CostShare:
     shape = model_shape(job)
     work = Workload(lora_rank=job.lora.r, lora_targets=tuple(job.lora.target_modules), seq=job.data.max_length)
     flops = _node_flops(audit_path, phases, shape, work) if shape is not None else {}
-    sent_received = attested_bytes(audit_path)
 
     share = CostShare(wall_seconds=sum(row["seconds"] for row in train))
     for row in who(audit_path):
         node = reported.get(row.node_id, {})
-        sent, received = sent_received.get(row.node_id, (0, 0))
         share.nodes.append(NodeCost(
             row.node_id, row.blocks, node.get("device", ""), row.steps, row.tokens, row.compute_seconds,
-            row.compute_share, flops.get(row.node_id) if shape is not None else None, None, sent, received,
+            row.compute_share, flops.get(row.node_id) if shape is not None else None, None, row.bytes_sent,
+            row.bytes_received,
             node.get("peak_rss_bytes"), node.get("peak_device_bytes"),
         ))
     total_flops = share.node_flops

@@ -125,12 +125,13 @@ def _who(args: argparse.Namespace) -> int:
     if not rows:
         print("no attestations match")
         return EXIT_OK
-    header = ("NODE", "BLOCKS", "PHASES", "STEPS", "FIRST..LAST", "TOKENS", "COMPUTE_S", "SHARE")
+    header = ("NODE", "BLOCKS", "PHASES", "STEPS", "FIRST..LAST", "TOKENS", "COMPUTE_S", "SHARE", "SENT_MB",
+              "RECEIVED_MB")
     table = [header] + [
         (
             row.node_id, " ".join(f"[{start},{end})" for start, end in row.blocks), ",".join(row.phases),
             str(row.steps), f"{row.first_step}..{row.last_step}", str(row.tokens), f"{row.compute_seconds:.1f}",
-            f"{row.compute_share:.1%}",
+            f"{row.compute_share:.1%}", f"{row.bytes_sent / 1e6:.1f}", f"{row.bytes_received / 1e6:.1f}",
         )
         for row in rows
     ]  # fmt: skip

@@ -36,6 +36,8 @@ class NodeWork:
     last_step: int = 0
     tokens: int = 0
     compute_seconds: float = 0.0
+    bytes_sent: int = 0  # by the node, in its attested steps' training calls
+    bytes_received: int = 0
     compute_share: float = 0.0  # of the compute seconds in the answer; of the steps when no time was reported
 
 
@@ -75,6 +77,8 @@ def _add(row: NodeWork, attestation: Attestation) -> None:
     row.steps += 1
     row.tokens += attestation.tokens
     row.compute_seconds += attestation.compute_seconds
+    row.bytes_sent += attestation.bytes_sent
+    row.bytes_received += attestation.bytes_received
 
 
 def replay_findings(run_dir: str | Path) -> dict[str, int] | None:

@@ -35,7 +35,7 @@ from swarm.audit.errors import AuditError
 from swarm.audit.log import AuditLog
 from swarm.audit.query import REPLAY_FILE
 from swarm.audit.sketch import gradient_sketch
-from swarm.audit.snapshot import SNAPSHOT_DIR, NodeStepState, StepSnapshot, read_snapshot
+from swarm.audit.snapshot import NodeStepState, StepSnapshot, read_snapshot
 from swarm.audit.verify import verify_log
 from swarm.config import Job, load_job
 from swarm.data.batches import TrainingData

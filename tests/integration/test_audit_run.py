@@ -79,12 +79,14 @@ def test_who_names_each_node_with_its_blocks_steps_and_the_tokens_the_trainer_se
     result = swarm_audit("who", run_dir)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["NODE", "BLOCKS", "PHASES", "STEPS", "FIRST..LAST", "TOKENS", "COMPUTE_S", "SHARE"]
+    assert lines[0].split() == ["NODE", "BLOCKS", "PHASES", "STEPS", "FIRST..LAST", "TOKENS", "COMPUTE_S", "SHARE",
+                                "SENT_MB", "RECEIVED_MB"]
     rows = {cells[0]: cells for cells in (line.split() for line in lines[1:4])}
     assert set(rows) == {node["node_id"] for node in nodes}
     shares = 0.0
     for node in nodes:
-        _, blocks, phases, steps, span, tokens, _, share = rows[node["node_id"]]
+        _, blocks, phases, steps, span, tokens, _, share, sent, received = rows[node["node_id"]]
+        assert float(sent) > 0 and float(received) > 0
         assert blocks == f"[{node['blocks'][0]},{node['blocks'][1]})"
         assert phases == "sft,sft-2"
         assert int(steps) == len(train) and span == f"0..{len(train) - 1}"

@@ -6,7 +6,6 @@ import json
 import re
 import signal
 
-import pytest
 
 from tests.conftest import write_job
 from tests.integration.helpers import finish, read_until

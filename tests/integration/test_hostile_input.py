@@ -18,7 +18,7 @@ from swarm.p2p.tensors import BACKWARD, FORWARD, STEP, aiter_list, from_messages
 from swarm.proto.blocks_pb2 import CallMeta, CallResult
 from swarm.training import position_ids_for
 from tests.conftest import started_processes, write_job
-from tests.integration.helpers import finish, read_until
+from tests.integration.helpers import finish
 
 MAX_REQUEST_MB = 0.25
 

@@ -3,6 +3,7 @@ middle of a phase, resume the run directory, and get what an uninterrupted run w
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -128,3 +129,19 @@ def test_resuming_a_directory_that_is_not_a_run_is_a_one_line_error(tmp_path):
                             cwd=REPO, timeout=120)
     assert result.returncode == 2
     assert "not a run directory (no job.yaml)" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_resuming_with_an_edited_job_file_is_refused(tmp_path):
+    from swarm.identity import Identity
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    original = write_job(run_dir, phases=PHASES, training={"steps": None, "batch_size": 4, "micro_batches": 2})
+    digest = hashlib.sha256(original.read_bytes()).hexdigest()
+    AuditLog.create(run_dir / "audit.db", Identity.load_or_create(run_dir / "coordinator.key"), "test-job-1",
+                    job_sha256=digest).close()
+    write_job(run_dir, phases=PHASES[:2], training={"steps": None, "batch_size": 4, "micro_batches": 2})
+    result = subprocess.run([sys.executable, *RUN, "resume", str(run_dir)], capture_output=True, text=True,
+                            cwd=REPO, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "is not the job file this run started with" in result.stderr and "Traceback" not in result.stderr

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-import torch
 
 from coordinator.run_dir import read_metrics
 from swarm.config import load_job

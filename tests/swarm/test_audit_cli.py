@@ -85,13 +85,14 @@ def test_who_prints_a_table_whose_shares_sum_to_one(run):
     result = swarm_audit("who", run_dir)
     assert result.returncode == 0
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["NODE", "BLOCKS", "PHASES", "STEPS", "FIRST..LAST", "TOKENS", "COMPUTE_S", "SHARE"]
+    assert lines[0].split() == ["NODE", "BLOCKS", "PHASES", "STEPS", "FIRST..LAST", "TOKENS", "COMPUTE_S", "SHARE",
+                                "SENT_MB", "RECEIVED_MB"]
     body = [line.split() for line in lines[1:4]]
     steps = len(PHASES) * STEPS_PER_PHASE
     for cells, node, (start, end) in zip(body, built.nodes, RANGES):
         assert cells[:6] == [node.fingerprint, f"[{start},{end})", ",".join(PHASES), str(steps), f"0..{steps - 1}",
                              str(built.tokens[node.fingerprint])]  # fmt: skip
-    assert sum(float(cells[-1].rstrip("%")) for cells in body) == pytest.approx(100.0, abs=0.2)
+    assert sum(float(cells[7].rstrip("%")) for cells in body) == pytest.approx(100.0, abs=0.2)
     assert lines[4].startswith(f"total: 3 nodes, {3 * steps} attested steps, {sum(built.tokens.values())} tokens")
 
 
