@@ -30,7 +30,8 @@ class LocalNodes:
             if cache_dir is not None:
                 command += ["--cache-dir", str(cache_dir)]
             command += ["--threads", str(threads)]
-            log = open(self.logs_dir / f"node-{index}.log", "wb")
+            # Appended, not truncated: a resumed run keeps the crashed run's node logs.
+            log = open(self.logs_dir / f"node-{index}.log", "ab")
             self.processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                                    start_new_session=True, env=env))
             log.close()

@@ -65,9 +65,14 @@ def run_node(options: NodeOptions) -> None:
                              memory_bytes=device_memory_bytes(device), version=swarm.__version__,
                              hostname=socket.gethostname())
         welcome = session.authenticate(identity, hello, options.connect_timeout_s)
-        logger.info("joined job %s as %s; waiting for an assignment", welcome.job_id, welcome.node_id)
-        dht = DHT(initial_peers=list(welcome.initial_peers), host_maddrs=[f"/ip4/{options.host}/tcp/0"], start=True)
+        logger.info("joined job %s as %s; starting the DHT", welcome.job_id, welcome.node_id)
+        # Assigned before its process starts, so a Ctrl-C during the start still reaches dht.shutdown() below
+        # (otherwise the forked DHT process outlives the node).
+        dht = DHT(initial_peers=list(welcome.initial_peers), host_maddrs=[f"/ip4/{options.host}/tcp/0"], start=False)
+        dht.run_in_background(await_ready=True)
         _start_heartbeats(session, welcome.heartbeat_interval_s, stop_heartbeats)
+        # Said only now, so that "waiting" means what it says: Ctrl-C from here on leaves at once.
+        logger.info("in the DHT; waiting for an assignment")
 
         assignment = _wait_for_assignment(session, options.assignment_timeout_s)
         if assignment is None:

@@ -118,9 +118,11 @@ def test_status_page_shows_the_swarm_advancing_and_a_killed_node_down(tmp_path, 
     blocks = next(node["blocks"] for node in data["nodes"] if node["node_id"] == victim_id)
     os.kill(victim, signal.SIGKILL)
     killed = time.monotonic()
+    # Down once its last heartbeat is older than the timeout; the slack covers fetching the JSON on a busy machine.
+    slack = 2.5
     wait_for(lambda: {n["node_id"]: n["state"] for n in snapshot(url)["nodes"]}[victim_id] == "down",
-             data["heartbeat"]["timeout_s"] + 1.0, "the JSON endpoint did not mark the killed node down", interval=0.1)
-    assert time.monotonic() - killed <= data["heartbeat"]["timeout_s"] + 1.0
+             data["heartbeat"]["timeout_s"] + slack, "the JSON endpoint did not mark the killed node down", interval=0.1)
+    assert time.monotonic() - killed <= data["heartbeat"]["timeout_s"] + slack
     after = dump_dom(url)
     assert page_nodes(after)[victim_id] == "down"
     coverage = page_coverage(after)
