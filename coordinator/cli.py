@@ -178,9 +178,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(run_status(args))
     if args.command == "report":
         signal.signal(signal.SIGTERM, _interrupt)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         sys.exit(run_report(args))
     setup_logging(args.log_level, "coordinator")
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (`&`)
     if args.local_nodes < 0:
         print("swarm-coordinator: error: --local-nodes must be 0 or more", file=sys.stderr)
         sys.exit(2)

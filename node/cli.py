@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, "node")
     signal.signal(signal.SIGTERM, _interrupt)
+    # Explicitly: a shell starting us in the background (`&`) hands down SIGINT ignored, and `kill -INT` must
+    # still leave the swarm cleanly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from node.join import NodeOptions, run_node  # heavy imports after argument parsing, so --help is fast
 
     if args.threads:
