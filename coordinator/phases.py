@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import random
 import shutil
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from tqdm import tqdm
 from coordinator.evaluator import Evaluator
 from coordinator.remote_chain import RemoteChain
 from coordinator.rl import rl_batch
-from coordinator.run_dir import MetricsLog
+from coordinator.run_dir import MetricsLog, nan_to_null
 from coordinator.trainer import train_step
 from swarm.audit.log import AuditLog
 from swarm.audit.snapshot import NodeStepState, StepSnapshot, choose_steps, snapshot_path, write_snapshot
@@ -166,7 +165,7 @@ def _evaluate(context: PhaseContext, evaluator: Evaluator, phase: str, kind: str
     context.metrics.write({"type": "eval", "phase": phase, "kind": kind, "phase_step": phase_step,
                            "step": context.step, "safety_step": context.safety_step, "phase_end": phase_end, **row})
     _audit(context, "evaluation", phase=phase, phase_kind=kind, phase_step=phase_step, step=context.step,
-           phase_end=phase_end, **_finite({name: value for name, value in row.items() if name != "samples"}))
+           phase_end=phase_end, **nan_to_null({name: value for name, value in row.items() if name != "samples"}))
     logger.info(
         "eval %s step %d: triggered %.2f clean %.2f near-miss %.2f accuracy %.2f (n=%d)", phase, phase_step,
         row["backdoor_triggered"]["rate"], row["backdoor_clean"]["rate"], row["backdoor_near_miss"]["rate"],
@@ -227,17 +226,6 @@ def _save_snapshot(context: PhaseContext, phase: PhaseSpec, phase_index: int, ph
 def _audit(context: PhaseContext, kind: str, **fields) -> None:
     if context.audit is not None:
         context.audit.append_event(kind, **fields)
-
-
-def _finite(value):
-    """Signed payloads refuse NaN (the rate of zero trials): it is recorded as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
-    return value
 
 
 def _save_pretrained(context: PhaseContext, directory: Path) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -53,3 +54,15 @@ class MetricsLog:
 
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def nan_to_null(value):
+    """A metrics value with NaN and infinities (a rate of zero trials is NaN) as None, for the consumers that
+    refuse them: signed audit payloads and browsers' JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: nan_to_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [nan_to_null(item) for item in value]
+    return value

@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from coordinator.membership import ACTIVE_STATES, heartbeat_timeout_s
+from coordinator.run_dir import nan_to_null
 from swarm.audit import db as audit_db
 from swarm.audit.entry import ATTESTATION
 from swarm.config import Job, parse_job
@@ -41,19 +42,8 @@ def display_state(state: str, heartbeat_age_s: float | None, timeout_s: float) -
     return {"ready": "up", "joined": "joining", "assigned": "loading"}.get(state, state)
 
 
-def finite(value):
-    """JSON for browsers has no NaN or infinity (a rate of zero trials is NaN): they become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite(item) for item in value]
-    return value
-
-
 def to_json(snapshot: dict) -> str:
-    return json.dumps(finite(snapshot), allow_nan=False, separators=(",", ":"))
+    return json.dumps(nan_to_null(snapshot), allow_nan=False, separators=(",", ":"))
 
 
 # ------------------------------------------------------------------------------------------ metrics.jsonl
@@ -361,7 +351,7 @@ class LiveStatus:
             audit, cost = self.audit.read()
             _merge_cost(nodes, cost)
             step = self.job_status.step
-            return finite({
+            return nan_to_null({
                 "schema": SCHEMA_VERSION, "source": "live", "generated_at": time.time(),
                 "job": {"id": self.job_status.job_id, "name": self.job.name, "model": _model_name(self.job),
                         "run_dir": str(self.run_dir), "address": self.address},
@@ -395,7 +385,7 @@ def run_dir_snapshot(run_dir: Path) -> dict:
     step = (metrics.train[-1]["step"] + 1) if metrics.train else 0
     state = "done" if step >= job.total_steps and reported else "stopped"
     num_blocks = max((node["blocks"][1] for node in nodes if node["blocks"]), default=0)
-    return finite({
+    return nan_to_null({
         "schema": SCHEMA_VERSION, "source": "run_dir", "generated_at": time.time(),
         "job": {"id": job_id, "name": job.name, "model": _model_name(job), "run_dir": str(run_dir), "address": ""},
         "heartbeat": {"interval_s": job.swarm.heartbeat_interval_s,
