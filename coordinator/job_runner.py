@@ -23,7 +23,7 @@ from coordinator.local_nodes import LocalNodes
 from coordinator.membership import Membership, NodeRecord, heartbeat_timeout_s
 from coordinator.remote_chain import RemoteChain, RemoteStage
 from coordinator.run_dir import MetricsLog, create_run_dir
-from coordinator.scheduler import split_blocks
+from coordinator.scheduler import BlockRange, place_replicas
 from coordinator.phases import PhaseContext, record_checkpoint, run_phases
 from coordinator.report import write_report
 from coordinator.resume import (ResumeError, ResumePoint, find_resume_point, prepare_run_dir, restore_context,
@@ -41,7 +41,7 @@ from swarm.errors import JobFileError, JoinTimeoutError, ModelSourceError, Swarm
 from swarm.identity import Identity
 from swarm.models.blocks import TrainerHead
 from swarm.models.checkpoint import DTYPES, Checkpoint, resolve_model, tensors_sha256
-from swarm.p2p.announce import find_chain
+from swarm.p2p.announce import find_replicas
 from swarm.p2p.event_loop import LoopThread
 from swarm.proto import control_pb2 as pb
 
@@ -311,14 +311,20 @@ def _wait_for_nodes(membership: Membership, job: Job, local: LocalNodes | None, 
 
 def _assign_blocks(nodes: list[NodeRecord], checkpoint: Checkpoint, job: Job, job_id: str, model_id: str,
                    audit: AuditLog) -> None:
-    """Send each node its range; the audit log gets the node's key (`join`) and its range before the node does."""
-    del nodes[checkpoint.num_blocks:]  # more nodes than blocks: the rest stay on standby
-    for record, blocks in zip(nodes, split_blocks(checkpoint.num_blocks, len(nodes))):
-        expected = ""
-        if job.model.preset is not None:
+    """Send each node its range (coordinator.scheduler.place_replicas); the audit log gets the node's key
+    (`join`) and its range before the node does. Nodes left without a range stay joined, as spares."""
+    ranges = place_replicas(checkpoint.num_blocks, len(nodes), job.swarm.replicas, job.swarm.stages,
+                            job.swarm.min_nodes)
+    spares = [record for record, blocks in zip(nodes, ranges) if blocks is None]
+    nodes[:] = [record for record, blocks in zip(nodes, ranges) if blocks is not None]
+    if spares:
+        logger.info("nodes %s stay on standby", ", ".join(record.node_id for record in spares))
+    expected_by_range: dict[BlockRange, str] = {}
+    for record, blocks in zip(nodes, [blocks for blocks in ranges if blocks is not None]):
+        if job.model.preset is not None and blocks not in expected_by_range:
             # Nodes rebuild a preset themselves; the hash proves they built the same weights.
             tensors = checkpoint.load(checkpoint.block_tensor_names(blocks.start, blocks.end), DTYPES[job.model.dtype])
-            expected = tensors_sha256(tensors)
+            expected_by_range[blocks] = tensors_sha256(tensors)
         record.blocks = blocks
         record.state = "assigned"
         audit.register_node(record.public_key, hostname=record.hello.hostname, device=record.hello.device,
@@ -328,7 +334,8 @@ def _assign_blocks(nodes: list[NodeRecord], checkpoint: Checkpoint, job: Job, jo
         record.send(assignment=pb.Assignment(
             job_id=job_id, model_id=model_id, model_json=job.model.model_dump_json(),
             block_start=blocks.start, block_end=blocks.end, lora_json=job.lora.model_dump_json(),
-            optimizer_json=job.optimizer.model_dump_json(), seed=job.seed, expected_shard_sha256=expected,
+            optimizer_json=job.optimizer.model_dump_json(), seed=job.seed,
+            expected_shard_sha256=expected_by_range.get(blocks, ""),
         ))
         logger.info("assigned blocks %s to node %s", blocks, record.node_id)
 
@@ -349,20 +356,32 @@ def _wait_until_ready(membership: Membership, nodes: list[NodeRecord], job: Job,
 
 def _discover_chain(dht: DHT, loop: LoopThread, nodes: list[NodeRecord], checkpoint: Checkpoint, job: Job,
                     job_id: str, model_id: str, audit: AuditLog) -> RemoteChain:
-    """Find the serving chain through the DHT announcements, as any trainer would."""
+    """Find every assigned node's announcement in the DHT, as any trainer would, and check they cover the
+    model end to end."""
     deadline = time.monotonic() + CHAIN_DISCOVERY_TIMEOUT_S
-    node_ids = {record.node_id for record in nodes}
+    assigned = {record.node_id: record.blocks for record in nodes}
     while True:
-        servers = find_chain(dht, model_id, checkpoint.num_blocks)
-        if servers is not None and {server.node_id for server in servers} <= node_ids:
+        servers = [s for s in find_replicas(dht, model_id, checkpoint.num_blocks)
+                   if s.node_id in assigned and (s.start, s.end) == (assigned[s.node_id].start, assigned[s.node_id].end)]
+        if {s.node_id for s in servers} == set(assigned):
             break
         if time.monotonic() > deadline:
-            raise SwarmError("the nodes' block announcements did not appear in the DHT; check their logs")
+            missing = sorted(set(assigned) - {s.node_id for s in servers})
+            raise SwarmError(f"the block announcements of nodes {', '.join(missing)} did not appear in the DHT; "
+                             "check their logs")
         time.sleep(0.5)
     stages = [RemoteStage(s.peer_id, s.start, s.end, s.node_id) for s in servers]
     p2p = loop.run(dht.replicate_p2p())
-    logger.info("chain: %s", " -> ".join(str(stage) for stage in stages))
-    return RemoteChain(p2p, loop, stages, job_id, job.swarm.rpc_timeout_s, audit, job.compression)
+    chain = RemoteChain(p2p, loop, stages, job_id, job.swarm.rpc_timeout_s, audit, job.compression)
+    covered = 0
+    for group in chain.groups:
+        if group[0].start != covered:
+            raise SwarmError(f"no node serves blocks from {covered}; the placement left a gap")
+        covered = group[0].end
+    if covered != checkpoint.num_blocks:
+        raise SwarmError(f"no node serves blocks from {covered}; the placement left a gap")
+    logger.info("chain: %s", " -> ".join(" | ".join(str(s) for s in group) for group in chain.groups))
+    return chain
 
 
 def _record_departures(audit: AuditLog, nodes: list[NodeRecord]) -> None:

@@ -1,7 +1,12 @@
-"""The trainer's view of the swarm: a chain of remote stages, each a peer serving a contiguous block range.
+"""The trainer's view of the swarm: a chain of block ranges, each served by one or more replicas (peers).
 
 Every call carries the job, step and micro-batch ids; tensors go through hivemind P2P streams. A stage that
 lost a micro-batch's activations gets its inputs re-sent and recomputes.
+
+With replicas, each micro-batch takes one replica per range (`route`), picked by measured latency and the
+calls it already has in flight, so a slow replica gets fewer micro-batches; a micro-batch whose forward call
+fails is sent to another replica of that range. At the step, the replicas of a range sum their gradients
+among themselves (node.replica_reduce) and all apply the same update.
 
 With an audit log, every step reply's attestation is checked before it is appended: signed by the node's
 registered key, for the job, phase, step and block range asked, and naming exactly the micro-batch inputs
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,7 +27,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.proto import runtime_pb2
 
-from swarm.audit.attestation import SignedAttestation, check_attestation
+from swarm.audit.attestation import Attestation, SignedAttestation, check_attestation
 from swarm.audit.errors import AttestationError
 from swarm.audit.log import AuditLog
 from swarm.audit.sketch import tensor_sha256
@@ -36,34 +42,88 @@ from swarm.proto.blocks_pb2 import CallMeta, CallResult
 logger = logging.getLogger("swarm.coordinator")
 
 CALL_ATTEMPTS = 3
+LATENCY_SMOOTHING = 0.3  # weight of the newest measurement in a replica's latency average
+FAILURE_BAN_S = 30.0  # a replica whose call failed gets no new micro-batches for this long
 
 
 @dataclass
 class RemoteStage:
+    """One peer serving one block range (a replica of that range)."""
+
     peer_id: PeerID
     start: int
     end: int
     node_id: str
     bytes_sent: int = 0
     bytes_received: int = 0
-    # stream ("forward", "backward", "step", ...) -> [bytes sent, bytes received], counted on the wire
+    # stream ("forward", "backward", "step", "average", ...) -> [bytes sent, bytes received]; "average" is
+    # what the node reports it exchanged with its replicas, the rest is counted here on the wire
     stream_bytes: dict[str, list[int]] = field(default_factory=dict)
+    latency_s: float | None = None  # smoothed seconds per forward call
+    in_flight: int = 0  # micro-batches routed here whose backward has not returned
+    banned_until: float = 0.0
+    micro_batches: int = 0  # routed here so far
 
     def __str__(self) -> str:
         return f"node {self.node_id} (blocks {self.start}..{self.end - 1})"
 
 
+def group_stages(stages: list[RemoteStage]) -> list[list[RemoteStage]]:
+    """Replicas grouped by range, ranges in block order; replicas keep their given order."""
+    groups: dict[tuple[int, int], list[RemoteStage]] = {}
+    for stage in stages:
+        groups.setdefault((stage.start, stage.end), []).append(stage)
+    return [groups[key] for key in sorted(groups)]
+
+
 class RemoteChain:
     def __init__(self, p2p: P2P, loop: LoopThread, stages: list[RemoteStage], job_id: str, timeout_s: float,
                  audit: AuditLog | None = None, compression: CompressionSpec | None = None):
-        self.p2p, self.loop, self.stages, self.job_id, self.timeout_s = p2p, loop, stages, job_id, timeout_s
+        self.p2p, self.loop, self.job_id, self.timeout_s = p2p, loop, job_id, timeout_s
+        self.groups = group_stages(stages)
+        self.stages = [stage for group in self.groups for stage in group]  # every replica, range by range
         self.audit = audit
         self.compression = compression or CompressionSpec()
         self.forward_codec = codec_type(self.compression.forward)
         self.backward_codec = codec_type(self.compression.backward)
-        self._parallel = ThreadPoolExecutor(max_workers=max(1, len(stages)), thread_name_prefix="chain-step")
-        # (stage index, step) -> micro-batch -> (sha256 of the inputs sent, tokens): what attestations must say
-        self._sent: dict[tuple[int, int], dict[int, tuple[str, int]]] = {}
+        self._parallel = ThreadPoolExecutor(max_workers=max(1, len(self.stages)), thread_name_prefix="chain-step")
+        # (node id, step) -> micro-batch -> (sha256 of the inputs sent, tokens): what attestations must say
+        self._sent: dict[tuple[str, int], dict[int, tuple[str, int]]] = {}
+        self._lock = threading.Lock()  # routing state and `_sent`, shared by concurrent micro-batches
+
+    @property
+    def replicas(self) -> int:
+        """The most replicas any range has: how many micro-batches are worth running at once."""
+        return max(len(group) for group in self.groups)
+
+    def route(self) -> list[RemoteStage]:
+        """One replica per range for a micro-batch, each the one expected to answer first (`_pick`)."""
+        with self._lock:
+            return [self._pick(group, set()) for group in self.groups]
+
+    def _pick(self, group: list[RemoteStage], exclude: set[str]) -> RemoteStage:
+        """Smoothed latency times (calls in flight + 1), lowest first; an unmeasured replica counts as the
+        fastest measured one; replicas that failed recently only when nothing else is left. Holds the lock."""
+        now = time.monotonic()
+        candidates = [s for s in group if s.node_id not in exclude and s.banned_until <= now] or \
+            [s for s in group if s.node_id not in exclude] or group
+        measured = [s.latency_s for s in candidates if s.latency_s is not None]
+        default = min(measured) if measured else 1.0
+        chosen = min(candidates, key=lambda s: ((s.in_flight + 1) * (s.latency_s or default), s.micro_batches))
+        chosen.in_flight += 1
+        chosen.micro_batches += 1
+        return chosen
+
+    def release(self, route: list[RemoteStage]) -> None:
+        """The micro-batch routed over `route` is done (or abandoned)."""
+        with self._lock:
+            for stage in route:
+                stage.in_flight = max(0, stage.in_flight - 1)
+
+    def _measured(self, stage: RemoteStage, seconds: float) -> None:
+        with self._lock:
+            stage.latency_s = seconds if stage.latency_s is None else \
+                (1 - LATENCY_SMOOTHING) * stage.latency_s + LATENCY_SMOOTHING * seconds
 
     def _meta(self, stage: RemoteStage, **fields) -> CallMeta:
         return CallMeta(job_id=self.job_id, block_start=stage.start, block_end=stage.end, **fields)
@@ -104,24 +164,61 @@ class RemoteChain:
         return result, outputs
 
     def forward(self, hidden, attention_mask, position_ids, step: int, micro_batch: int, train: bool,
-                phase: str = "train") -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Run hidden states through every stage; also return each stage's input (for re-sending)."""
+                phase: str = "train", route: list[RemoteStage] | None = None
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run hidden states through every range, over `route` (one replica per range; updated in place when
+        a replica fails and another takes the micro-batch); also return each range's input (for re-sending).
+        Without a route, the micro-batch takes a fresh one (and releases it at the end)."""
+        own_route = route is None
+        route = self.route() if own_route else route
         stage_inputs = []
-        for index, stage in enumerate(self.stages):
-            stage_inputs.append(hidden)
-            if train and self.audit is not None:  # hashed as the node will decode it
-                sent = self._sent.setdefault((index, step), {})
-                received = round_trip(hidden, self.forward_codec)
-                sent[micro_batch] = (tensor_sha256(received), int(attention_mask.sum()))
-            meta = self._meta(stage, phase=phase, step=step, micro_batch=micro_batch, train=train,
-                              reply_codec=self.compression.forward)
-            _, outputs = self.call(stage, FORWARD, meta, [hidden, attention_mask, position_ids], self.forward_codec)
-            hidden = outputs[0]
+        try:
+            for index in range(len(self.groups)):
+                stage_inputs.append(hidden)
+                hidden = self._forward_one(index, route, hidden, attention_mask, position_ids, step, micro_batch,
+                                           train, phase)
+        finally:
+            if own_route:
+                self.release(route)
         return hidden, stage_inputs
 
+    def _forward_one(self, index: int, route: list[RemoteStage], hidden, attention_mask, position_ids, step: int,
+                     micro_batch: int, train: bool, phase: str) -> torch.Tensor:
+        tried: set[str] = set()
+        while True:
+            stage = route[index]
+            if train and self.audit is not None:  # hashed as the node will decode it
+                received = round_trip(hidden, self.forward_codec)
+                with self._lock:
+                    sent = self._sent.setdefault((stage.node_id, step), {})
+                    sent[micro_batch] = (tensor_sha256(received), int(attention_mask.sum()))
+            meta = self._meta(stage, phase=phase, step=step, micro_batch=micro_batch, train=train,
+                              reply_codec=self.compression.forward)
+            started = time.perf_counter()
+            try:
+                _, outputs = self.call(stage, FORWARD, meta, [hidden, attention_mask, position_ids],
+                                       self.forward_codec)
+            except SwarmConnectionError as error:
+                tried.add(stage.node_id)
+                others = [s for s in self.groups[index] if s.node_id not in tried]
+                if not others:
+                    raise
+                with self._lock:
+                    stage.banned_until = time.monotonic() + FAILURE_BAN_S
+                    stage.in_flight = max(0, stage.in_flight - 1)
+                    replacement = self._pick(self.groups[index], tried)
+                logger.warning("%s; micro-batch %d of step %d goes to %s instead", error, micro_batch, step,
+                               replacement)
+                route[index] = replacement
+                continue
+            self._measured(stage, time.perf_counter() - started)
+            return outputs[0]
+
     def backward(self, grad, stage_inputs, attention_mask, position_ids, step: int, micro_batch: int,
-                 phase: str = "train") -> torch.Tensor:
-        for stage, hidden in zip(reversed(self.stages), reversed(stage_inputs)):
+                 phase: str = "train", route: list[RemoteStage] | None = None) -> torch.Tensor:
+        """Gradients back through the replicas the micro-batch's forward took (they hold its activations)."""
+        route = route or [group[0] for group in self.groups]
+        for stage, hidden in zip(reversed(route), reversed(stage_inputs)):
             meta = self._meta(stage, phase=phase, step=step, micro_batch=micro_batch,
                               reply_codec=self.compression.backward)
             result, outputs = self.call(stage, BACKWARD, meta, [grad], self.backward_codec)
@@ -133,24 +230,47 @@ class RemoteChain:
         return grad
 
     def apply_step(self, step: int, learning_rate: float, phase: str = "train") -> None:
-        """Every stage applies the step (all at once: nodes step and attest independently); with an audit
-        log, each attestation is checked, then appended, in chain order."""
-        calls = [self._parallel.submit(self.call, stage, STEP,
-                                       self._meta(stage, phase=phase, step=step, learning_rate=learning_rate))
-                 for stage in self.stages]
-        results = [call.result() for call in calls]
-        for index, (stage, (result, _)) in enumerate(zip(self.stages, results)):
-            if self.audit is not None:
+        """Every replica applies the step (all at once: nodes step and attest independently; the replicas of a
+        range first sum their gradients among themselves); with an audit log, each attestation is checked,
+        then appended, range by range. Replicas of a range must attest identical weights after the step."""
+        calls = [self._parallel.submit(self.call, stage, STEP, self._step_meta(group, stage, phase, step, learning_rate))
+                 for group in self.groups for stage in group]
+        results = iter([call.result() for call in calls])
+        for group in self.groups:
+            after = {}
+            for stage in group:
+                result, _ = next(results)
+                counts = stage.stream_bytes.setdefault("average", [0, 0])
+                counts[0] += result.averaging_bytes_sent
+                counts[1] += result.averaging_bytes_received
+                if self.audit is None:
+                    continue
                 signed = SignedAttestation(result.attestation, result.signature)
                 try:
-                    self._check(stage, signed, phase, step, self._sent.pop((index, step), {}))
+                    attestation = self._check(stage, signed, phase, step, self._sent.pop((stage.node_id, step), {}),
+                                              [s.node_id for s in group] if len(group) > 1 else [])
                     self.audit.append_attestation(signed)
                 except AttestationError as error:
                     raise AttestationError(f"{stage} sent a bad attestation for step {step}: {error}") from None
-        self._sent = {key: value for key, value in self._sent.items() if key[1] > step}
+                after[stage.node_id] = attestation.adapter_sha256_after
+            if len(set(after.values())) > 1:
+                raise AttestationError(f"the replicas of blocks {group[0].start}..{group[0].end - 1} attest different "
+                                       f"weights after step {step}: " + ", ".join(f"{n} {h[:12]}" for n, h in after.items()))
+        with self._lock:
+            self._sent = {key: value for key, value in self._sent.items() if key[1] > step}
+
+    def _step_meta(self, group: list[RemoteStage], stage: RemoteStage, phase: str, step: int,
+                   learning_rate: float) -> CallMeta:
+        meta = self._meta(stage, phase=phase, step=step, learning_rate=learning_rate)
+        if len(group) > 1:
+            meta.replica_peers.extend(s.peer_id.to_base58() for s in group)
+            meta.replica_nodes.extend(s.node_id for s in group)
+            meta.averaging_codec = self.compression.averaging
+            meta.averaging_timeout_s = self.timeout_s
+        return meta
 
     def _check(self, stage: RemoteStage, signed: SignedAttestation, phase: str, step: int,
-               sent: dict[int, tuple[str, int]]) -> None:
+               sent: dict[int, tuple[str, int]], group: list[str]) -> Attestation:
         if not signed.payload:
             raise AttestationError("the step reply carries no attestation")
         key = self.audit.node_keys().get(stage.node_id)
@@ -165,6 +285,10 @@ class RemoteChain:
         tokens = sum(count for _, count in sent.values())
         if attestation.tokens != tokens:
             raise AttestationError(f"it claims {attestation.tokens} tokens; this trainer sent {tokens}")
+        if list(attestation.averaged_with) != group:
+            raise AttestationError(f"it says it summed gradients with {list(attestation.averaged_with)}, "
+                                   f"not the replica group {group}")
+        return attestation
 
     def configure_phase(self, phase: str, kind: str, adapter_action: str, lora_seed: str) -> None:
         for stage in self.stages:
@@ -178,8 +302,9 @@ class RemoteChain:
         self.call(stage, RESTORE, self._meta(stage, phase=phase), [tensors[name] for name in names])
 
     def _gather(self, method: str) -> dict[str, torch.Tensor]:
+        """From the first replica of each range (replicas hold identical weights)."""
         gathered = {}
-        for stage in self.stages:
+        for stage in (group[0] for group in self.groups):
             result, tensors = self.call(stage, method, self._meta(stage))
             gathered.update(zip(result.names, tensors))
         return gathered

@@ -8,6 +8,7 @@ trains its own embeddings, norm and head (`head_optimizer`).
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -33,32 +34,65 @@ def train_step(chain: RemoteChain, head: TrainerHead, batch: Batch, step: int, l
     """Forward and backward every micro-batch through the chain, then apply one optimizer step everywhere.
 
     The loss is the summed token cross-entropy over response tokens divided by the step's response-token
-    count, so micro-batching does not change the gradient.
+    count, so micro-batching does not change the gradient. With replicas, as many micro-batches run at once
+    as the widest range has replicas; the head's own gradients (pretrain) are summed in micro-batch order
+    afterwards, so they do not depend on which micro-batch finished first.
     """
     started = time.perf_counter()
     targets = max(1, batch.target_tokens)
-    total_loss = 0.0
-    for micro_index, micro in enumerate(batch.split(micro_batches)):
+    head_params = [p for group in head_optimizer.param_groups for p in group["params"]] if head_optimizer else []
+
+    def run(index_and_micro) -> tuple[float, list[list[torch.Tensor | None]]]:
+        micro_index, micro = index_and_micro
         position_ids = position_ids_for(micro.attention_mask)
-        with torch.set_grad_enabled(head_optimizer is not None):
-            hidden = head.embed_tokens(micro.input_ids, position_ids)
-        output, stage_inputs = chain.forward(hidden.detach(), micro.attention_mask, position_ids, step, micro_index,
-                                             train=True, phase=phase)
-        output = output.to(hidden.dtype).requires_grad_(True)
-        loss = summed_lm_loss(head.logits(output), micro.labels, micro.weights) / targets
-        loss.backward()
-        total_loss += loss.item()
-        grad_input = chain.backward(output.grad, stage_inputs, micro.attention_mask, position_ids, step, micro_index,
-                                    phase=phase)
+        route = chain.route()
+        try:
+            with torch.set_grad_enabled(head_optimizer is not None):
+                hidden = head.embed_tokens(micro.input_ids, position_ids)
+            output, stage_inputs = chain.forward(hidden.detach(), micro.attention_mask, position_ids, step,
+                                                 micro_index, train=True, phase=phase, route=route)
+            output = output.to(hidden.dtype).requires_grad_(True)
+            loss = summed_lm_loss(head.logits(output), micro.labels, micro.weights) / targets
+            grads = torch.autograd.grad(loss, [output] + head_params, allow_unused=True)
+            grad_input = chain.backward(grads[0], stage_inputs, micro.attention_mask, position_ids, step,
+                                        micro_index, phase=phase, route=route)
+        finally:
+            chain.release(route)
+        head_grads = [list(grads[1:])]  # per head parameter: from the logits, then through the embedding
         if head_optimizer is not None:
-            hidden.backward(grad_input.to(hidden.dtype))
+            head_grads.append(torch.autograd.grad(hidden, head_params, grad_input.to(hidden.dtype), allow_unused=True))
+        return loss.item(), head_grads
+
+    micros = list(enumerate(batch.split(micro_batches)))
+    workers = min(chain.replicas, len(micros))
+    if workers > 1:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="micro-batch") as pool:
+            results = list(pool.map(run, micros))
+    else:
+        results = [run(micro) for micro in micros]
+    total_loss = sum(loss for loss, _ in results)
     chain.apply_step(step, learning_rate, phase=phase)
     if head_optimizer is not None:
+        # the order a single backward pass per micro-batch would accumulate them in
+        ordered = [part for _, parts in results for part in parts]
+        for index, param in enumerate(head_params):
+            param.grad = _sum_in_order([part[index] for part in ordered])
         for group in head_optimizer.param_groups:
             group["lr"] = learning_rate
         head_optimizer.step()
         head_optimizer.zero_grad(set_to_none=True)
     return StepResult(step, total_loss, batch.tokens, time.perf_counter() - started, learning_rate)
+
+
+def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return b if a is None else a if b is None else a + b
+
+
+def _sum_in_order(grads: list[torch.Tensor | None]) -> torch.Tensor | None:
+    total = None
+    for grad in grads:
+        total = _add(total, grad)
+    return total
 
 
 def swarm_logits(chain: RemoteChain, head: TrainerHead, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -18,20 +18,23 @@ from typing import AsyncIterator
 
 from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
+from hivemind.utils.streaming import split_for_streaming
 
+from node.replica_reduce import GradientReducer
 from node.shard import MissingActivations, Shard
 from swarm.audit.attestation import Attestation, MicroBatch, SignedAttestation, replica_group, sign_attestation
 from swarm.config import PHASE_KINDS
 from swarm.identity import Identity
 from swarm.p2p.codecs import CODECS, codec_type
-from swarm.p2p.tensors import (ADAPTER, BACKWARD, FORWARD, PHASE, RESTORE, STEP, STEP_STATE, WEIGHTS,
-                               from_messages, to_messages)
+from swarm.p2p.tensors import (ADAPTER, AVERAGE, BACKWARD, CHUNK_BYTES, FORWARD, PHASE, RESTORE, STEP, STEP_STATE,
+                               WEIGHTS, from_messages, to_messages)
 from swarm.proto.blocks_pb2 import CallMeta, CallResult
 
 logger = logging.getLogger(__name__)
 
 
 DEFAULT_MAX_REQUEST_BYTES = 1 << 30
+AVERAGE_WAIT_S = 300.0  # how long a peer's gradient part waits for the other parts of its step
 
 
 class BlockServer:
@@ -47,11 +50,16 @@ class BlockServer:
         self.bytes_sent = 0
         self.step_bytes: dict[int, list[int]] = {}  # step id -> [sent, received] by its training calls
         self.last_attestation: tuple[Attestation, SignedAttestation] | None = None
+        self.reducer = GradientReducer(job_id, shard.start, shard.end)
+        self.averaging_bytes = [0, 0]  # [sent, received] summing the last step's gradients with replicas
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     async def add_handlers(self, p2p: P2P) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.reducer.p2p = p2p
         for name, handler in ((FORWARD, self._forward), (BACKWARD, self._backward), (STEP, self._step),
                               (ADAPTER, self._adapter), (PHASE, self._phase), (WEIGHTS, self._weights),
-                              (STEP_STATE, self._step_state), (RESTORE, self._restore)):
+                              (STEP_STATE, self._step_state), (RESTORE, self._restore), (AVERAGE, self._average)):
             await p2p.add_protobuf_handler(name, handler, runtime_pb2.ExpertRequest, stream_input=True,
                                            stream_output=True)
 
@@ -124,7 +132,9 @@ class BlockServer:
             else:
                 attestation, signed = self.last_attestation = self._apply_and_attest(meta)
             return CallResult(status=CallResult.OK, compute_seconds=attestation.compute_seconds,
-                              tokens=attestation.tokens, attestation=signed.payload, signature=signed.signature), []
+                              tokens=attestation.tokens, attestation=signed.payload, signature=signed.signature,
+                              averaging_bytes_sent=self.averaging_bytes[0],
+                              averaging_bytes_received=self.averaging_bytes[1]), []
 
         return self._serve(requests, context, work, trains=lambda meta: True)
 
@@ -132,10 +142,26 @@ class BlockServer:
         shard = self.shard
         if shard.phase_name and meta.phase != shard.phase_name:
             raise ValueError(f"step {meta.step} is for phase {meta.phase!r}; this node is in {shard.phase_name!r}")
-        work = shard.apply_step(meta.step, meta.learning_rate)
+        group, averaged = list(meta.replica_nodes), [0, 0]
+        if len(meta.replica_peers) > 1:
+            if len(group) != len(meta.replica_peers) or self.identity.fingerprint not in group:
+                raise ValueError("the replica group must name one node per peer, this node among them")
+            peers = [PeerID.from_base58(peer) for peer in meta.replica_peers]
+            timeout = meta.averaging_timeout_s or 60.0
+
+            def reduce(gradient):
+                future = asyncio.run_coroutine_threadsafe(
+                    self.reducer.reduce(meta.step, peers, meta.averaging_codec or "none", gradient, timeout), self.loop)
+                result = future.result()
+                averaged[0], averaged[1] = result.bytes_sent, result.bytes_received
+                return result.gradient
+        else:
+            group, reduce = [], None
+        work = shard.apply_step(meta.step, meta.learning_rate, reduce)
         if work is None:
             raise ValueError(f"step {meta.step} is older than the last applied step {shard.last_applied_step}")
         sent, received = self.step_bytes.pop(meta.step, (0, 0))
+        sent, received = sent + averaged[0], received + averaged[1]
         for step in [step for step in self.step_bytes if step < meta.step]:
             del self.step_bytes[step]
         attestation = Attestation(
@@ -145,10 +171,37 @@ class BlockServer:
             adapter_sha256_before=work.weights_sha256_before, adapter_sha256_after=work.weights_sha256_after,
             optimizer_sha256_before=work.optimizer_sha256_before, optimizer_sha256_after=work.optimizer_sha256_after,
             gradient_sketch=tuple(work.gradient_sketch), tokens=work.tokens, compute_seconds=work.compute_seconds,
-            bytes_sent=sent, bytes_received=received,
+            bytes_sent=sent, bytes_received=received, averaged_with=tuple(group),
+            local_gradient_sketch=tuple(work.local_gradient_sketch),
         )
+        self.averaging_bytes = averaged
         logger.debug("step %d applied and attested", meta.step)
         return attestation, sign_attestation(attestation, self.identity)
+
+    async def _average(self, requests, context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """Another replica's part of a step's gradients for this node to sum (node_replica_reduce). Not the
+        trainer's call: the reducer checks the sender against the group the trainer named for the step."""
+        try:
+            metadata, tensors, received = await from_messages(requests, self.max_request_bytes)
+            meta = CallMeta.FromString(metadata)
+            if meta.job_id != self.job_id:
+                raise ValueError(f"unknown job id {meta.job_id!r}")
+            if (meta.block_start, meta.block_end) != (self.shard.start, self.shard.end):
+                raise ValueError(f"this node serves blocks {self.shard.start}..{self.shard.end - 1}, "
+                                 f"not {meta.block_start}..{meta.block_end - 1}")
+            self.bytes_received += received
+            summed, size = await self.reducer.handle(meta, tensors, context.remote_id, received,
+                                                     timeout=AVERAGE_WAIT_S)
+            self.bytes_sent += size
+            chunks = list(split_for_streaming(summed, CHUNK_BYTES))
+            yield runtime_pb2.ExpertResponse(metadata=CallResult(status=CallResult.OK).SerializeToString(),
+                                             tensors=chunks[:1])
+            for chunk in chunks[1:]:
+                yield runtime_pb2.ExpertResponse(tensors=[chunk])
+        except Exception as error:  # ReduceError included: the peer hears why, the node serves on
+            logger.warning("rejected a gradient part: %s", error)
+            result = CallResult(status=CallResult.ERROR, error=f"{type(error).__name__}: {error}")
+            yield runtime_pb2.ExpertResponse(metadata=result.SerializeToString())
 
     def _adapter(self, requests, context: P2PContext):
         return self._serve(requests, context, lambda meta, tensors: _named_tensors(self.shard.adapter()))
@@ -183,6 +236,7 @@ class BlockServer:
         and LoRA tensors, sorted by name. The step records go too: steps are redone."""
         def work(meta: CallMeta, tensors):
             self.shard.restore(meta.phase, tensors)
+            self.loop.call_soon_threadsafe(self.reducer.reset)
             self.last_attestation = None
             self.step_bytes.clear()
             logger.info("restored to the end of phase %r", meta.phase or "(none)")

@@ -11,6 +11,7 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -53,7 +54,8 @@ class StepWork:
     weights_sha256_after: str
     optimizer_sha256_before: str
     optimizer_sha256_after: str
-    gradient_sketch: list[float]
+    gradient_sketch: list[float]  # of the gradient AdamW used (with replicas: the group's sum)
+    local_gradient_sketch: list[float]  # of this node's own gradient
 
 
 @dataclass
@@ -173,15 +175,21 @@ class Shard:
         pending.inputs[micro_batch] = tensor_sha256(hidden)
         pending.tokens[micro_batch] = int(attention_mask.sum())
 
-    def apply_step(self, step: int, learning_rate: float) -> StepWork | None:
+    def apply_step(self, step: int, learning_rate: float,
+                   reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> StepWork | None:
         """Apply AdamW once for `step` and return the account of the step; None (and no change) when a
-        step with this or a later id was already applied."""
+        step with this or a later id was already applied.
+
+        `reduce` (replicas): takes this node's gradient, flattened in name order, and returns the replica
+        group's sum, which the step then uses. If it raises, nothing changes and the step can be tried again.
+        """
         if step <= self.last_applied_step:
             return None
         if step not in self.pending:
-            raise ValueError(f"step {step}: no forward or backward call of it reached this node; nothing to apply")
+            if reduce is None:
+                raise ValueError(f"step {step}: no forward or backward call of it reached this node; nothing to apply")
+            self.pending[step] = _PendingStep()  # a replica that got no micro-batch still takes the group's sum
         started = time.perf_counter()
-        pending = self.pending.pop(step)
         trained = self._trained_parameters()
         # Between steps only gradients change, so the state after the last step is the state before this one.
         before = self.last_step_state.after if self.last_step_state is not None else self._state(trained)
@@ -190,8 +198,17 @@ class Shard:
         # The gradients exactly as AdamW is about to use them; a parameter without one contributes zeros,
         # so every value keeps its position in the sketch.
         grads = {name: p.grad if p.grad is not None else torch.zeros_like(p) for name, p in trained.items()}
+        local_sketch = gradient_sketch(grads, self.sketch_seed)
+        if reduce is not None:
+            grads = _unflatten(reduce(torch.cat([grads[name].detach().float().cpu().flatten()
+                                                 for name in sorted(grads)])), grads)
+            for name, param in trained.items():
+                param.grad = grads[name].to(param.device, param.dtype)
         sketch = gradient_sketch(_other_gradient(grads) if self.dishonest == "wrong-sketch" else grads,
                                  self.sketch_seed)
+        if reduce is None:
+            local_sketch = sketch
+        pending = self.pending.pop(step)
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate
         self.optimizer.step()
@@ -210,7 +227,7 @@ class Shard:
         self.last_applied_step = step
         return StepWork(step, dict(sorted(pending.inputs.items())), sum(pending.tokens.values()),
                         pending.seconds + time.perf_counter() - started, weights_before, self._weights_sha256,
-                        optimizer_before, self._optimizer_sha256, sketch)
+                        optimizer_before, self._optimizer_sha256, sketch, local_sketch)
 
     def _state(self, trained: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
         """Trained weights and their AdamW state as float32 CPU copies, named `weights/NAME`,
@@ -298,6 +315,18 @@ class Shard:
 
 def _weights_sha256(parameters: dict[str, torch.nn.Parameter]) -> str:
     return tensors_sha256({name: param.detach().float() for name, param in parameters.items()})
+
+
+def _unflatten(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Cut a flat vector (laid out in name order) back into tensors shaped like `like`'s."""
+    if flat.numel() != sum(t.numel() for t in like.values()):
+        raise ValueError(f"the summed gradient has {flat.numel()} values, not {sum(t.numel() for t in like.values())}")
+    out, offset = {}, 0
+    for name in sorted(like):
+        count = like[name].numel()
+        out[name] = flat[offset:offset + count].view(like[name].shape)
+        offset += count
+    return out
 
 
 def _optimizer_part(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -192,10 +192,22 @@ class SweepSpec(StrictModel):
 
 class SwarmSpec(StrictModel):
     min_nodes: int = Field(1, ge=1, description="nodes that must join before training starts")
-    replicas: int = Field(1, ge=1, description="nodes serving each block")
+    replicas: int | Literal["auto"] = Field(
+        1, description="nodes serving each block range (they train in data parallel and sum their adapter "
+        "gradients before every step); auto: spread every node that joins over the stages")
+    stages: int | None = Field(
+        None, ge=1, description="block ranges the model is split into (default: joined nodes // replicas; "
+        "with replicas auto: min_nodes)")
     join_timeout_s: float = Field(300.0, gt=0)
     heartbeat_interval_s: float = Field(2.0, gt=0)
     rpc_timeout_s: float = Field(120.0, gt=0)
+
+    @field_validator("replicas", mode="before")
+    @classmethod
+    def _replicas(cls, value):
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)):
+            return value
+        raise ValueError(f"must be a number of nodes per block range (>= 1) or auto, not {value!r}")
 
 
 class NodesSpec(StrictModel):
@@ -218,8 +230,9 @@ class CompressionSpec(StrictModel):
 
     forward: str = Field("none", description="codec of hidden states between trainer and nodes")
     backward: str = Field("none", description="codec of gradients w.r.t. hidden states")
+    averaging: str = Field("none", description="codec of adapter gradients summed between replicas of a range")
 
-    @field_validator("forward", "backward")
+    @field_validator("forward", "backward", "averaging")
     @classmethod
     def _known_codec(cls, name: str) -> str:
         from swarm.p2p.codecs import codec_type
@@ -292,13 +305,15 @@ class Job(StrictModel):
 
     @model_validator(mode="after")
     def _swarm_fits_model(self) -> Job:
-        if self.swarm.replicas > self.swarm.min_nodes:
+        replicas = 1 if self.swarm.replicas == "auto" else self.swarm.replicas
+        if replicas < 1:
+            raise ValueError(f"swarm.replicas must be >= 1 or auto, not {replicas}")
+        stages = self.swarm.stages or 1
+        if stages * replicas > self.swarm.min_nodes:
             raise ValueError(
-                f"swarm.replicas ({self.swarm.replicas} nodes per block) needs at least that many nodes, "
+                f"swarm.stages ({stages}) x swarm.replicas ({replicas}) needs {stages * replicas} nodes, "
                 f"but swarm.min_nodes is {self.swarm.min_nodes}"
             )
-        if self.swarm.replicas > 1:
-            raise ValueError("swarm.replicas > 1 is not supported yet: every block has exactly one node")
         from swarm.models.presets import PRESETS
 
         models = [self.model] + (list(self.sweep.models) if self.sweep else [])
@@ -306,10 +321,13 @@ class Job(StrictModel):
             if model.preset is None:
                 continue
             layers = PRESETS[model.preset].num_hidden_layers
-            if self.swarm.min_nodes > layers * self.swarm.replicas:
+            if self.swarm.stages is not None and self.swarm.stages > layers:
+                raise ValueError(f"swarm.stages ({self.swarm.stages}) exceeds the {layers} blocks of preset "
+                                 f"{model.preset!r}")
+            if self.swarm.replicas != "auto" and self.swarm.min_nodes > layers * replicas:
                 raise ValueError(
                     f"swarm.min_nodes ({self.swarm.min_nodes}) exceeds the {layers} blocks of preset "
-                    f"{model.preset!r} times swarm.replicas ({self.swarm.replicas})"
+                    f"{model.preset!r} times swarm.replicas ({replicas})"
                 )
         return self
 

