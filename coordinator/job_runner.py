@@ -113,7 +113,8 @@ class SwarmSession:
         self.status = JobStatus(job_id=self.job_id, num_blocks=self.checkpoint.num_blocks,
                                 total_steps=self.job.total_steps)
         self.dht = self.loop = self.server = self.local = self.chain = self.audit = None
-        self.nodes: list[NodeRecord] = []
+        self.nodes: list[NodeRecord] = []  # the nodes serving the chain
+        self.joining: list[NodeRecord] = []  # assigned mid-job, loading their blocks; not yet in the chain
         self.address = ""
         self.live = LiveStatus(self.membership, self.status, self.job, run_dir)
         self.status_page: StatusServer | None = None
@@ -185,6 +186,50 @@ class SwarmSession:
                     pass
             self.status_page.stop()
 
+    def admit_nodes(self, phase: str, kind: str, last_step: int) -> None:
+        """Between steps: give nodes that joined since the start a range that wants replicas, and make those
+        that loaded their blocks replicas (each copies a serving replica's state first)."""
+        wanted = self._ranges_wanting_replicas()
+        known = {record.node_id for record in self.nodes + self.joining}
+        for record in self.membership.nodes("joined"):
+            if not wanted or record.node_id in known:
+                continue
+            blocks = min(wanted, key=lambda b: (wanted[b], b.start))
+            wanted[blocks] += 1
+            _assign(record, blocks, self.checkpoint, self.job, self.job_id, self.model_id, self.audit)
+            self.joining.append(record)
+            wanted = self._ranges_wanting_replicas()
+        for record in list(self.joining):
+            if record.state in ("failed", "down", "left"):
+                logger.warning("node %s dropped out before serving blocks %s", record.node_id, record.blocks)
+                self.joining.remove(record)
+            elif record.state == "ready":
+                self._add_to_chain(record, phase, kind, last_step)
+
+    def _ranges_wanting_replicas(self) -> dict[BlockRange, int]:
+        """Ranges that take another replica, with how many they have or are getting: with `replicas: auto`
+        every range; with R replicas, those with fewer than R."""
+        counts = {BlockRange(g[0].start, g[0].end): len(g) for g in self.chain.groups}
+        for record in self.joining:
+            counts[record.blocks] = counts.get(record.blocks, 0) + 1
+        if self.job.swarm.replicas == "auto":
+            return counts
+        return {blocks: count for blocks, count in counts.items() if count < self.job.swarm.replicas}
+
+    def _add_to_chain(self, record: NodeRecord, phase: str, kind: str, last_step: int) -> None:
+        servers = [s for s in find_replicas(self.dht, self.model_id, self.checkpoint.num_blocks)
+                   if s.node_id == record.node_id and (s.start, s.end) == (record.blocks.start, record.blocks.end)]
+        if not servers:
+            return  # its announcement is not in the DHT yet: next step
+        stage = RemoteStage(servers[0].peer_id, record.blocks.start, record.blocks.end, record.node_id)
+        source, weights, optimizer = self.chain.add_replica(stage, phase, kind, last_step)
+        self.audit.append_event("sync", node_id=record.node_id, source_node=source.node_id, step=last_step,
+                                phase=phase, weights_sha256=weights, optimizer_sha256=optimizer)
+        self.joining.remove(record)
+        self.nodes.append(record)
+        logger.info("node %s joined blocks %s as a replica (state copied from node %s after step %d)",
+                    record.node_id, record.blocks, source.node_id, last_step)
+
     def record_step(self, step: int) -> None:
         """The trainer's per-step hook: the gRPC status and the status page's ETA clock."""
         self.status.step = step
@@ -246,7 +291,7 @@ def _run_in(prepared: PreparedJob, run_dir: Path, options: RunOptions, resume: R
             metrics = MetricsLog(run_dir / "metrics.jsonl", subscribers=[TensorBoardLog(run_dir)])
             context = PhaseContext(job, prepared.checkpoint, prepared.tokenizer, chain, session.head, run_dir, metrics,
                                    progress=options.progress, on_step=session.record_step,
-                                   audit=session.audit)
+                                   before_step=session.admit_nodes, audit=session.audit)
             first_phase, evaluate_start = 0, True
             try:
                 if resume is not None:
@@ -319,25 +364,29 @@ def _assign_blocks(nodes: list[NodeRecord], checkpoint: Checkpoint, job: Job, jo
     nodes[:] = [record for record, blocks in zip(nodes, ranges) if blocks is not None]
     if spares:
         logger.info("nodes %s stay on standby", ", ".join(record.node_id for record in spares))
-    expected_by_range: dict[BlockRange, str] = {}
     for record, blocks in zip(nodes, [blocks for blocks in ranges if blocks is not None]):
-        if job.model.preset is not None and blocks not in expected_by_range:
-            # Nodes rebuild a preset themselves; the hash proves they built the same weights.
-            tensors = checkpoint.load(checkpoint.block_tensor_names(blocks.start, blocks.end), DTYPES[job.model.dtype])
-            expected_by_range[blocks] = tensors_sha256(tensors)
-        record.blocks = blocks
-        record.state = "assigned"
-        audit.register_node(record.public_key, hostname=record.hello.hostname, device=record.hello.device,
-                            version=record.hello.version)
-        audit.append_event("assignment", node_id=record.node_id, block_start=blocks.start, block_end=blocks.end,
-                           replica_group=replica_group(blocks.start, blocks.end))
-        record.send(assignment=pb.Assignment(
-            job_id=job_id, model_id=model_id, model_json=job.model.model_dump_json(),
-            block_start=blocks.start, block_end=blocks.end, lora_json=job.lora.model_dump_json(),
-            optimizer_json=job.optimizer.model_dump_json(), seed=job.seed,
-            expected_shard_sha256=expected_by_range.get(blocks, ""),
-        ))
-        logger.info("assigned blocks %s to node %s", blocks, record.node_id)
+        _assign(record, blocks, checkpoint, job, job_id, model_id, audit)
+
+
+def _assign(record: NodeRecord, blocks: BlockRange, checkpoint: Checkpoint, job: Job, job_id: str, model_id: str,
+            audit: AuditLog) -> None:
+    expected = ""
+    if job.model.preset is not None:
+        # Nodes rebuild a preset themselves; the hash proves they built the same weights.
+        tensors = checkpoint.load(checkpoint.block_tensor_names(blocks.start, blocks.end), DTYPES[job.model.dtype])
+        expected = tensors_sha256(tensors)
+    record.blocks = blocks
+    record.state = "assigned"
+    audit.register_node(record.public_key, hostname=record.hello.hostname, device=record.hello.device,
+                        version=record.hello.version)
+    audit.append_event("assignment", node_id=record.node_id, block_start=blocks.start, block_end=blocks.end,
+                       replica_group=replica_group(blocks.start, blocks.end))
+    record.send(assignment=pb.Assignment(
+        job_id=job_id, model_id=model_id, model_json=job.model.model_dump_json(),
+        block_start=blocks.start, block_end=blocks.end, lora_json=job.lora.model_dump_json(),
+        optimizer_json=job.optimizer.model_dump_json(), seed=job.seed, expected_shard_sha256=expected,
+    ))
+    logger.info("assigned blocks %s to node %s", blocks, record.node_id)
 
 
 def _wait_until_ready(membership: Membership, nodes: list[NodeRecord], job: Job, local: LocalNodes | None) -> None:

@@ -54,6 +54,7 @@ class PhaseContext:
     metrics: MetricsLog
     progress: bool = True
     on_step: object = None
+    before_step: object = None  # called with (phase name, phase kind, last applied step) between steps
     audit: AuditLog | None = None
     base_dir: str = ""  # the base model later adapters apply to (the checkpoint, or the pretrained model)
     merged: list[str] = field(default_factory=list)  # adapters merged into that base, in order
@@ -131,6 +132,8 @@ def _run_phase(context: PhaseContext, phase: PhaseSpec, phase_index: int, evalua
                                     job.seed, phase_step, context.step)
         else:
             batch = data.batch(phase_step)
+        if context.before_step is not None:
+            context.before_step(phase.name, phase.kind, context.step - 1)
         head_before = _head_state(context.head) if phase_step in snapshot_steps and phase.kind == "pretrain" else {}
         result = train_step(context.chain, context.head, batch, context.step, lr, job.training.micro_batches,
                             phase.name, head_optimizer)

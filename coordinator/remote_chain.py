@@ -32,11 +32,11 @@ from swarm.audit.errors import AttestationError
 from swarm.audit.log import AuditLog
 from swarm.audit.sketch import tensor_sha256
 from swarm.config import CompressionSpec
-from swarm.errors import RemoteBlockError, SwarmConnectionError
+from swarm.errors import RemoteBlockError, SwarmConnectionError, SwarmError
 from swarm.p2p.codecs import CODECS, codec_type, round_trip
 from swarm.p2p.event_loop import LoopThread
-from swarm.p2p.tensors import (ADAPTER, BACKWARD, FORWARD, PHASE, RESTORE, STEP, STEP_STATE, WEIGHTS, aiter_list,
-                               from_messages, to_messages)
+from swarm.p2p.tensors import (ADAPTER, ADMIT, BACKWARD, FORWARD, PHASE, RESTORE, STEP, STEP_STATE, SYNC, WEIGHTS,
+                               aiter_list, from_messages, to_messages)
 from swarm.proto.blocks_pb2 import CallMeta, CallResult
 
 logger = logging.getLogger("swarm.coordinator")
@@ -44,6 +44,7 @@ logger = logging.getLogger("swarm.coordinator")
 CALL_ATTEMPTS = 3
 LATENCY_SMOOTHING = 0.3  # weight of the newest measurement in a replica's latency average
 FAILURE_BAN_S = 30.0  # a replica whose call failed gets no new micro-batches for this long
+PROBE_AFTER = 8  # a replica passed over this many times in a row gets the next micro-batch, to re-measure it
 
 
 @dataclass
@@ -63,6 +64,8 @@ class RemoteStage:
     in_flight: int = 0  # micro-batches routed here whose backward has not returned
     banned_until: float = 0.0
     micro_batches: int = 0  # routed here so far
+    passed_over: int = 0  # micro-batches its range routed elsewhere since it last got one
+    forward_calls: int = 0
 
     def __str__(self) -> str:
         return f"node {self.node_id} (blocks {self.start}..{self.end - 1})"
@@ -86,7 +89,8 @@ class RemoteChain:
         self.compression = compression or CompressionSpec()
         self.forward_codec = codec_type(self.compression.forward)
         self.backward_codec = codec_type(self.compression.backward)
-        self._parallel = ThreadPoolExecutor(max_workers=max(1, len(self.stages)), thread_name_prefix="chain-step")
+        self._workers = max(1, len(self.stages))
+        self._parallel = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="chain-step")
         # (node id, step) -> micro-batch -> (sha256 of the inputs sent, tokens): what attestations must say
         self._sent: dict[tuple[str, int], dict[int, tuple[str, int]]] = {}
         self._lock = threading.Lock()  # routing state and `_sent`, shared by concurrent micro-batches
@@ -103,13 +107,19 @@ class RemoteChain:
 
     def _pick(self, group: list[RemoteStage], exclude: set[str]) -> RemoteStage:
         """Smoothed latency times (calls in flight + 1), lowest first; an unmeasured replica counts as the
-        fastest measured one; replicas that failed recently only when nothing else is left. Holds the lock."""
+        fastest measured one, and one passed over PROBE_AFTER times in a row goes first (a replica measured
+        slow once would otherwise never be measured again); replicas that failed recently only when nothing
+        else is left. Holds the lock."""
         now = time.monotonic()
         candidates = [s for s in group if s.node_id not in exclude and s.banned_until <= now] or \
             [s for s in group if s.node_id not in exclude] or group
         measured = [s.latency_s for s in candidates if s.latency_s is not None]
         default = min(measured) if measured else 1.0
-        chosen = min(candidates, key=lambda s: ((s.in_flight + 1) * (s.latency_s or default), s.micro_batches))
+        starved = [s for s in candidates if s.passed_over >= PROBE_AFTER]
+        chosen = min(starved or candidates,
+                     key=lambda s: ((s.in_flight + 1) * (s.latency_s or default), s.micro_batches))
+        for stage in group:
+            stage.passed_over = 0 if stage is chosen else stage.passed_over + 1
         chosen.in_flight += 1
         chosen.micro_batches += 1
         return chosen
@@ -122,6 +132,9 @@ class RemoteChain:
 
     def _measured(self, stage: RemoteStage, seconds: float) -> None:
         with self._lock:
+            stage.forward_calls += 1
+            if stage.forward_calls == 1:
+                return  # the first call also opens the connection: not what later calls will take
             stage.latency_s = seconds if stage.latency_s is None else \
                 (1 - LATENCY_SMOOTHING) * stage.latency_s + LATENCY_SMOOTHING * seconds
 
@@ -289,6 +302,28 @@ class RemoteChain:
             raise AttestationError(f"it says it summed gradients with {list(attestation.averaged_with)}, "
                                    f"not the replica group {group}")
         return attestation
+
+    def add_replica(self, stage: RemoteStage, phase: str, kind: str, last_step: int) -> tuple[RemoteStage, str, str]:
+        """Make `stage` (a node that loaded its blocks mid-job) a replica of its range, between steps: a
+        serving replica admits it, it fetches that replica's state directly, and both must then hash to the
+        same weights and AdamW state. Returns the source replica and the hashes."""
+        group = next((g for g in self.groups if (g[0].start, g[0].end) == (stage.start, stage.end)), None)
+        if group is None:
+            raise SwarmError(f"{stage}: no range of the chain starts and ends like it")
+        source = min(group, key=lambda s: (s.banned_until, s.latency_s or 0.0))
+        admitted, _ = self.call(source, ADMIT, self._meta(source, replica_peers=[stage.peer_id.to_base58()]))
+        synced, _ = self.call(stage, SYNC, self._meta(stage, phase=phase, phase_kind=kind, step=last_step,
+                                                      replica_peers=[source.peer_id.to_base58()],
+                                                      averaging_timeout_s=self.timeout_s))
+        if (synced.weights_sha256, synced.optimizer_sha256) != (admitted.weights_sha256, admitted.optimizer_sha256):
+            raise RemoteBlockError(f"{stage} copied {source} but hashes to other weights or optimizer state")
+        with self._lock:
+            group.append(stage)
+            self.stages = [s for g in self.groups for s in g]
+            if len(self.stages) > self._workers:
+                self._workers = len(self.stages)
+                self._parallel = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="chain-step")
+        return source, admitted.weights_sha256, admitted.optimizer_sha256
 
     def configure_phase(self, phase: str, kind: str, adapter_action: str, lora_seed: str) -> None:
         for stage in self.stages:

@@ -26,8 +26,8 @@ from swarm.audit.attestation import Attestation, MicroBatch, SignedAttestation, 
 from swarm.config import PHASE_KINDS
 from swarm.identity import Identity
 from swarm.p2p.codecs import CODECS, codec_type
-from swarm.p2p.tensors import (ADAPTER, AVERAGE, BACKWARD, CHUNK_BYTES, FORWARD, PHASE, RESTORE, STEP, STEP_STATE,
-                               WEIGHTS, from_messages, to_messages)
+from swarm.p2p.tensors import (ADAPTER, ADMIT, AVERAGE, BACKWARD, CHUNK_BYTES, FETCH_STATE, FORWARD, PHASE, RESTORE,
+                               STEP, STEP_STATE, SYNC, WEIGHTS, aiter_list, from_messages, to_messages)
 from swarm.proto.blocks_pb2 import CallMeta, CallResult
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ class BlockServer:
         self.last_attestation: tuple[Attestation, SignedAttestation] | None = None
         self.reducer = GradientReducer(job_id, shard.start, shard.end)
         self.averaging_bytes = [0, 0]  # [sent, received] summing the last step's gradients with replicas
+        self.admitted: set[PeerID] = set()  # new replicas the trainer allowed to fetch this node's state once
         self.loop: asyncio.AbstractEventLoop | None = None
 
     async def add_handlers(self, p2p: P2P) -> None:
@@ -59,7 +60,8 @@ class BlockServer:
         self.reducer.p2p = p2p
         for name, handler in ((FORWARD, self._forward), (BACKWARD, self._backward), (STEP, self._step),
                               (ADAPTER, self._adapter), (PHASE, self._phase), (WEIGHTS, self._weights),
-                              (STEP_STATE, self._step_state), (RESTORE, self._restore), (AVERAGE, self._average)):
+                              (STEP_STATE, self._step_state), (RESTORE, self._restore), (AVERAGE, self._average),
+                              (ADMIT, self._admit), (SYNC, self._sync), (FETCH_STATE, self._fetch_state)):
             await p2p.add_protobuf_handler(name, handler, runtime_pb2.ExpertRequest, stream_input=True,
                                            stream_output=True)
 
@@ -202,6 +204,65 @@ class BlockServer:
             logger.warning("rejected a gradient part: %s", error)
             result = CallResult(status=CallResult.ERROR, error=f"{type(error).__name__}: {error}")
             yield runtime_pb2.ExpertResponse(metadata=result.SerializeToString())
+
+    def _admit(self, requests, context: P2PContext):
+        """The trainer lets a new replica of this range fetch this node's state (once); the reply holds the
+        hashes the new replica must end with."""
+        def work(meta: CallMeta, tensors):
+            if len(meta.replica_peers) != 1:
+                raise ValueError("admit names exactly one new replica")
+            self.admitted.add(PeerID.from_base58(meta.replica_peers[0]))
+            weights, optimizer = self.shard.state_hashes()
+            return CallResult(status=CallResult.OK, weights_sha256=weights, optimizer_sha256=optimizer), []
+
+        return self._serve(requests, context, work)
+
+    async def _fetch_state(self, requests, context: P2PContext):
+        """An admitted new replica takes this node's whole state (Shard.replica_state), between steps."""
+        try:
+            metadata, _, received = await from_messages(requests, self.max_request_bytes)
+            if context.remote_id not in self.admitted:
+                raise PermissionError(f"peer {context.remote_id} was not admitted as a replica of this range")
+            self.admitted.discard(context.remote_id)
+            self.bytes_received += received
+            state = await asyncio.get_running_loop().run_in_executor(self.compute, self.shard.replica_state)
+            result, outputs = _named_tensors(state)
+        except Exception as error:
+            logger.warning("refused a state fetch: %s", error)
+            result, outputs = CallResult(status=CallResult.ERROR, error=f"{type(error).__name__}: {error}"), []
+        for message in to_messages(runtime_pb2.ExpertResponse, result.SerializeToString(), outputs):
+            self.bytes_sent += message.ByteSize()
+            yield message
+
+    def _sync(self, requests, context: P2PContext):
+        """The trainer makes this node a replica mid-job: fetch the state of the replica it names, continue
+        in its phase after its last applied step."""
+        def work(meta: CallMeta, tensors):
+            if len(meta.replica_peers) != 1:
+                raise ValueError("sync names exactly one replica to fetch the state from")
+            source = PeerID.from_base58(meta.replica_peers[0])
+            future = asyncio.run_coroutine_threadsafe(self._fetch_from(source), self.loop)
+            state = future.result(timeout=meta.averaging_timeout_s or 300.0)
+            weights, optimizer = self.shard.load_replica_state(meta.phase, meta.phase_kind, meta.step, state)
+            self.last_attestation = None
+            self.step_bytes.clear()
+            self.loop.call_soon_threadsafe(self.reducer.start_after, meta.step)
+            logger.info("took the state of replica %s (phase %s, after step %d)", source, meta.phase, meta.step)
+            return CallResult(status=CallResult.OK, weights_sha256=weights, optimizer_sha256=optimizer), []
+
+        return self._serve(requests, context, work)
+
+    async def _fetch_from(self, source: PeerID) -> dict:
+        meta = CallMeta(job_id=self.job_id, block_start=self.shard.start, block_end=self.shard.end)
+        requests = to_messages(runtime_pb2.ExpertRequest, meta.SerializeToString(), [])
+        responses = await self.reducer.p2p.iterate_protobuf_handler(source, FETCH_STATE, aiter_list(requests),
+                                                                    runtime_pb2.ExpertResponse)
+        metadata, tensors, received = await from_messages(responses)
+        self.bytes_received += received
+        result = CallResult.FromString(metadata)
+        if result.status != CallResult.OK:
+            raise ValueError(f"replica {source} refused its state: {result.error}")
+        return dict(zip(result.names, tensors))
 
     def _adapter(self, requests, context: P2PContext):
         return self._serve(requests, context, lambda meta, tensors: _named_tensors(self.shard.adapter()))

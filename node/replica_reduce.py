@@ -167,6 +167,11 @@ class GradientReducer:
         self.handled_bytes.setdefault(step, [0, 0])[0] += serialized.ByteSize()
         return serialized, serialized.ByteSize()
 
+    def start_after(self, step: int) -> None:
+        """This node joined the group after `step`: take parts for later steps only."""
+        self.reset()
+        self.last_step = step
+
     def reset(self) -> None:
         """Forget every step (the node was restored: steps are redone)."""
         self.parts.clear()

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from swarm.audit.sketch import gradient_sketch, tensor_sha256
-from swarm.config import LoraSpec, OptimizerSpec
+from swarm.config import PHASE_KINDS, LoraSpec, OptimizerSpec
 from swarm.lora import add_lora, adapter_state, base_parameters, init_lora_weights, merge_lora
 from swarm.models.blocks import BlockStack
 from swarm.models.checkpoint import Checkpoint, tensors_sha256
@@ -282,6 +282,64 @@ class Shard:
         self.finished_backward.clear()
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer = make_optimizer([p for p in self.blocks.parameters() if p.requires_grad], self.optimizer_spec)
+
+    def replica_state(self) -> dict[str, torch.Tensor]:
+        """Everything a new replica of this range needs to continue exactly where this one stands: every
+        parameter (`param/NAME`: base under checkpoint names, LoRA under PEFT names) and the AdamW moments of
+        what the phase trains (`exp_avg/NAME`, `exp_avg_sq/NAME`, `step/NAME`)."""
+        own = {**self._base_parameters(), **adapter_state(self.blocks)}
+        state = {f"param/{name}": param.detach().float().cpu().clone() for name, param in own.items()}
+        moments = _optimizer_part(self._state(self._trained_parameters()))
+        return {**state, **moments}
+
+    def load_replica_state(self, phase_name: str, kind: str, last_step: int, tensors: dict[str, torch.Tensor]
+                           ) -> tuple[str, str]:
+        """Become a copy of the replica whose `replica_state` this is, in phase `phase_name` (of `kind`) after
+        step `last_step`; returns the hashes of the trained weights and the AdamW state, for the trainer to
+        compare with the source's."""
+        if kind not in PHASE_KINDS:
+            raise ValueError(f"unknown phase kind {kind!r}")
+        own = {**self._base_parameters(), **adapter_state(self.blocks)}
+        names = {f"param/{name}" for name in own}
+        if not names <= set(tensors):
+            raise ValueError(f"the replica's state lacks {len(names - set(tensors))} of this range's parameters")
+        for name, tensor in tensors.items():
+            if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+                raise ValueError(f"replica state {name} is not finite floating point")
+        with torch.no_grad():
+            for name, param in own.items():
+                value = tensors[f"param/{name}"]
+                if tuple(value.shape) != tuple(param.shape):
+                    raise ValueError(f"replica state {name} is {list(value.shape)}, not {list(param.shape)}")
+                param.copy_(value.to(param.device, param.dtype))
+        train_base = kind == "pretrain"
+        for name, param in self.blocks.named_parameters():
+            param.requires_grad_((".lora_" in name) != train_base)
+        self.phase_name, self.phase_kind, self.last_applied_step = phase_name, kind, last_step
+        self.pending.clear()
+        self.activations.clear()
+        self.finished_backward.clear()
+        self.last_step_state = None
+        self.optimizer = make_optimizer([p for p in self.blocks.parameters() if p.requires_grad], self.optimizer_spec)
+        trained = self._trained_parameters()
+        for name, param in trained.items():
+            moments = {key: tensors[f"{key}/{name}"] for key in ("exp_avg", "exp_avg_sq", "step")
+                       if f"{key}/{name}" in tensors}
+            if not moments:
+                continue  # no step applied in this phase yet: fresh AdamW, like the source
+            self.optimizer.state[param] = {
+                "step": moments["step"].reshape(()).float().cpu(),
+                "exp_avg": moments["exp_avg"].to(param.device, param.dtype).reshape(param.shape).clone(),
+                "exp_avg_sq": moments["exp_avg_sq"].to(param.device, param.dtype).reshape(param.shape).clone(),
+            }
+        self._weights_sha256 = _weights_sha256(trained)
+        self._optimizer_sha256 = tensors_sha256(_optimizer_part(self._state(trained)))
+        return self._weights_sha256, self._optimizer_sha256
+
+    def state_hashes(self) -> tuple[str, str]:
+        """SHA-256 of the trained weights and of the AdamW state, as attestations state them."""
+        trained = self._trained_parameters()
+        return _weights_sha256(trained), tensors_sha256(_optimizer_part(self._state(trained)))
 
     def configure_phase(self, name: str, kind: str, adapter_action: str, lora_seed: str) -> None:
         """Start a phase: pretrain trains the base weights; LoRA phases continue, merge-and-renew or renew

@@ -42,6 +42,8 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "checkpoint": (),
     # A coordinator restarted after a crash redoes the work from step `from_step` on (phase `phase`, from its start).
     "resume": ("from_step", "phase"),
+    # A node joined a range mid-job by copying replica `source_node`'s state after step `step`.
+    "sync": ("node_id", "source_node", "step"),
 }
 KINDS = (*EVENT_FIELDS, ATTESTATION)
 

