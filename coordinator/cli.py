@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cache-dir", type=Path, default=None, help="where built-in presets are materialized")
     run.add_argument("--node-threads", type=int, default=None, help="torch threads of each local node")
     run.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    run.add_argument("--no-baseline", action="store_true",
+                     help="skip timing the one-machine baseline after the job (the report then has no comparison)")
     run.add_argument("--log-level", default="INFO")
     _add_status_page_flags(run)
     _add_resume_parser(commands)
@@ -76,6 +78,7 @@ def _add_resume_parser(commands) -> None:
     resume.add_argument("--cache-dir", type=Path, default=None, help="where built-in presets are materialized")
     resume.add_argument("--node-threads", type=int, default=None, help="torch threads of each local node")
     resume.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    resume.add_argument("--no-baseline", action="store_true", help="skip the one-machine baseline after the job")
     resume.add_argument("--log-level", default="INFO")
     _add_status_page_flags(resume)
 
@@ -194,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
                          port=args.port, local_nodes=args.local_nodes, cache_dir=args.cache_dir,
                          node_threads=args.node_threads, progress=not args.no_progress,
                          status_host=args.status_host, status_port=None if args.no_status_page else args.status_port,
-                         status_linger_s=args.status_linger)
+                         status_linger_s=args.status_linger, baseline=not args.no_baseline)
     code = 0
     try:
         run_dir = resume_job(options) if resuming else run_job(options)

@@ -96,6 +96,13 @@ class ControlService(control_pb2_grpc.CoordinatorServicer):
                 elif kind == "failure":
                     logger.error("node %s failed: %s", record.node_id, message.failure.message)
                     self.membership.update(record.node_id, state="failed", failure=message.failure.message)
+                elif kind == "leave" and message.leave.hand_off and record.state == "ready" \
+                        and self.status.phase == "train":  # the trainer takes it out between two steps
+                    logger.info("node %s asks to leave at the next step: %s", record.node_id, message.leave.reason)
+                    self.membership.update(record.node_id, state="leaving")
+                elif kind == "leave" and message.leave.hand_off:  # nothing to hand over: it may go now
+                    logger.info("node %s left: %s", record.node_id, message.leave.reason)
+                    release_node(self.membership, record, "no step in progress; goodbye")
                 elif kind == "leave":
                     logger.info("node %s left: %s", record.node_id, message.leave.reason)
                     self.membership.update(record.node_id, state="left")
@@ -149,6 +156,13 @@ def query_peak_memory(membership: Membership, nodes: list[NodeRecord], timeout: 
 
     membership.wait_until(answered, timeout)
     return [r.node_id for r in asked if r.memory is None or r.memory.query_id != query_id]
+
+
+def release_node(membership: Membership, record: NodeRecord, reason: str) -> None:
+    """Let a node that asked to leave go: it is out of the chain."""
+    membership.update(record.node_id, state="left")
+    record.send(finish=pb.Finish(reason=reason))
+    record.outbox.put(_END)
 
 
 def end_sessions(membership: Membership, reason: str) -> None:

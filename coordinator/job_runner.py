@@ -17,7 +17,7 @@ from hivemind import DHT
 
 from coordinator.baseline import measure_baseline
 from coordinator.control_service import (ControlService, JobStatus, end_sessions, query_peak_memory,
-                                         start_control_server)
+                                         release_node, start_control_server)
 from coordinator.cost_share import BASELINE_FILE
 from coordinator.local_nodes import LocalNodes
 from coordinator.membership import Membership, NodeRecord, heartbeat_timeout_s
@@ -64,6 +64,7 @@ class RunOptions:
     status_host: str = "127.0.0.1"
     status_port: int | None = None  # the status page's port (0: any free one); None: no page
     status_linger_s: float = 0.0  # keep serving the page this long after the job ends
+    baseline: bool = True  # time the one-machine baseline after the job
 
 
 @dataclass
@@ -187,8 +188,24 @@ class SwarmSession:
             self.status_page.stop()
 
     def admit_nodes(self, phase: str, kind: str, last_step: int) -> None:
-        """Between steps: give nodes that joined since the start a range that wants replicas, and make those
-        that loaded their blocks replicas (each copies a serving replica's state first)."""
+        """Between steps: drop replicas whose node died or left, give nodes that joined since the start (or
+        spares) a range that wants replicas, and make those that loaded their blocks replicas (each copies a
+        serving replica's state first)."""
+        records = {record.node_id: record for record in self.nodes + self.joining}
+        for stage in list(self.chain.stages):
+            state = self.membership.state_of(stage.node_id)
+            if state in ("down", "left", "failed"):
+                self.chain.drop(stage, f"its node is {state}")
+            elif state == "leaving" and len(self._group_of(stage)) > 1:
+                self.chain.drop(stage, "it left, handing its range over at a step boundary")
+                release_node(self.membership, records[stage.node_id], "taken out of the chain; goodbye")
+        for record in [r for r in self.joining if r.state == "leaving"]:
+            self.joining.remove(record)
+            release_node(self.membership, record, "left before serving")
+        for group in self.chain.groups:
+            if not group:
+                raise SwarmError("a block range lost its last replica; the job cannot go on (resume it once "
+                                 "nodes are back: swarm-coordinator resume RUN_DIR)")
         wanted = self._ranges_wanting_replicas()
         known = {record.node_id for record in self.nodes + self.joining}
         for record in self.membership.nodes("joined"):
@@ -206,10 +223,14 @@ class SwarmSession:
             elif record.state == "ready":
                 self._add_to_chain(record, phase, kind, last_step)
 
+    def _group_of(self, stage: RemoteStage) -> list[RemoteStage]:
+        return next(group for group in self.chain.groups if stage in group)
+
     def _ranges_wanting_replicas(self) -> dict[BlockRange, int]:
         """Ranges that take another replica, with how many they have or are getting: with `replicas: auto`
         every range; with R replicas, those with fewer than R."""
-        counts = {BlockRange(g[0].start, g[0].end): len(g) for g in self.chain.groups}
+        counts = {BlockRange(g[0].start, g[0].end): sum(self.membership.state_of(s.node_id) != "leaving" for s in g)
+                  for g in self.chain.groups if g}
         for record in self.joining:
             counts[record.blocks] = counts.get(record.blocks, 0) + 1
         if self.job.swarm.replicas == "auto":
@@ -222,12 +243,10 @@ class SwarmSession:
         if not servers:
             return  # its announcement is not in the DHT yet: next step
         stage = RemoteStage(servers[0].peer_id, record.blocks.start, record.blocks.end, record.node_id)
-        source, weights, optimizer = self.chain.add_replica(stage, phase, kind, last_step)
-        self.audit.append_event("sync", node_id=record.node_id, source_node=source.node_id, step=last_step,
-                                phase=phase, weights_sha256=weights, optimizer_sha256=optimizer)
+        source = self.chain.add_replica(stage, phase, kind, last_step)
         self.joining.remove(record)
         self.nodes.append(record)
-        logger.info("node %s joined blocks %s as a replica (state copied from node %s after step %d)",
+        logger.info("node %s joined blocks %s as a replica (it copied the state of node %s after step %d)",
                     record.node_id, record.blocks, source.node_id, last_step)
 
     def record_step(self, step: int) -> None:
@@ -312,7 +331,10 @@ def _run_in(prepared: PreparedJob, run_dir: Path, options: RunOptions, resume: R
             _write_nodes_summary(run_dir, session.nodes, chain)
             session.status.phase = "done"
         # After the nodes stopped, so the one-machine baseline has the cores to itself.
-        measure_baseline(options.job_file, prepared.checkpoint.path, run_dir / BASELINE_FILE)
+        if options.baseline:
+            measure_baseline(options.job_file, prepared.checkpoint.path, run_dir / BASELINE_FILE)
+        else:
+            (run_dir / BASELINE_FILE).write_text(json.dumps({"skipped": "not measured (--no-baseline)"}, indent=2))
         write_report(run_dir)
         logger.info("job complete: adapter in %s", run_dir / "adapter")
         return run_dir

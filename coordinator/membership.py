@@ -11,7 +11,7 @@ from coordinator.scheduler import BlockRange
 from swarm.proto import control_pb2 as pb
 
 HEARTBEAT_MISSES = 3  # a node silent for this many heartbeat intervals is down
-ACTIVE_STATES = ("joined", "assigned", "ready")  # states in which a node heartbeats
+ACTIVE_STATES = ("joined", "assigned", "ready", "leaving")  # states in which a node heartbeats
 
 
 def heartbeat_timeout_s(interval_s: float) -> float:
@@ -24,7 +24,7 @@ class NodeRecord:
     public_key: bytes
     hello: pb.NodeHello
     outbox: queue.Queue = field(default_factory=queue.Queue)
-    state: str = "joined"  # joined -> assigned -> ready -> finished | left | failed | down
+    state: str = "joined"  # joined -> assigned -> ready [-> leaving] -> finished | left | failed | down
     blocks: BlockRange | None = None
     ready: pb.NodeReady | None = None
     failure: str = ""
@@ -61,6 +61,11 @@ class Membership:
     def nodes(self, *states: str) -> list[NodeRecord]:
         with self._changed:
             return [r for r in self._nodes.values() if not states or r.state in states]
+
+    def state_of(self, node_id: str) -> str | None:
+        with self._changed:
+            record = self._nodes.get(node_id)
+            return None if record is None else record.state
 
     def wait_until(self, predicate, timeout: float) -> bool:
         """Wait until predicate(self) holds; False on timeout."""

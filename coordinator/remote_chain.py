@@ -71,6 +71,17 @@ class RemoteStage:
         return f"node {self.node_id} (blocks {self.start}..{self.end - 1})"
 
 
+@dataclass
+class _MicroRecord:
+    """A training micro-batch's trip: the replica per range, each range's input and the gradient it got."""
+
+    route: list[RemoteStage]
+    inputs: list[torch.Tensor]
+    grads: list[torch.Tensor | None]
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+
+
 def group_stages(stages: list[RemoteStage]) -> list[list[RemoteStage]]:
     """Replicas grouped by range, ranges in block order; replicas keep their given order."""
     groups: dict[tuple[int, int], list[RemoteStage]] = {}
@@ -94,6 +105,10 @@ class RemoteChain:
         # (node id, step) -> micro-batch -> (sha256 of the inputs sent, tokens): what attestations must say
         self._sent: dict[tuple[str, int], dict[int, tuple[str, int]]] = {}
         self._lock = threading.Lock()  # routing state and `_sent`, shared by concurrent micro-batches
+        # step -> micro-batch -> what the trainer sent each range, so a dropped replica's share can be recomputed
+        self._records: dict[int, dict[int, _MicroRecord]] = {}
+        self.dropped: list[RemoteStage] = []  # replicas dropped during the current step
+        self._phase_kind = "sft"
 
     @property
     def replicas(self) -> int:
@@ -185,6 +200,10 @@ class RemoteChain:
         own_route = route is None
         route = self.route() if own_route else route
         stage_inputs = []
+        if train:
+            record = _MicroRecord(route, stage_inputs, [None] * len(self.groups), attention_mask, position_ids)
+            with self._lock:
+                self._records.setdefault(step, {})[micro_batch] = record
         try:
             for index in range(len(self.groups)):
                 stage_inputs.append(hidden)
@@ -197,14 +216,10 @@ class RemoteChain:
 
     def _forward_one(self, index: int, route: list[RemoteStage], hidden, attention_mask, position_ids, step: int,
                      micro_batch: int, train: bool, phase: str) -> torch.Tensor:
-        tried: set[str] = set()
         while True:
             stage = route[index]
-            if train and self.audit is not None:  # hashed as the node will decode it
-                received = round_trip(hidden, self.forward_codec)
-                with self._lock:
-                    sent = self._sent.setdefault((stage.node_id, step), {})
-                    sent[micro_batch] = (tensor_sha256(received), int(attention_mask.sum()))
+            if train:
+                self._expect(stage, step, micro_batch, hidden, attention_mask)
             meta = self._meta(stage, phase=phase, step=step, micro_batch=micro_batch, train=train,
                               reply_codec=self.compression.forward)
             started = time.perf_counter()
@@ -212,65 +227,165 @@ class RemoteChain:
                 _, outputs = self.call(stage, FORWARD, meta, [hidden, attention_mask, position_ids],
                                        self.forward_codec)
             except SwarmConnectionError as error:
-                tried.add(stage.node_id)
-                others = [s for s in self.groups[index] if s.node_id not in tried]
-                if not others:
-                    raise
-                with self._lock:
-                    stage.banned_until = time.monotonic() + FAILURE_BAN_S
-                    stage.in_flight = max(0, stage.in_flight - 1)
-                    replacement = self._pick(self.groups[index], tried)
-                logger.warning("%s; micro-batch %d of step %d goes to %s instead", error, micro_batch, step,
-                               replacement)
-                route[index] = replacement
+                route[index] = self._replace(index, stage, error, micro_batch, step)
                 continue
             self._measured(stage, time.perf_counter() - started)
             return outputs[0]
 
+    def _expect(self, stage: RemoteStage, step: int, micro_batch: int, hidden, attention_mask) -> None:
+        """Note what `stage`'s attestation of `step` must list for this micro-batch (hashed as decoded)."""
+        if self.audit is None:
+            return
+        received = round_trip(hidden, self.forward_codec)
+        with self._lock:
+            self._sent.setdefault((stage.node_id, step), {})[micro_batch] = (tensor_sha256(received),
+                                                                             int(attention_mask.sum()))
+
+    def _replace(self, index: int, stage: RemoteStage, error: Exception, micro_batch: int, step: int) -> RemoteStage:
+        """`stage` failed a call: drop it from the chain and pick another replica of its range."""
+        self.drop(stage, str(error))
+        with self._lock:
+            group = self.groups[index]
+            if not group:
+                raise SwarmError(f"blocks {stage.start}..{stage.end - 1} lost their last replica ({error})")
+            replacement = self._pick(group, set())
+        logger.warning("micro-batch %d of step %d goes to %s instead", micro_batch, step, replacement)
+        return replacement
+
+    def drop(self, stage: RemoteStage, reason: str) -> None:
+        """Take a replica out of the chain for good (it died, left or failed a call): it gets no more calls,
+        its part of the current step is recomputed on the replicas left, and it is not in the step's sum."""
+        with self._lock:
+            for group in self.groups:
+                if stage in group:
+                    group.remove(stage)
+                    self.dropped.append(stage)
+                    self.stages = [s for g in self.groups for s in g]
+                    logger.warning("%s leaves the chain: %s", stage, reason)
+                    for key in [key for key in self._sent if key[0] == stage.node_id]:
+                        del self._sent[key]
+
     def backward(self, grad, stage_inputs, attention_mask, position_ids, step: int, micro_batch: int,
                  phase: str = "train", route: list[RemoteStage] | None = None) -> torch.Tensor:
-        """Gradients back through the replicas the micro-batch's forward took (they hold its activations)."""
+        """Gradients back through the replicas the micro-batch's forward took (they hold its activations);
+        when one of them fails, another replica of its range recomputes from the inputs."""
         route = route or [group[0] for group in self.groups]
-        for stage, hidden in zip(reversed(route), reversed(stage_inputs)):
-            meta = self._meta(stage, phase=phase, step=step, micro_batch=micro_batch,
-                              reply_codec=self.compression.backward)
-            result, outputs = self.call(stage, BACKWARD, meta, [grad], self.backward_codec)
-            if result.status == CallResult.MISSING_ACTIVATIONS:
-                meta.includes_inputs = True
-                result, outputs = self.call(stage, BACKWARD, meta, [grad, hidden, attention_mask, position_ids],
-                                            [self.backward_codec] + [self.forward_codec] * 3)
-            grad = outputs[0]
+        record = self._records.get(step, {}).get(micro_batch)
+        for index in reversed(range(len(route))):
+            if record is not None:
+                record.grads[index] = grad
+            while True:
+                stage = route[index]
+                try:
+                    grad = self._backward_one(stage, grad, stage_inputs[index], attention_mask, position_ids, step,
+                                              micro_batch, phase)
+                    break
+                except SwarmConnectionError as error:
+                    route[index] = self._replace(index, stage, error, micro_batch, step)
+                    self._expect(route[index], step, micro_batch, stage_inputs[index], attention_mask)
         return grad
+
+    def _backward_one(self, stage: RemoteStage, grad, hidden, attention_mask, position_ids, step: int,
+                      micro_batch: int, phase: str) -> torch.Tensor:
+        meta = self._meta(stage, phase=phase, step=step, micro_batch=micro_batch, reply_codec=self.compression.backward)
+        result, outputs = self.call(stage, BACKWARD, meta, [grad], self.backward_codec)
+        if result.status == CallResult.MISSING_ACTIVATIONS:
+            meta.includes_inputs = True
+            result, outputs = self.call(stage, BACKWARD, meta, [grad, hidden, attention_mask, position_ids],
+                                        [self.backward_codec] + [self.forward_codec] * 3)
+        return outputs[0]
 
     def apply_step(self, step: int, learning_rate: float, phase: str = "train") -> None:
         """Every replica applies the step (all at once: nodes step and attest independently; the replicas of a
         range first sum their gradients among themselves); with an audit log, each attestation is checked,
-        then appended, range by range. Replicas of a range must attest identical weights after the step."""
-        calls = [self._parallel.submit(self.call, stage, STEP, self._step_meta(group, stage, phase, step, learning_rate))
-                 for group in self.groups for stage in group]
-        results = iter([call.result() for call in calls])
-        for group in self.groups:
-            after = {}
-            for stage in group:
-                result, _ = next(results)
-                counts = stage.stream_bytes.setdefault("average", [0, 0])
-                counts[0] += result.averaging_bytes_sent
-                counts[1] += result.averaging_bytes_received
-                if self.audit is None:
+        then appended, range by range. Replicas of a range must attest identical weights after the step.
+
+        A replica that failed during the step is out: the micro-batches it had taken at its range are
+        recomputed on a replica left (the trainer kept their inputs and gradients), and its range steps without
+        it. If it failed while its group was summing, the group retries without it; a replica left behind
+        while the others applied the step copies one of them."""
+        try:
+            pending = list(range(len(self.groups)))
+            for _ in range(CALL_ATTEMPTS):
+                self._recompute_dropped(step, phase)
+                pending = [index for index in pending if not self._step_group(index, step, learning_rate, phase)]
+                if not pending:
+                    return
+            raise SwarmError(f"step {step}: blocks {', '.join(self._range(i) for i in pending)} could not apply it "
+                             f"after {CALL_ATTEMPTS} attempts")
+        finally:
+            with self._lock:
+                self._sent = {key: value for key, value in self._sent.items() if key[1] > step}
+                self._records = {key: value for key, value in self._records.items() if key > step}
+                self.dropped.clear()
+
+    def _range(self, index: int) -> str:
+        group = self.groups[index]
+        return f"{group[0].start}..{group[0].end - 1}" if group else f"#{index}"
+
+    def _recompute_dropped(self, step: int, phase: str) -> None:
+        """Micro-batches a dropped replica had taken: their backward at its range again, on a replica left."""
+        for micro_batch, record in sorted(self._records.get(step, {}).items()):
+            for index, stage in enumerate(record.route):
+                if stage in self.groups[index] or record.grads[index] is None:
                     continue
-                signed = SignedAttestation(result.attestation, result.signature)
-                try:
-                    attestation = self._check(stage, signed, phase, step, self._sent.pop((stage.node_id, step), {}),
-                                              [s.node_id for s in group] if len(group) > 1 else [])
-                    self.audit.append_attestation(signed)
-                except AttestationError as error:
-                    raise AttestationError(f"{stage} sent a bad attestation for step {step}: {error}") from None
-                after[stage.node_id] = attestation.adapter_sha256_after
-            if len(set(after.values())) > 1:
-                raise AttestationError(f"the replicas of blocks {group[0].start}..{group[0].end - 1} attest different "
-                                       f"weights after step {step}: " + ", ".join(f"{n} {h[:12]}" for n, h in after.items()))
-        with self._lock:
-            self._sent = {key: value for key, value in self._sent.items() if key[1] > step}
+                with self._lock:
+                    if not self.groups[index]:
+                        raise SwarmError(f"blocks {stage.start}..{stage.end - 1} lost their last replica")
+                    replacement = self._pick(self.groups[index], set())
+                    replacement.in_flight -= 1
+                self._expect(replacement, step, micro_batch, record.inputs[index], record.attention_mask)
+                self._backward_one(replacement, record.grads[index], record.inputs[index], record.attention_mask,
+                                   record.position_ids, step, micro_batch, phase)
+                record.route[index] = replacement
+                logger.info("micro-batch %d of step %d recomputed on %s", micro_batch, step, replacement)
+
+    def _step_group(self, index: int, step: int, learning_rate: float, phase: str) -> bool:
+        """One range's step on its live replicas; False when it has to be tried again."""
+        group = list(self.groups[index])
+        if not group:
+            raise SwarmError(f"blocks {self._range(index)} lost their last replica")
+        calls = [self._parallel.submit(self.call, stage, STEP, self._step_meta(group, stage, phase, step, learning_rate))
+                 for stage in group]
+        applied, refused = [], []
+        for stage, call in zip(group, calls):
+            try:
+                applied.append((stage, call.result()[0]))
+            except SwarmConnectionError as error:
+                self.drop(stage, str(error))
+            except RemoteBlockError as error:
+                refused.append((stage, error))
+        if not applied:
+            if len(self.groups[index]) == len(group):
+                raise refused[0][1]  # nobody died: the refusal stands
+            return False  # a replica died while the group was summing: again without it
+        self._record_step(group, applied, phase, step)
+        for stage, error in refused:  # left behind while the others applied: it copies one of them
+            logger.warning("%s missed step %d (%s); it copies a replica that applied it", stage, step, error)
+            self.groups[index].remove(stage)
+            self.add_replica(stage, phase, self._phase_kind, step, source=applied[0][0])
+        return True
+
+    def _record_step(self, group: list[RemoteStage], applied: list, phase: str, step: int) -> None:
+        names = [s.node_id for s in group] if len(group) > 1 else []
+        after = {}
+        for stage, result in applied:
+            counts = stage.stream_bytes.setdefault("average", [0, 0])
+            counts[0] += result.averaging_bytes_sent
+            counts[1] += result.averaging_bytes_received
+            if self.audit is None:
+                continue
+            signed = SignedAttestation(result.attestation, result.signature)
+            try:
+                attestation = self._check(stage, signed, phase, step, self._sent.pop((stage.node_id, step), {}), names)
+                self.audit.append_attestation(signed)
+            except AttestationError as error:
+                raise AttestationError(f"{stage} sent a bad attestation for step {step}: {error}") from None
+            after[stage.node_id] = (attestation.adapter_sha256_after, attestation.optimizer_sha256_after)
+        if len(set(after.values())) > 1:
+            raise AttestationError(f"the replicas of blocks {group[0].start}..{group[0].end - 1} attest different "
+                                   f"weights or optimizer state after step {step}: "
+                                   + ", ".join(f"{n} {w[:12]}/{o[:12]}" for n, (w, o) in after.items()))
 
     def _step_meta(self, group: list[RemoteStage], stage: RemoteStage, phase: str, step: int,
                    learning_rate: float) -> CallMeta:
@@ -303,29 +418,36 @@ class RemoteChain:
                                    f"not the replica group {group}")
         return attestation
 
-    def add_replica(self, stage: RemoteStage, phase: str, kind: str, last_step: int) -> tuple[RemoteStage, str, str]:
-        """Make `stage` (a node that loaded its blocks mid-job) a replica of its range, between steps: a
-        serving replica admits it, it fetches that replica's state directly, and both must then hash to the
-        same weights and AdamW state. Returns the source replica and the hashes."""
-        group = next((g for g in self.groups if (g[0].start, g[0].end) == (stage.start, stage.end)), None)
+    def add_replica(self, stage: RemoteStage, phase: str, kind: str, last_step: int,
+                    source: RemoteStage | None = None) -> RemoteStage:
+        """Make `stage` (a node that loaded its blocks mid-job, or a replica left behind) a replica of its
+        range, between steps: a serving replica (`source`, or the fastest) admits it, it fetches that
+        replica's state directly, and both must then hash to the same weights and AdamW state (logged as a
+        `sync` event). Returns the source."""
+        group = next((g for g in self.groups if g and (g[0].start, g[0].end) == (stage.start, stage.end)), None)
         if group is None:
-            raise SwarmError(f"{stage}: no range of the chain starts and ends like it")
-        source = min(group, key=lambda s: (s.banned_until, s.latency_s or 0.0))
+            raise SwarmError(f"{stage}: no serving replica of its range to copy")
+        source = source or min(group, key=lambda s: (s.banned_until, s.latency_s or 0.0))
         admitted, _ = self.call(source, ADMIT, self._meta(source, replica_peers=[stage.peer_id.to_base58()]))
         synced, _ = self.call(stage, SYNC, self._meta(stage, phase=phase, phase_kind=kind, step=last_step,
                                                       replica_peers=[source.peer_id.to_base58()],
                                                       averaging_timeout_s=self.timeout_s))
         if (synced.weights_sha256, synced.optimizer_sha256) != (admitted.weights_sha256, admitted.optimizer_sha256):
             raise RemoteBlockError(f"{stage} copied {source} but hashes to other weights or optimizer state")
+        if self.audit is not None:
+            self.audit.append_event("sync", node_id=stage.node_id, source_node=source.node_id, step=last_step,
+                                    phase=phase, weights_sha256=synced.weights_sha256,
+                                    optimizer_sha256=synced.optimizer_sha256)
         with self._lock:
             group.append(stage)
             self.stages = [s for g in self.groups for s in g]
             if len(self.stages) > self._workers:
                 self._workers = len(self.stages)
                 self._parallel = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="chain-step")
-        return source, admitted.weights_sha256, admitted.optimizer_sha256
+        return source
 
     def configure_phase(self, phase: str, kind: str, adapter_action: str, lora_seed: str) -> None:
+        self._phase_kind = kind
         for stage in self.stages:
             meta = self._meta(stage, phase=phase, phase_kind=kind, adapter_action=adapter_action, lora_seed=lora_seed)
             self.call(stage, PHASE, meta)

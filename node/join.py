@@ -30,6 +30,7 @@ from swarm.proto import control_pb2 as pb
 logger = logging.getLogger("swarm.node")
 
 ANNOUNCE_TTL_S = 30.0
+HAND_OFF_WAIT_S = 60.0  # how long a node asked to stop serves on, waiting to be taken out of the chain
 
 
 @dataclass
@@ -98,7 +99,10 @@ def run_node(options: NodeOptions) -> None:
         if not announce():
             raise SwarmError("could not announce the blocks in the DHT")
         session.send(ready=ready)
-        _serve_until_finished(session, announce)
+        try:
+            _serve_until_finished(session, announce)
+        except KeyboardInterrupt:
+            _hand_off(session, announce)
     except KeyboardInterrupt:
         session.send(leave=pb.Leave(reason="stopped by the operator"))
         print("stopped; left the swarm", flush=True)
@@ -170,13 +174,27 @@ def _load_shard(assignment: pb.Assignment, device: torch.device, cache_dir: Path
     return shard, ready
 
 
-def _serve_until_finished(session: ControlSession, announce) -> None:
+def _hand_off(session: ControlSession, announce) -> None:
+    """Ctrl-C while serving: ask to be taken out of the chain at the next step boundary and serve until then,
+    so no step has to redo this node's share. A second Ctrl-C, or no answer in HAND_OFF_WAIT_S, leaves now."""
+    session.send(leave=pb.Leave(reason="stopped by the operator", hand_off=True))
+    print(f"leaving: serving until the trainer takes this node out of the chain (at most {HAND_OFF_WAIT_S:.0f} s; "
+          "Ctrl-C again to leave now)", flush=True)
+    if not _serve_until_finished(session, announce, deadline=time.monotonic() + HAND_OFF_WAIT_S):
+        raise KeyboardInterrupt
+    print("handed off; left the swarm", flush=True)
+
+
+def _serve_until_finished(session: ControlSession, announce, deadline: float | None = None) -> bool:
+    """Serve until the coordinator says finish (True) or `deadline` passes (False)."""
     next_announce = time.monotonic() + ANNOUNCE_TTL_S / 3
     while True:
         message = session.receive(timeout=1.0)
         if message is not None and message.WhichOneof("kind") == "finish":
             logger.info("job finished: %s", message.finish.reason)
-            return
+            return True
+        if deadline is not None and time.monotonic() > deadline:
+            return False
         if time.monotonic() >= next_announce:
             announce()
             next_announce = time.monotonic() + ANNOUNCE_TTL_S / 3

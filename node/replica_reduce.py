@@ -10,8 +10,9 @@ identical adapter hashes, whatever the codec and whatever order the parts arrive
 replicas would drift apart by their quantisation errors, so we keep its wire format and codecs but not its
 delta scheme.)
 
-The trainer says who is in the group with every step call; a part that arrives before this node's own step
-call is held until then and its sender checked against the group at that point.
+The trainer says who is in the group with every step call, and every part names the group it belongs to; a
+part that arrives before this node's own step call is held until then (and counts only if the trainer names
+the same group). A step retried without a replica that died is a new group, summed afresh.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 from hivemind.p2p import P2P, PeerID
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.proto import runtime_pb2
 
 from swarm.p2p.codecs import codec_type
@@ -31,9 +33,10 @@ from swarm.proto.blocks_pb2 import CallMeta, CallResult
 
 logger = logging.getLogger(__name__)
 
-# Parts may be held for at most this many steps this node has not summed yet (a faster replica can be a
-# step ahead); more is refused, so a stranger cannot make the node hold parts for arbitrary steps.
-STEPS_AHEAD = 2
+# Parts may be held for at most this many (step, group) slots this node has not summed yet (a faster replica
+# can be a step ahead; a step retried without a dead replica opens a second slot); more is refused, so a
+# stranger cannot make the node hold parts for arbitrary steps.
+STEPS_AHEAD = 4
 
 
 class ReduceError(Exception):
@@ -42,7 +45,8 @@ class ReduceError(Exception):
 
 @dataclass
 class _Part:
-    """Replica `index`'s slot for one step: the contributions sent to it and, once all are in, the sum."""
+    """This node's part of one step's sum within one group: the contributions sent to it and, once all are
+    in, the sum. A step retried with a smaller group (a replica died) gets a fresh slot."""
 
     size: int | None = None
     contributions: dict[int, tuple[PeerID | None, torch.Tensor]] = field(default_factory=dict)
@@ -63,16 +67,20 @@ class ReduceResult:
     bytes_received: int
 
 
+_Key = tuple[int, tuple[PeerID, ...]]  # (step, the group's peers in order)
+
+DIAL_ATTEMPTS = 3  # a replica that cannot be reached this many times in a row is taken for gone
+
+
 class GradientReducer:
     """Runs on the node's P2P event loop: `reduce` for this node's own step call, `handle` for peers' parts."""
 
     def __init__(self, job_id: str, block_start: int, block_end: int):
-        # `last_step` starts below any step: a node joining mid-job takes parts for whatever step is next
         self.job_id, self.block_start, self.block_end = job_id, block_start, block_end
         self.p2p: P2P | None = None
-        self.parts: dict[int, _Part] = {}  # step -> this node's part of it
-        self.groups: dict[int, _Group] = {}  # step -> the group the trainer named for it
-        self.last_step = -1  # the last step whose sum this node took
+        self.parts: dict[_Key, _Part] = {}
+        self.groups: dict[_Key, _Group] = {}  # the groups the trainer named, by step
+        self.last_step = -1  # the last step whose sum this node took (a node joining mid-job: the step before)
         self.handled_bytes: dict[int, list[int]] = {}  # step -> [sent, received] answering peers' parts
 
     async def reduce(self, step: int, peers: list[PeerID], codec_name: str, gradient: torch.Tensor,
@@ -81,18 +89,14 @@ class GradientReducer:
         me = self.p2p.peer_id
         if me not in peers:
             raise ReduceError(f"the trainer's replica group for step {step} does not include this node")
-        group = _Group(list(peers), peers.index(me), codec_type(codec_name))
-        self.groups[step] = group
-        slot = self._slot(step)
-        for sender, (peer, _) in list(slot.contributions.items()):
-            if peer is not None and not _sent_by(group, sender, peer):
-                del slot.contributions[sender]
-                logger.warning("dropped a gradient part for step %d from %s, which is not replica %d", step, peer, sender)
+        key = (step, tuple(peers))
+        group = self.groups[key] = _Group(list(peers), peers.index(me), codec_type(codec_name))
+        slot = self._slot(key)  # peers' parts in it were checked against this same group on arrival
         pieces = split_parts(gradient, len(peers))
         if slot.size is not None and slot.size != pieces[group.index].numel():
             raise ReduceError(f"a replica sent a part of {slot.size} values for step {step}; "
                               f"this node's part has {pieces[group.index].numel()}")
-        self._contribute(step, slot, group.index, None, through_codec(pieces[group.index], group.codec))
+        self._contribute(key, slot, group.index, None, through_codec(pieces[group.index], group.codec))
         counts = [0, 0]
 
         async def fetch(index: int) -> torch.Tensor:
@@ -115,20 +119,22 @@ class GradientReducer:
     async def _send_part(self, step: int, group: _Group, index: int, piece: torch.Tensor, counts: list[int]
                          ) -> torch.Tensor:
         meta = CallMeta(job_id=self.job_id, block_start=self.block_start, block_end=self.block_end, step=step,
-                        part_index=index, sender_index=group.index)
+                        part_index=index, sender_index=group.index,
+                        replica_peers=[peer.to_base58() for peer in group.peers])
         requests = to_messages(runtime_pb2.ExpertRequest, meta.SerializeToString(), [piece], group.codec)
         counts[0] += sum(message.ByteSize() for message in requests)
-        while True:
+        for attempt in range(1, DIAL_ATTEMPTS + 1):
             try:
                 responses = await self.p2p.iterate_protobuf_handler(group.peers[index], AVERAGE, aiter_list(requests),
                                                                     runtime_pb2.ExpertResponse)
                 metadata, tensors, received = await from_messages(responses)
                 break
-            except (ConnectionError, asyncio.IncompleteReadError) as error:
-                # the caller's timeout bounds the retries
+            except (ConnectionError, asyncio.IncompleteReadError, P2PDaemonError) as error:
+                if attempt == DIAL_ATTEMPTS:
+                    raise ReduceError(f"replica {group.peers[index]} is unreachable: {error}") from None
                 logger.warning("replica %s dropped part %d of step %d (%s); retrying", group.peers[index], index,
                                step, error)
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(0.2 * attempt)
         counts[1] += received
         result = CallResult.FromString(metadata)
         if result.status != CallResult.OK:
@@ -141,28 +147,28 @@ class GradientReducer:
                      timeout: float) -> tuple[runtime_pb2.Tensor, int]:
         """A peer's part for this node to sum: held until all parts are in; the reply is the encoded sum."""
         step = meta.step
-        finished = step == self.last_step and step in self.parts  # a peer asking again for a sum it lost
+        key = (step, tuple(PeerID.from_base58(peer) for peer in meta.replica_peers))
+        finished = step == self.last_step and key in self.parts  # a peer asking again for a sum it lost
         if step <= self.last_step and not finished:
             raise ValueError(f"gradient part for step {step}; this node already stepped past it ({self.last_step})")
-        waiting = {s for s in self.parts if s > self.last_step}
-        if step not in waiting and not finished and len(waiting) >= STEPS_AHEAD:
-            raise ValueError(f"gradient part for step {step}; this node already holds parts for steps "
-                             f"{sorted(waiting)}")
+        waiting = {k for k in self.parts if k[0] > self.last_step}
+        if key not in waiting and not finished and len(waiting) >= STEPS_AHEAD:
+            raise ValueError(f"gradient part for step {step}; this node already holds parts for "
+                             f"{len(waiting)} groups of steps {sorted({k[0] for k in waiting})}")
         if len(tensors) != 1 or tensors[0].dim() != 1 or not tensors[0].is_floating_point():
             raise ValueError("a gradient part is one flat floating-point tensor")
         if not torch.isfinite(tensors[0]).all():
             raise ValueError("the gradient part contains NaN or inf")
-        group = self.groups.get(step)
-        if group is not None:
-            if meta.part_index != group.index:
-                raise ValueError(f"this node sums part {group.index} of step {step}, not part {meta.part_index}")
-            if not _sent_by(group, meta.sender_index, sender):
-                raise PermissionError(f"peer {sender} is not replica {meta.sender_index} of this node's group")
-        slot = self._slot(step)
+        peers = key[1]
+        if self.p2p.peer_id not in peers or meta.part_index != peers.index(self.p2p.peer_id):
+            raise ValueError(f"this node does not sum part {meta.part_index} in the group the part names")
+        if not 0 <= meta.sender_index < len(peers) or peers[meta.sender_index] != sender:
+            raise PermissionError(f"peer {sender} is not replica {meta.sender_index} of the group the part names")
+        slot = self._slot(key)
         if slot.size is not None and slot.size != tensors[0].numel():
             raise ValueError(f"the part has {tensors[0].numel()} values; the others have {slot.size}")
         self.handled_bytes.setdefault(step, [0, 0])[1] += received
-        self._contribute(step, slot, meta.sender_index, sender, tensors[0].float())
+        self._contribute(key, slot, meta.sender_index, sender, tensors[0].float())
         serialized, _ = await asyncio.wait_for(asyncio.shield(slot.summed), timeout)
         self.handled_bytes.setdefault(step, [0, 0])[0] += serialized.ByteSize()
         return serialized, serialized.ByteSize()
@@ -179,33 +185,29 @@ class GradientReducer:
         self.handled_bytes.clear()
         self.last_step = -1
 
-    def _slot(self, step: int) -> _Part:
-        slot = self.parts.get(step)
+    def _slot(self, key: _Key) -> _Part:
+        slot = self.parts.get(key)
         if slot is None:
-            slot = self.parts[step] = _Part(summed=asyncio.get_running_loop().create_future())
+            slot = self.parts[key] = _Part(summed=asyncio.get_running_loop().create_future())
         return slot
 
-    def _contribute(self, step: int, slot: _Part, sender: int, peer: PeerID | None, tensor: torch.Tensor) -> None:
+    def _contribute(self, key: _Key, slot: _Part, sender: int, peer: PeerID | None, tensor: torch.Tensor) -> None:
         if sender in slot.contributions:
             return  # a retried send: the first copy counts
         slot.size = tensor.numel()
         slot.contributions[sender] = (peer, tensor)
-        group = self.groups.get(step)
+        group = self.groups.get(key)
         if group is not None and len(slot.contributions) == len(group.peers) and not slot.summed.done():
             ordered = [slot.contributions[index][1] for index in range(len(group.peers))]
             slot.summed.set_result(sum_contributions(ordered, group.codec))
 
     def _forget_before(self, step: int) -> None:
-        """Drop what older steps held; this step's sum stays, for a peer whose reply got lost."""
+        """Drop what older steps held; this step's sums stay, for a peer whose reply got lost."""
         self.last_step = max(self.last_step, step)
-        for old in [s for s in self.parts if s < step]:
+        for old in [k for k in self.parts if k[0] < step]:
             del self.parts[old]
-        for old in [s for s in self.groups if s < step]:
+        for old in [k for k in self.groups if k[0] < step]:
             del self.groups[old]
         for old in [s for s in self.handled_bytes if s < step]:
             del self.handled_bytes[old]
-
-
-def _sent_by(group: _Group, sender_index: int, peer: PeerID) -> bool:
-    return 0 <= sender_index < len(group.peers) and group.peers[sender_index] == peer
 

@@ -47,7 +47,7 @@ class StepWork:
     """
 
     step: int
-    micro_batches: dict[int, str]  # micro-batch id -> SHA-256 of its input hidden states as received
+    micro_batches: dict[int, str]  # micro-batch id -> SHA-256 of its input as received, in accumulation order
     tokens: int
     compute_seconds: float
     weights_sha256_before: str
@@ -78,6 +78,8 @@ class _PendingStep:
     inputs: dict[int, str] = field(default_factory=dict)
     tokens: dict[int, int] = field(default_factory=dict)
     seconds: float = 0.0
+    # micro-batches in the order their gradients were added up (float addition depends on it; replay follows it)
+    accumulated: list[int] = field(default_factory=list)
 
 
 class Shard:
@@ -163,7 +165,9 @@ class Shard:
         if not torch.isfinite(grad_output).all():
             raise ValueError("gradient contains NaN or inf")
         output.backward(grad_output.to(self.device, output.dtype))
-        self.pending.setdefault(step, _PendingStep()).seconds += time.perf_counter() - started
+        pending = self.pending.setdefault(step, _PendingStep())
+        pending.seconds += time.perf_counter() - started
+        pending.accumulated.append(micro_batch)
         grad_input = leaf.grad.float().cpu()
         self.finished_backward[key] = grad_input
         while len(self.finished_backward) > MAX_CACHED_ACTIVATIONS:
@@ -225,7 +229,9 @@ class Shard:
             del self.pending[key]
         self.finished_backward.clear()
         self.last_applied_step = step
-        return StepWork(step, dict(sorted(pending.inputs.items())), sum(pending.tokens.values()),
+        # the micro-batches whose gradients this step holds, in the order they were added up
+        return StepWork(step, {micro: pending.inputs[micro] for micro in pending.accumulated},
+                        sum(pending.tokens[micro] for micro in pending.accumulated),
                         pending.seconds + time.perf_counter() - started, weights_before, self._weights_sha256,
                         optimizer_before, self._optimizer_sha256, sketch, local_sketch)
 

@@ -157,8 +157,10 @@ def _replay(args: argparse.Namespace) -> int:
 
     def show(check) -> None:
         for node in check.nodes:
+            own = node.local_sketch_error
+            local = "" if own is None else f"own gradient's sketch error {own:.2g}, "
             print(f"step {check.step} ({check.phase}) node {node.node_id} blocks {node.block_start}..{node.block_end - 1}: "
-                  f"sketch error {node.sketch_error:.2g}, weights {node.weights_error:.2g}, "
+                  f"{local}sketch error {node.sketch_error:.2g}, weights {node.weights_error:.2g}, "
                   f"optimizer {node.optimizer_error:.2g}", flush=True)
 
     report = replay_run(args.run_dir, args.sample, seed=args.seed, cache_dir=args.cache_dir,

@@ -234,6 +234,7 @@ class _Replayer:
         self.job_checkpoint = Checkpoint.open(resolve_model(job.model, cache_dir))
         self.tokenizer = load_tokenizer(self.job_checkpoint.path)
         self.codecs = (codec_type(job.compression.forward), codec_type(job.compression.backward))
+        self.averaging_codec = codec_type(job.compression.averaging)
 
     def _wire(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.codecs == (CODECS["none"], CODECS["none"]):
@@ -263,20 +264,26 @@ class _Replayer:
         if snapshot.head:
             head.load_checkpoint_tensors(snapshot.head)
         batch = self._batch(snapshot, phase, findings)
-        stacks = [self._stack(checkpoint, snapshot, node, phase.kind) for node in snapshot.nodes]
+        ranges = self._ranges(checkpoint, snapshot, phase.kind)
         targets = max(1, batch.target_tokens)
-        for micro in batch.split(snapshot.micro_batches):
+        for index, micro in enumerate(batch.split(snapshot.micro_batches)):
+            for part in ranges:
+                part.load_weights_for(index)
             position_ids = position_ids_for(micro.attention_mask)
             with torch.no_grad():
                 hidden = head.embed_tokens(micro.input_ids, position_ids)
-            for stack, _ in stacks:  # every hop to and from a node goes through the job's codecs
-                hidden = self._wire(stack(self._wire(hidden), micro.attention_mask, position_ids))
+            for part in ranges:  # every hop to and from a node goes through the job's codecs
+                hidden = self._wire(part.stack(self._wire(hidden), micro.attention_mask, position_ids))
             loss = summed_lm_loss(head.logits(hidden), micro.labels, micro.weights) / targets
             loss.backward()
+            for part in ranges:
+                part.collect_gradients(index)
         lr = learning_rate(self.job.optimizer, snapshot.phase_step, phase.steps, phase.lr)
         check = StepCheck(step, phase.name)
-        for node, (stack, trained) in zip(snapshot.nodes, stacks):
-            check.nodes.append(self._check_node(node, trained, snapshot, lr, findings))
+        checks = {}
+        for part in ranges:
+            checks.update(self._check_range(part, snapshot, lr, findings))
+        check.nodes = [checks[node.node_id] for node in snapshot.nodes]
         return check, findings
 
     def _base(self, snapshot: StepSnapshot) -> Checkpoint:
@@ -302,36 +309,93 @@ class _Replayer:
                                     "the trainer's batch is not the job's data for this step"))
         return batch
 
-    def _stack(self, checkpoint: Checkpoint, snapshot: StepSnapshot, node: NodeStepState, kind: str):
-        """The node's blocks as they stood before the step, and its trained parameters by exported name."""
+    def _ranges(self, checkpoint: Checkpoint, snapshot: StepSnapshot, kind: str) -> list[_RangeReplay]:
+        """The snapshot's nodes grouped by block range, in block order, each range's blocks built once."""
+        by_range: dict[tuple[int, int], list[NodeStepState]] = defaultdict(list)
+        for node in snapshot.nodes:
+            by_range[(node.block_start, node.block_end)].append(node)
         merged = [self._checked_file(str(Path(relative) / "adapter_model.safetensors")).parent
                   for relative in snapshot.merged_adapters]
-        stack = lora_block_stack(checkpoint, node.block_start, node.block_end, self.job.lora, self.job.seed,
-                                 self.dtype, merged)
-        trained = base_parameters(stack) if kind == "pretrain" else adapter_state(stack)
-        before = node.weights("before")
-        if set(before) != set(trained):
-            raise ReplayError(f"snapshot of step {snapshot.step}: node {node.node_id} served tensors other than the "
-                              f"{len(trained)} its blocks train")
-        with torch.no_grad():
-            for name, param in trained.items():
-                param.copy_(before[name].to(param.dtype))
-        for param in stack.parameters():
-            param.requires_grad_(False)
-        for param in trained.values():
-            param.requires_grad_(True)
-        stack.train()
-        return stack, trained
+        ranges = []
+        for (start, end), nodes in sorted(by_range.items()):
+            stack = lora_block_stack(checkpoint, start, end, self.job.lora, self.job.seed, self.dtype, merged)
+            trained = base_parameters(stack) if kind == "pretrain" else adapter_state(stack)
+            for node in nodes:
+                if set(node.weights("before")) != set(trained):
+                    raise ReplayError(f"snapshot of step {snapshot.step}: node {node.node_id} served tensors other "
+                                      f"than the {len(trained)} its blocks train")
+            for param in stack.parameters():
+                param.requires_grad_(False)
+            for param in trained.values():
+                param.requires_grad_(True)
+            stack.train()
+            attested = {node.node_id: self.records.attestations.get((node.node_id, snapshot.step)) for node in nodes}
+            ranges.append(_RangeReplay(start, end, nodes, stack, trained, attested, self.records.attestations,
+                                       snapshot.step))
+        return ranges
 
-    def _check_node(self, node: NodeStepState, trained: dict[str, torch.nn.Parameter], snapshot: StepSnapshot,
-                    lr: float, findings: list[Finding]) -> NodeCheck:
+    def _check_range(self, part: _RangeReplay, snapshot: StepSnapshot, lr: float, findings: list[Finding]
+                     ) -> dict[str, NodeCheck]:
+        """Hold every node of the range to its attestation; with replicas, each to its own gradient first."""
         phase, step = snapshot.phase, snapshot.step
-        attestation = self.records.attestations.get((node.node_id, step))
-        if attestation is None:
-            findings.append(Finding(node.node_id, phase, step, "attestation", "the log holds no attestation of it"))
-            return NodeCheck(node.node_id, node.block_start, node.block_end, float("nan"), float("nan"), float("nan"))
+        own = {node: part.gradient(node) for node in part.members}
+        checks, pending, unreplayable = {}, [], set()
+        for node in part.nodes:
+            attestation = part.attested[node.node_id]
+            if attestation is None:
+                findings.append(Finding(node.node_id, phase, step, "attestation", "the log holds no attestation of it"))
+                checks[node.node_id] = NodeCheck(node.node_id, node.block_start, node.block_end, float("nan"),
+                                                 float("nan"), float("nan"))
+                continue
+            self._check_hashes(node, attestation, phase, step, findings)
+            local_error = None
+            if attestation.averaged_with:
+                local_error = self._sketch_error(attestation.local_gradient_sketch, own[node.node_id])
+                if not local_error <= self.sketch_tolerance:
+                    unreplayable.add(node.node_id)
+                    batches = sorted(batch.id for batch in attestation.micro_batches)
+                    findings.append(Finding(node.node_id, phase, step, "local gradient sketch",
+                                            f"its own gradient (micro-batches {batches}) differs from the replayed "
+                                            f"one by {local_error:.3g} (relative L2; tolerance "
+                                            f"{self.sketch_tolerance:g}), so the group's sum cannot be replayed"))
+            pending.append((node, attestation, local_error))
+        sums: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
+        for node, attestation, local_error in pending:
+            group = attestation.averaged_with
+            if group:
+                if group not in sums:
+                    flat = group_sum([_flatten(own[member]) for member in group], self.averaging_codec)
+                    sums[group] = _unflatten(flat, part.trained)
+                gradient = sums[group]
+            else:
+                gradient = own[node.node_id]
+            # a replica whose group holds an unreplayable gradient is not blamed for the sum differing
+            blamed = not unreplayable or node.node_id in unreplayable or not group
+            node_findings = findings if blamed else []
+            sketch_error = self._sketch_error(attestation.gradient_sketch, gradient)
+            if not sketch_error <= self.sketch_tolerance:
+                what = "the replayed sum of its group's gradients" if group else "the replayed gradient"
+                node_findings.append(Finding(node.node_id, phase, step, "gradient sketch",
+                                             f"differs from {what}'s by {sketch_error:.3g} (relative L2; "
+                                             f"tolerance {self.sketch_tolerance:g})"))
+            weights_error, optimizer_error = self._step_and_compare(node, gradient, part.trained, lr)
+            if not weights_error <= self.state_tolerance:
+                node_findings.append(Finding(node.node_id, phase, step, "weights after the step",
+                                             f"differ from one AdamW step on the replayed gradient by "
+                                             f"{weights_error:.3g} of the step's update (tolerance "
+                                             f"{self.state_tolerance:g})"))
+            if not optimizer_error <= self.state_tolerance:
+                node_findings.append(Finding(node.node_id, phase, step, "optimizer state after the step",
+                                             f"differs from the replayed AdamW state by {optimizer_error:.3g} "
+                                             f"(relative; tolerance {self.state_tolerance:g})"))
+            checks[node.node_id] = NodeCheck(node.node_id, node.block_start, node.block_end, sketch_error,
+                                             weights_error, optimizer_error, local_error)
+        return checks
 
-        def hash_check(which: str) -> None:
+    def _check_hashes(self, node: NodeStepState, attestation: Attestation, phase: str, step: int,
+                      findings: list[Finding]) -> None:
+        """The snapshot's states hash exactly to what the node attested, before and after the step."""
+        for which in ("before", "after"):
             weights, state = tensors_sha256(node.weights(which)), tensors_sha256(node.optimizer_state(which))
             if weights != getattr(attestation, f"adapter_sha256_{which}"):
                 findings.append(Finding(node.node_id, phase, step, "served state",
@@ -340,55 +404,137 @@ class _Replayer:
                 findings.append(Finding(node.node_id, phase, step, "served state", f"the optimizer state it "
                                         f"served for {which} the step is not the one it attested"))
 
-        hash_check("before")
-        hash_check("after")
-        grads = {name: p.grad if p.grad is not None else torch.zeros_like(p) for name, p in trained.items()}
-        replayed_sketch = torch.tensor(gradient_sketch(grads, self.job.seed), dtype=torch.float64)
-        reported = torch.tensor(attestation.gradient_sketch, dtype=torch.float64)
-        sketch_error = _relative_error(reported, replayed_sketch) if reported.shape == replayed_sketch.shape else 1.0
-        if not sketch_error <= self.sketch_tolerance:
-            findings.append(Finding(node.node_id, phase, step, "gradient sketch",
-                                    f"differs from the replayed gradient's by {sketch_error:.3g} (relative L2; "
-                                    f"tolerance {self.sketch_tolerance:g})"))
-        weights_error, optimizer_error = self._step_and_compare(node, trained, lr)
-        if not weights_error <= self.state_tolerance:
-            findings.append(Finding(node.node_id, phase, step, "weights after the step",
-                                    f"differ from one AdamW step on the replayed gradient by {weights_error:.3g} of the "
-                                    f"step's update (tolerance {self.state_tolerance:g})"))
-        if not optimizer_error <= self.state_tolerance:
-            findings.append(Finding(node.node_id, phase, step, "optimizer state after the step",
-                                    f"differs from the replayed AdamW state by {optimizer_error:.3g} (relative; "
-                                    f"tolerance {self.state_tolerance:g})"))
-        return NodeCheck(node.node_id, node.block_start, node.block_end, sketch_error, weights_error, optimizer_error)
+    def _sketch_error(self, reported: tuple[float, ...], gradient: dict[str, torch.Tensor]) -> float:
+        replayed = torch.tensor(gradient_sketch(gradient, self.job.seed), dtype=torch.float64)
+        claimed = torch.tensor(reported, dtype=torch.float64)
+        return _relative_error(claimed, replayed) if claimed.shape == replayed.shape else 1.0
 
-    def _step_and_compare(self, node: NodeStepState, trained: dict[str, torch.nn.Parameter], lr: float
-                          ) -> tuple[float, float]:
-        """Apply one AdamW step from the node's state before; return how far its claimed state after is:
-        weights relative to the size of the update, optimizer moments relative to their own size."""
-        optimizer = make_optimizer(list(trained.values()), self.job.optimizer)
+    def _step_and_compare(self, node: NodeStepState, gradient: dict[str, torch.Tensor],
+                          trained: dict[str, torch.nn.Parameter], lr: float) -> tuple[float, float]:
+        """Apply one AdamW step with `gradient` from the node's state before; return how far its claimed state
+        after is: weights relative to the size of the update, optimizer moments relative to their own size.
+        The parameters take the dtypes of the blocks' (`trained`), as on the node."""
+        start = node.weights("before")
+        params = {name: torch.nn.Parameter(start[name].to(param.dtype).clone()) for name, param in trained.items()}
+        for name, param in params.items():
+            param.grad = gradient[name].to(param.dtype)
+        optimizer = make_optimizer(list(params.values()), self.job.optimizer)
         before = node.optimizer_state("before")
-        for name, param in trained.items():
+        for name, param in params.items():
             if f"exp_avg/{name}" in before:
                 optimizer.state[param] = {key: before[f"{key}/{name}"].clone() for key in ("step", "exp_avg", "exp_avg_sq")}
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.step()
-        claimed, start = node.weights("after"), node.weights("before")
-        if set(claimed) != set(trained):
+        claimed = node.weights("after")
+        if set(claimed) != set(params):
             return float("inf"), float("inf")
-        names = sorted(trained)
-        replayed = torch.cat([trained[n].detach().double().reshape(-1) for n in names])
+        names = sorted(params)
+        replayed = torch.cat([params[n].detach().double().reshape(-1) for n in names])
         claimed_flat = torch.cat([claimed[n].double().reshape(-1) for n in names])
         update = claimed_flat - torch.cat([start[n].double().reshape(-1) for n in names])
         weights_error = float((replayed - claimed_flat).norm() / update.norm().clamp_min(1e-12))
         claimed_state = node.optimizer_state("after")
-        replayed_state = {f"{key}/{name}": optimizer.state[trained[name]][key]
+        replayed_state = {f"{key}/{name}": optimizer.state[params[name]][key]
                           for name in names for key in ("exp_avg", "exp_avg_sq")}
         if not set(replayed_state) <= set(claimed_state):
             return weights_error, float("inf")
         optimizer_error = max(_relative_error(claimed_state[key].double().reshape(-1), value.double().reshape(-1))
                               for key, value in replayed_state.items())
         return weights_error, optimizer_error
+
+
+class _RangeReplay:
+    """One block range of a replayed step: its blocks, built once for all its replicas, and each replica's own
+    gradient, accumulated from the micro-batches that replica attested (a node that stepped alone: all of them).
+
+    Replicas start a step from identical weights unless one cheated; each micro-batch runs through the weights
+    of the replica that attested it, so a replica that drifted is replayed on its own weights, and the blocks
+    are reloaded only when the weights a micro-batch needs differ from the ones they hold.
+
+    A replica's micro-batches are added up in the order its attestation lists them: float addition is not
+    associative, so that is what makes a replica that took three or more of them replay bit for bit, as far as
+    the node lists them in the order it accumulated them. A micro-batch whose turn has not come is kept
+    aside until it has.
+    """
+
+    def __init__(self, start: int, end: int, nodes: list[NodeStepState], stack: torch.nn.Module,
+                 trained: dict[str, torch.nn.Parameter], attested: dict[str, Attestation | None],
+                 attestations: dict[tuple[str, int], Attestation], step: int):
+        self.start, self.end, self.nodes, self.stack, self.trained = start, end, nodes, stack, trained
+        self.attested = attested
+        # The replicas whose own gradients the group sums: the snapshot's nodes and any node their
+        # attestations name (the log's verification makes those the same set; this stays safe if not).
+        self.members = [node.node_id for node in nodes]
+        for attestation in attested.values():
+            for member in attestation.averaged_with if attestation else ():
+                if member not in self.members:
+                    self.members.append(member)
+        grouped = any(a is not None and a.averaged_with for a in attested.values())
+        # node id -> the micro-batch ids it attested, in its order; None: every micro-batch, as they come
+        self.order: dict[str, list[int] | None] = {}
+        for member in self.members:
+            attestation = attestations.get((member, step))
+            batches = attestation.micro_batches if attestation else ()
+            self.order[member] = [batch.id for batch in batches] if grouped else None
+        self.added = {member: 0 for member in self.members}  # how many of its `order` are in its gradient
+        self.waiting: dict[int, dict[str, torch.Tensor]] = {}  # micro-batch id -> gradients not yet added
+        self.states = {node.node_id: node for node in nodes}
+        self.weights_sha256 = {node.node_id: tensors_sha256(node.weights("before")) for node in nodes}
+        self.loaded: str | None = None  # SHA-256 of the weights the blocks hold now
+        self.gradients: dict[str, dict[str, torch.Tensor]] = {member: {} for member in self.members}
+
+    def load_weights_for(self, micro_batch: int) -> None:
+        """Give the blocks the weights of the replica that attested `micro_batch` (else the range's first)."""
+        node = next((member for member in self.members if member in self.states
+                     and self._claimed(member, micro_batch)), self.nodes[0].node_id)
+        if self.weights_sha256[node] == self.loaded:
+            return
+        before = self.states[node].weights("before")
+        with torch.no_grad():
+            for name, param in self.trained.items():
+                param.copy_(before[name].to(param.dtype))
+        self.loaded = self.weights_sha256[node]
+
+    def collect_gradients(self, micro_batch: int) -> None:
+        """Take the blocks' gradients of `micro_batch` (clearing them) for the replicas that attested it."""
+        grads = {name: param.grad for name, param in self.trained.items() if param.grad is not None}
+        for param in self.trained.values():
+            param.grad = None
+        self.waiting[micro_batch] = grads
+        for member, order in self.order.items():
+            if order is None:
+                self._add(member, grads)
+            else:
+                while self.added[member] < len(order) and order[self.added[member]] in self.waiting:
+                    self._add(member, self.waiting[order[self.added[member]]])
+                    self.added[member] += 1
+        still_needed = {m for member, order in self.order.items() if order for m in order[self.added[member]:]}
+        self.waiting = {m: grads for m, grads in self.waiting.items() if m in still_needed}
+
+    def gradient(self, member: str) -> dict[str, torch.Tensor]:
+        """The member's own gradient once every micro-batch ran; zeros for what none of its micro-batches
+        reached (as on the node). Micro-batch ids the step does not have add nothing."""
+        order = self.order[member] or []
+        for micro_batch in order[self.added[member]:]:
+            if micro_batch in self.waiting:
+                self._add(member, self.waiting[micro_batch])
+        self.added[member] = len(order)
+        own = self.gradients[member]
+        return {name: own[name] if name in own else torch.zeros_like(param) for name, param in self.trained.items()}
+
+    def _add(self, member: str, grads: dict[str, torch.Tensor]) -> None:
+        """As autograd accumulates on a node: the first micro-batch's gradient as it is, then in-place sums."""
+        own = self.gradients[member]
+        for name, grad in grads.items():
+            if name in own:
+                own[name] += grad
+            else:
+                own[name] = grad.clone()
+
+    def _claimed(self, member: str, micro_batch: int) -> bool:
+        order = self.order[member]
+        return order is None or micro_batch in order
 
 
 class _Wire(torch.autograd.Function):
@@ -406,3 +552,17 @@ class _Wire(torch.autograd.Function):
 
 def _relative_error(claimed: torch.Tensor, replayed: torch.Tensor) -> float:
     return float((claimed - replayed).norm() / replayed.norm().clamp_min(1e-12))
+
+
+def _flatten(gradient: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A replica's gradient as it enters the group's sum: float32, in sorted-name order (node.shard)."""
+    return torch.cat([gradient[name].detach().float().flatten() for name in sorted(gradient)])
+
+
+def _unflatten(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out, offset = {}, 0
+    for name in sorted(like):
+        count = like[name].numel()
+        out[name] = flat[offset:offset + count].view(like[name].shape)
+        offset += count
+    return out

@@ -16,6 +16,12 @@ Checked, in log order (entries by index, each tree head as soon as the entries i
   The one exception is a coordinator's `resume` event (a restart after a crash, redoing work from step
   `from_step`): a (node, phase, step) with step >= from_step attested before it may be attested once more
   after it;
+- replica groups: the valid attestations of one block range at one step (a group once more than one node
+  attests the range there, or one names the replicas it summed gradients with in `averaged_with`) all
+  attest the same weights and AdamW state after the step and the same `averaged_with`, which lists exactly
+  the nodes that attested the range at that step, each of them assigned that range (an `assignment` event
+  before its attestation). A group is checked once the log reaches a later step, a `resume`, or its end;
+  a problem names the attestation that breaks the rule;
 - tree heads: signed by the coordinator, never shrinking or going back in time, root equal to the Merkle
   root of the entries they cover, RFC 6962 consistent with the previous valid tree head, and covering no
   more entries than the log holds (a truncated log fails here).
@@ -27,8 +33,10 @@ to vouch for: the size of the last valid head before it, or, for a truncated log
 from __future__ import annotations
 
 import hashlib
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from swarm.audit import db
 from swarm.audit.attestation import Attestation
@@ -78,6 +86,14 @@ class VerifyReport:
         )
 
 
+# What the replicas of a range must agree on at a step, and how a disagreement reads.
+_AGREED = {
+    "adapter_sha256_after": "attest different weights after the step",
+    "optimizer_sha256_after": "attest different optimizer state after the step",
+    "averaged_with": "say they summed gradients in different groups",
+}
+
+
 class _Bad(Exception):
     """One entry's or tree head's problem (internal control flow); `index` overrides the default entry."""
 
@@ -106,6 +122,9 @@ class _Verifier:
         self.slots: dict[tuple[str, str, int], int] = {}
         self.copies: dict[bytes, tuple[int, int]] = {}  # payload+signature digest -> (entry index, step)
         self.last_head: TreeHead | None = None
+        self.assigned: dict[str, list[tuple[int, int, int]]] = defaultdict(list)  # node -> (entry, start, end)
+        # (phase, step, block start, block end) -> its valid attestations in log order, until checked
+        self.groups: dict[tuple[str, int, int, int], list[tuple[int, Attestation]]] = {}
 
     def run(self, connection) -> VerifyReport:
         heads = db.head_rows(connection)
@@ -120,6 +139,7 @@ class _Verifier:
                 while len(self.tree) < row[0]:  # keep leaf positions equal to indices
                     self.tree.append(bytes(32))
             self._check_entry(row)
+        self._check_groups(lambda step: True)
         self.report.entries = len(self.tree)
         if not self.report.entries:
             self._problem(0, "the log has no entries, not even its job_start")
@@ -178,6 +198,8 @@ class _Verifier:
         record = self._check_event(entry, self.coordinator_key)
         if entry.kind == "resume":
             self._resume(record["from_step"])
+        if entry.kind == "assignment":
+            self.assigned[record["node_id"]].append((entry.index, record["block_start"], record["block_end"]))
         if entry.kind == "join":
             node_id, key = record["node_id"], _key(record["public_key"])
             if node_id != fingerprint(key):
@@ -222,6 +244,8 @@ class _Verifier:
             raise _Bad(f"resume event's from_step {from_step!r} is not a step id")
         self.slots = {slot: index for slot, index in self.slots.items() if slot[2] < from_step}
         self.copies = {copy: seen for copy, seen in self.copies.items() if seen[1] < from_step}
+        self._check_groups(lambda step: step < from_step)
+        self.groups.clear()  # the attestations of redone steps no longer count
 
     def _check_attestation(self, entry: Entry) -> None:
         self.report.attestations += 1
@@ -248,6 +272,43 @@ class _Verifier:
             first = self.slots[slot]
             raise _Bad(f"node {node} attested phase {slot[1]!r} step {slot[2]} twice; first at entry {first}")
         self.slots[slot] = entry.index
+        self._check_groups(lambda step: step < attestation.step)  # a step's attestations come before the next's
+        group = (attestation.phase, attestation.step, attestation.block_start, attestation.block_end)
+        self.groups.setdefault(group, []).append((entry.index, attestation))
+
+    # -- replica groups --------------------------------------------------------------------------------
+
+    def _check_groups(self, due: Callable[[int], bool]) -> None:
+        """Check, and forget, the groups of every step `due` says is complete."""
+        for key in sorted(key for key in self.groups if due(key[1])):
+            self._check_group(key, self.groups.pop(key))
+
+    def _check_group(self, key: tuple[str, int, int, int], members: list[tuple[int, Attestation]]) -> None:
+        phase, step, start, end = key
+        first_index, first = members[0]
+        if len(members) == 1 and not first.averaged_with:
+            return  # one node stepped alone on its own gradient
+        where = f"step {step} ({phase}) blocks {start}..{end - 1}"
+        attesters = [attestation.node_id for _, attestation in members]
+        for name, what in _AGREED.items():
+            index, other = next(((i, a) for i, a in members if getattr(a, name) != getattr(first, name)), (0, None))
+            if other is not None:
+                self._problem(index, f"{where}: replicas {what}: node {first.node_id} (entry {first_index}) "
+                                     f"{_shown(first, name)}, node {other.node_id} {_shown(other, name)}")
+        seen = set()
+        for index, attestation in members:
+            if attestation.averaged_with in seen:
+                continue
+            seen.add(attestation.averaged_with)
+            if set(attestation.averaged_with) != set(attesters):
+                claimed = ", ".join(attestation.averaged_with) or "no one (it says it stepped alone)"
+                self._problem(index, f"{where}: node {attestation.node_id} summed gradients with {claimed}, but "
+                                     f"the nodes that attested these blocks at this step are {', '.join(attesters)}")
+        for index, attestation in members:
+            node = attestation.node_id
+            if not any(at < index and (s, e) == (start, end) for at, s, e in self.assigned.get(node, ())):
+                self._problem(index, f"{where}: node {node} attests these blocks as a replica, but no assignment "
+                                     f"event before its attestation gives it blocks {start}..{end - 1}")
 
     # -- tree heads ------------------------------------------------------------------------------------
 
@@ -286,6 +347,11 @@ class _Verifier:
             self.tree.consistency_proof(last.tree_size, head.tree_size),
         ):  # fmt: skip
             raise _Bad(f"is not consistent with tree head {last.sequence}")
+
+
+def _shown(attestation: Attestation, name: str) -> str:
+    value = getattr(attestation, name)
+    return f"[{', '.join(value)}]" if name == "averaged_with" else value[:12]
 
 
 def _size_of(head_row: tuple) -> int:

@@ -34,7 +34,7 @@ def mixed_run(tmp_path_factory):
     run_dir = tmp / "run"
     with started_processes() as start:
         coordinator = start("-m", "coordinator.cli", "run", str(job_file), "--local-nodes", "1", "--run-dir",
-                            str(run_dir), "--node-threads", "1", "--no-progress")
+                            str(run_dir), "--node-threads", "1", "--no-progress", "--no-baseline")
         match, _ = read_until(coordinator, r"join with: swarm-node join --coordinator (\S+)", timeout=60)
         for mode in LIARS:
             start("-m", "node.cli", "join", "--coordinator", match.group(1), "--key", str(tmp / f"{mode}.key"),

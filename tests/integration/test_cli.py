@@ -31,7 +31,7 @@ def test_node_dialing_a_missing_coordinator_fails_clearly(tmp_path, processes):
 def test_too_few_nodes_times_out_with_the_join_command(tmp_path, processes):
     job_file = write_job(tmp_path, swarm={"min_nodes": 3, "join_timeout_s": 6})
     coordinator = processes("-m", "coordinator.cli", "run", str(job_file), "--local-nodes", "1",
-                            "--run-dir", str(tmp_path / "run"), "--no-progress")
+                            "--run-dir", str(tmp_path / "run"), "--no-progress", "--no-baseline")
     code, output = finish(coordinator, timeout=120)
     assert code == 2
     assert "only 1 of the 3 nodes the job needs (swarm.min_nodes) joined within 6 s" in output
@@ -42,7 +42,7 @@ def test_too_few_nodes_times_out_with_the_join_command(tmp_path, processes):
 def test_separate_node_commands_join_serve_and_leave_when_the_job_ends(tmp_path, processes):
     job_file = write_job(tmp_path, swarm={"min_nodes": 2}, training={"steps": 2, "batch_size": 2, "micro_batches": 1})
     coordinator = processes("-m", "coordinator.cli", "run", str(job_file), "--run-dir", str(tmp_path / "run"),
-                            "--no-progress")
+                            "--no-progress", "--no-baseline")
     match, _ = read_until(coordinator, r"join with: swarm-node join --coordinator (\S+)", timeout=60)
     address = match.group(1)
     nodes = [processes("-m", "node.cli", "join", "--coordinator", address, "--key", str(tmp_path / f"node{i}.key"),
@@ -68,7 +68,7 @@ def test_separate_node_commands_join_serve_and_leave_when_the_job_ends(tmp_path,
 def test_ctrl_c_on_a_node_leaves_cleanly(tmp_path, processes):
     job_file = write_job(tmp_path, swarm={"min_nodes": 2, "join_timeout_s": 120})
     coordinator = processes("-m", "coordinator.cli", "run", str(job_file), "--run-dir", str(tmp_path / "run"),
-                            "--no-progress")
+                            "--no-progress", "--no-baseline")
     match, _ = read_until(coordinator, r"join with: swarm-node join --coordinator (\S+)", timeout=60)
     node = processes("-m", "node.cli", "join", "--coordinator", match.group(1), "--key", str(tmp_path / "k"))
     read_until(node, r"waiting for an assignment", timeout=60)
@@ -90,7 +90,7 @@ def test_a_node_not_on_the_jobs_allowlist_is_refused_and_an_allowed_one_trains(t
     job_file = write_job(tmp_path, nodes={"allow": [allowed]}, swarm={"min_nodes": 1, "join_timeout_s": 120},
                          training={"steps": 2, "batch_size": 2, "micro_batches": 1})
     coordinator = processes("-m", "coordinator.cli", "run", str(job_file), "--run-dir", str(tmp_path / "run"),
-                            "--no-progress")
+                            "--no-progress", "--no-baseline")
     match, _ = read_until(coordinator, r"join with: swarm-node join --coordinator (\S+)", timeout=60)
     stranger = processes("-m", "node.cli", "join", "--coordinator", match.group(1), "--key", str(tmp_path / "other.key"))
     code, output = finish(stranger, timeout=60)

@@ -29,7 +29,7 @@ def run(tmp_path_factory):
                          swarm={"min_nodes": NODES}, compression={"forward": "uniform8bit", "backward": "uniform8bit"})
     with started_processes() as start:
         process = start("-m", "coordinator.cli", "run", str(job_file), "--local-nodes", str(NODES), "--run-dir",
-                        str(tmp / "run"), "--node-threads", "1", "--no-progress")
+                        str(tmp / "run"), "--node-threads", "1", "--no-progress", "--no-baseline")
         code, output = finish(process, timeout=300)
     assert code == 0, output
     return load_job(job_file), tmp / "run"

@@ -14,7 +14,8 @@ from coordinator.job_runner import RunOptions, SwarmSession, prepare_job
 from coordinator.run_dir import create_run_dir
 from coordinator.trainer import swarm_logits, train_step
 from swarm.errors import RemoteBlockError
-from swarm.p2p.tensors import BACKWARD, FORWARD, STEP, aiter_list, from_messages, to_messages
+from swarm.p2p.tensors import (ADMIT, AVERAGE, BACKWARD, FETCH_STATE, FORWARD, STEP, aiter_list, from_messages,
+                               to_messages)
 from swarm.proto.blocks_pb2 import CallMeta, CallResult
 from swarm.training import position_ids_for
 from tests.conftest import started_processes, write_job
@@ -115,19 +116,17 @@ def test_unknown_step_ids_are_refused_or_answered_with_missing_activations(serve
     still_serves(served)
 
 
-def test_a_peer_other_than_the_jobs_trainer_is_refused(served):
-    prepared, session, batch, _ = served
+def call_as_stranger(served, method: str, meta: CallMeta, tensors) -> CallResult:
+    """A call from a peer that knows the node's address (it is public in the DHT) but is not the coordinator's."""
+    _, session, _, _ = served
     node = session.nodes[0]
-    stage = session.chain.stages[0]
-    meta = CallMeta(job_id=session.chain.job_id, step=0, block_start=stage.start, block_end=stage.end, train=False)
 
-    async def call_as_stranger() -> CallResult:
-        # a peer that knows the node's address (it is public in the DHT) but is not the coordinator's
+    async def call() -> CallResult:
         stranger = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=list(node.ready.maddrs))
         try:
             peer = PeerID.from_base58(node.ready.peer_id)
-            requests = to_messages(runtime_pb2.ExpertRequest, meta.SerializeToString(), inputs(served))
-            responses = await stranger.iterate_protobuf_handler(peer, FORWARD, aiter_list(requests),
+            requests = to_messages(runtime_pb2.ExpertRequest, meta.SerializeToString(), tensors)
+            responses = await stranger.iterate_protobuf_handler(peer, method, aiter_list(requests),
                                                                 runtime_pb2.ExpertResponse)
             metadata, outputs, _ = await from_messages(responses)
             assert outputs == []
@@ -135,9 +134,33 @@ def test_a_peer_other_than_the_jobs_trainer_is_refused(served):
         finally:
             await stranger.shutdown()
 
-    result = session.loop.run(call_as_stranger(), timeout=60)
+    return session.loop.run(call(), timeout=60)
+
+
+def test_a_peer_other_than_the_jobs_trainer_is_refused(served):
+    _, session, _, _ = served
+    stage = session.chain.stages[0]
+    meta = CallMeta(job_id=session.chain.job_id, step=0, block_start=stage.start, block_end=stage.end, train=False)
+    result = call_as_stranger(served, FORWARD, meta, inputs(served))
     assert result.status == CallResult.ERROR
     assert "is not this job's trainer; its calls are refused" in result.error
+    admit = CallMeta(job_id=session.chain.job_id, block_start=stage.start, block_end=stage.end,
+                     replica_peers=[stage.peer_id.to_base58()])
+    assert "is not this job's trainer" in call_as_stranger(served, ADMIT, admit, []).error
+    still_serves(served)
+
+
+def test_a_stranger_can_neither_add_to_a_gradient_sum_nor_copy_the_nodes_state(served):
+    _, session, _, _ = served
+    stage = session.chain.stages[0]
+    base = dict(job_id=session.chain.job_id, block_start=stage.start, block_end=stage.end)
+    # a part claiming to come from the node's replica 1 of a group whose replica 1 is some other peer
+    group = [stage.peer_id.to_base58(), session.chain.p2p.peer_id.to_base58()]
+    part = CallMeta(step=0, part_index=0, sender_index=1, replica_peers=group, **base)
+    result = call_as_stranger(served, AVERAGE, part, [torch.ones(10)])
+    assert result.status == CallResult.ERROR and "is not replica 1 of the group the part names" in result.error
+    result = call_as_stranger(served, FETCH_STATE, CallMeta(**base), [])
+    assert result.status == CallResult.ERROR and "was not admitted as a replica of this range" in result.error
     still_serves(served)
 
 

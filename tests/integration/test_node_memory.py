@@ -14,7 +14,7 @@ def test_a_node_holding_a_third_of_the_blocks_uses_a_fraction_of_the_models_memo
     job_file = write_job(tmp_path, model={"preset": "llama-20m"}, training={"steps": 1, "batch_size": 2,
                                                                             "micro_batches": 1})
     coordinator = processes("-m", "coordinator.cli", "run", str(job_file), "--local-nodes", "3",
-                            "--run-dir", str(tmp_path / "run"), "--node-threads", "1", "--no-progress")
+                            "--run-dir", str(tmp_path / "run"), "--node-threads", "1", "--no-progress", "--no-baseline")
     code, output = finish(coordinator, timeout=300)
     assert code == 0, output
     whole_model_bytes = preset.num_parameters * 4

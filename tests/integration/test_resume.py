@@ -28,7 +28,7 @@ TOTAL_STEPS = 16
 INTERRUPTED = "sft-2"  # the kill lands in the third phase, whose first step id is 7
 FIRST_REDONE = 7
 RUN = ("-m", "coordinator.cli")
-FLAGS = ("--local-nodes", "3", "--node-threads", "1", "--no-progress", "--no-status-page")
+FLAGS = ("--local-nodes", "3", "--node-threads", "1", "--no-progress", "--no-baseline", "--no-status-page")
 
 
 @pytest.fixture(scope="module")

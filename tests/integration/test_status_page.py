@@ -88,7 +88,8 @@ def test_status_page_shows_the_swarm_advancing_and_a_killed_node_down(tmp_path, 
                          swarm={"min_nodes": 3, "heartbeat_interval_s": HEARTBEAT_S, "rpc_timeout_s": 20})
     run_dir = tmp_path / "run"
     coordinator = processes("-m", "coordinator.cli", "run", str(job_file), "--local-nodes", "3", "--run-dir",
-                            str(run_dir), "--no-progress", "--node-threads", "1", "--status-linger", "120")
+                            str(run_dir), "--no-progress", "--no-baseline", "--node-threads", "1",
+                            "--status-linger", "120")
     match, _ = read_until(coordinator, r"status page: (http://127\.0\.0\.1:\d+/)", timeout=60)
     url = match.group(1)
     wait_for(lambda: snapshot(url)["progress"]["step"] >= 2, 180, "training did not start")

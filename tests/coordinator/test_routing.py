@@ -1,0 +1,54 @@
+"""How the trainer spreads micro-batches over the replicas of a range: by measured latency and calls in flight."""
+
+from __future__ import annotations
+
+import time
+
+from coordinator.remote_chain import PROBE_AFTER, RemoteChain, RemoteStage
+
+
+def chain_of(*latencies: float | None) -> RemoteChain:
+    stages = [RemoteStage(peer_id=None, start=0, end=2, node_id=f"node{i}", latency_s=latency)
+              for i, latency in enumerate(latencies)]
+    return RemoteChain(p2p=None, loop=None, stages=stages, job_id="job", timeout_s=10)
+
+
+def picks(chain: RemoteChain, count: int, concurrent: int = 1) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for _ in range(count // concurrent):
+        routes = [chain.route() for _ in range(concurrent)]
+        for route in routes:
+            counts[route[0].node_id] = counts.get(route[0].node_id, 0) + 1
+            chain.release(route)
+    return counts
+
+
+def test_a_slow_replica_gets_fewer_micro_batches_but_is_still_measured():
+    counts = picks(chain_of(0.01, 0.2), 90)
+    assert counts["node1"] == 90 // (PROBE_AFTER + 1)  # only the probes that re-measure it
+    assert counts["node0"] == 90 - counts["node1"]
+
+
+def test_equal_replicas_share_concurrent_micro_batches():
+    assert picks(chain_of(0.05, 0.05), 40, concurrent=2) == {"node0": 20, "node1": 20}
+
+
+def test_calls_in_flight_count_against_a_replica():
+    chain = chain_of(0.05, 0.08)
+    first, second = chain.route(), chain.route()
+    assert (first[0].node_id, second[0].node_id) == ("node0", "node1")  # 2 x 0.05 > 0.08
+
+
+def test_an_unmeasured_replica_counts_as_the_fastest_and_a_failed_one_waits():
+    chain = chain_of(0.05, None)
+    assert chain.route()[0].node_id in ("node0", "node1")
+    chain = chain_of(0.05, 0.05)
+    chain.groups[0][0].banned_until = time.monotonic() + 60
+    assert {chain.route()[0].node_id for _ in range(5)} == {"node1"}
+
+
+def test_replicas_are_grouped_by_range_in_block_order():
+    stages = [RemoteStage(None, 3, 6, "b"), RemoteStage(None, 0, 3, "a"), RemoteStage(None, 3, 6, "c")]
+    chain = RemoteChain(p2p=None, loop=None, stages=stages, job_id="job", timeout_s=10)
+    assert [[s.node_id for s in group] for group in chain.groups] == [["a"], ["b", "c"]]
+    assert chain.replicas == 2 and [s.node_id for s in chain.route()] == ["a", "b"]
