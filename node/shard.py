@@ -20,6 +20,7 @@ from swarm.config import PHASE_KINDS, LoraSpec, OptimizerSpec
 from swarm.lora import add_lora, adapter_state, base_parameters, init_lora_weights, merge_lora
 from swarm.models.blocks import BlockStack
 from swarm.models.checkpoint import Checkpoint, tensors_sha256
+from swarm.p2p.replica_sum import flatten_gradient, unflatten_gradient
 from swarm.training import make_optimizer
 
 logger = logging.getLogger(__name__)
@@ -204,8 +205,7 @@ class Shard:
         grads = {name: p.grad if p.grad is not None else torch.zeros_like(p) for name, p in trained.items()}
         local_sketch = gradient_sketch(grads, self.sketch_seed)
         if reduce is not None:
-            grads = _unflatten(reduce(torch.cat([grads[name].detach().float().cpu().flatten()
-                                                 for name in sorted(grads)])), grads)
+            grads = unflatten_gradient(reduce(flatten_gradient(grads)), grads)
             for name, param in trained.items():
                 param.grad = grads[name].to(param.device, param.dtype)
         sketch = gradient_sketch(_other_gradient(grads) if self.dishonest == "wrong-sketch" else grads,
@@ -379,18 +379,6 @@ class Shard:
 
 def _weights_sha256(parameters: dict[str, torch.nn.Parameter]) -> str:
     return tensors_sha256({name: param.detach().float() for name, param in parameters.items()})
-
-
-def _unflatten(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Cut a flat vector (laid out in name order) back into tensors shaped like `like`'s."""
-    if flat.numel() != sum(t.numel() for t in like.values()):
-        raise ValueError(f"the summed gradient has {flat.numel()} values, not {sum(t.numel() for t in like.values())}")
-    out, offset = {}, 0
-    for name in sorted(like):
-        count = like[name].numel()
-        out[name] = flat[offset:offset + count].view(like[name].shape)
-        offset += count
-    return out
 
 
 def _optimizer_part(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -344,7 +344,7 @@ def link_bytes_per_micro_batch(shape: ModelShape, work: Workload) -> int:
 
 
 def averaging_bytes(tensor_bytes: float, replicas: int) -> float:
-    """Bytes one replica sends to average `tensor_bytes` with the others (butterfly all-reduce, as hivemind):
+    """Bytes one replica sends to sum `tensor_bytes` with the others (node.replica_reduce, as hivemind's):
     reduce-scatter and all-gather each send (R-1)/R of the tensor."""
     return 2 * (replicas - 1) / replicas * tensor_bytes if replicas > 1 else 0.0
 

@@ -43,6 +43,7 @@ from swarm.audit.entry import ATTESTATION
 from swarm.audit.errors import AuditError
 from swarm.audit.log import AuditLog
 from swarm.audit.query import REPLAY_FILE
+from swarm.audit.replay_range import RangeReplay
 from swarm.audit.sketch import gradient_sketch
 from swarm.audit.snapshot import NodeStepState, StepSnapshot, read_snapshot
 from swarm.audit.verify import verify_log
@@ -53,7 +54,7 @@ from swarm.lora import adapter_state, base_parameters, lora_block_stack
 from swarm.models.blocks import TrainerHead
 from swarm.models.checkpoint import DTYPES, Checkpoint, resolve_model, tensors_sha256
 from swarm.p2p.codecs import CODECS, codec_type, round_trip
-from swarm.p2p.replica_sum import group_sum
+from swarm.p2p.replica_sum import flatten_gradient, group_sum, unflatten_gradient
 from swarm.training import learning_rate, make_optimizer, position_ids_for, summed_lm_loss
 
 COORDINATOR = "coordinator"
@@ -309,7 +310,7 @@ class _Replayer:
                                     "the trainer's batch is not the job's data for this step"))
         return batch
 
-    def _ranges(self, checkpoint: Checkpoint, snapshot: StepSnapshot, kind: str) -> list[_RangeReplay]:
+    def _ranges(self, checkpoint: Checkpoint, snapshot: StepSnapshot, kind: str) -> list[RangeReplay]:
         """The snapshot's nodes grouped by block range, in block order, each range's blocks built once."""
         by_range: dict[tuple[int, int], list[NodeStepState]] = defaultdict(list)
         for node in snapshot.nodes:
@@ -330,11 +331,11 @@ class _Replayer:
                 param.requires_grad_(True)
             stack.train()
             attested = {node.node_id: self.records.attestations.get((node.node_id, snapshot.step)) for node in nodes}
-            ranges.append(_RangeReplay(start, end, nodes, stack, trained, attested, self.records.attestations,
+            ranges.append(RangeReplay(start, end, nodes, stack, trained, attested, self.records.attestations,
                                        snapshot.step))
         return ranges
 
-    def _check_range(self, part: _RangeReplay, snapshot: StepSnapshot, lr: float, findings: list[Finding]
+    def _check_range(self, part: RangeReplay, snapshot: StepSnapshot, lr: float, findings: list[Finding]
                      ) -> dict[str, NodeCheck]:
         """Hold every node of the range to its attestation; with replicas, each to its own gradient first."""
         phase, step = snapshot.phase, snapshot.step
@@ -364,8 +365,8 @@ class _Replayer:
             group = attestation.averaged_with
             if group:
                 if group not in sums:
-                    flat = group_sum([_flatten(own[member]) for member in group], self.averaging_codec)
-                    sums[group] = _unflatten(flat, part.trained)
+                    flat = group_sum([flatten_gradient(own[member]) for member in group], self.averaging_codec)
+                    sums[group] = unflatten_gradient(flat, part.trained)
                 gradient = sums[group]
             else:
                 gradient = own[node.node_id]
@@ -444,99 +445,6 @@ class _Replayer:
         return weights_error, optimizer_error
 
 
-class _RangeReplay:
-    """One block range of a replayed step: its blocks, built once for all its replicas, and each replica's own
-    gradient, accumulated from the micro-batches that replica attested (a node that stepped alone: all of them).
-
-    Replicas start a step from identical weights unless one cheated; each micro-batch runs through the weights
-    of the replica that attested it, so a replica that drifted is replayed on its own weights, and the blocks
-    are reloaded only when the weights a micro-batch needs differ from the ones they hold.
-
-    A replica's micro-batches are added up in the order its attestation lists them: float addition is not
-    associative, so that is what makes a replica that took three or more of them replay bit for bit, as far as
-    the node lists them in the order it accumulated them. A micro-batch whose turn has not come is kept
-    aside until it has.
-    """
-
-    def __init__(self, start: int, end: int, nodes: list[NodeStepState], stack: torch.nn.Module,
-                 trained: dict[str, torch.nn.Parameter], attested: dict[str, Attestation | None],
-                 attestations: dict[tuple[str, int], Attestation], step: int):
-        self.start, self.end, self.nodes, self.stack, self.trained = start, end, nodes, stack, trained
-        self.attested = attested
-        # The replicas whose own gradients the group sums: the snapshot's nodes and any node their
-        # attestations name (the log's verification makes those the same set; this stays safe if not).
-        self.members = [node.node_id for node in nodes]
-        for attestation in attested.values():
-            for member in attestation.averaged_with if attestation else ():
-                if member not in self.members:
-                    self.members.append(member)
-        grouped = any(a is not None and a.averaged_with for a in attested.values())
-        # node id -> the micro-batch ids it attested, in its order; None: every micro-batch, as they come
-        self.order: dict[str, list[int] | None] = {}
-        for member in self.members:
-            attestation = attestations.get((member, step))
-            batches = attestation.micro_batches if attestation else ()
-            self.order[member] = [batch.id for batch in batches] if grouped else None
-        self.added = {member: 0 for member in self.members}  # how many of its `order` are in its gradient
-        self.waiting: dict[int, dict[str, torch.Tensor]] = {}  # micro-batch id -> gradients not yet added
-        self.states = {node.node_id: node for node in nodes}
-        self.weights_sha256 = {node.node_id: tensors_sha256(node.weights("before")) for node in nodes}
-        self.loaded: str | None = None  # SHA-256 of the weights the blocks hold now
-        self.gradients: dict[str, dict[str, torch.Tensor]] = {member: {} for member in self.members}
-
-    def load_weights_for(self, micro_batch: int) -> None:
-        """Give the blocks the weights of the replica that attested `micro_batch` (else the range's first)."""
-        node = next((member for member in self.members if member in self.states
-                     and self._claimed(member, micro_batch)), self.nodes[0].node_id)
-        if self.weights_sha256[node] == self.loaded:
-            return
-        before = self.states[node].weights("before")
-        with torch.no_grad():
-            for name, param in self.trained.items():
-                param.copy_(before[name].to(param.dtype))
-        self.loaded = self.weights_sha256[node]
-
-    def collect_gradients(self, micro_batch: int) -> None:
-        """Take the blocks' gradients of `micro_batch` (clearing them) for the replicas that attested it."""
-        grads = {name: param.grad for name, param in self.trained.items() if param.grad is not None}
-        for param in self.trained.values():
-            param.grad = None
-        self.waiting[micro_batch] = grads
-        for member, order in self.order.items():
-            if order is None:
-                self._add(member, grads)
-            else:
-                while self.added[member] < len(order) and order[self.added[member]] in self.waiting:
-                    self._add(member, self.waiting[order[self.added[member]]])
-                    self.added[member] += 1
-        still_needed = {m for member, order in self.order.items() if order for m in order[self.added[member]:]}
-        self.waiting = {m: grads for m, grads in self.waiting.items() if m in still_needed}
-
-    def gradient(self, member: str) -> dict[str, torch.Tensor]:
-        """The member's own gradient once every micro-batch ran; zeros for what none of its micro-batches
-        reached (as on the node). Micro-batch ids the step does not have add nothing."""
-        order = self.order[member] or []
-        for micro_batch in order[self.added[member]:]:
-            if micro_batch in self.waiting:
-                self._add(member, self.waiting[micro_batch])
-        self.added[member] = len(order)
-        own = self.gradients[member]
-        return {name: own[name] if name in own else torch.zeros_like(param) for name, param in self.trained.items()}
-
-    def _add(self, member: str, grads: dict[str, torch.Tensor]) -> None:
-        """As autograd accumulates on a node: the first micro-batch's gradient as it is, then in-place sums."""
-        own = self.gradients[member]
-        for name, grad in grads.items():
-            if name in own:
-                own[name] += grad
-            else:
-                own[name] = grad.clone()
-
-    def _claimed(self, member: str, micro_batch: int) -> bool:
-        order = self.order[member]
-        return order is None or micro_batch in order
-
-
 class _Wire(torch.autograd.Function):
     """One hop on the wire: activations decoded as a peer decodes them going forward, gradients coming back."""
 
@@ -552,17 +460,3 @@ class _Wire(torch.autograd.Function):
 
 def _relative_error(claimed: torch.Tensor, replayed: torch.Tensor) -> float:
     return float((claimed - replayed).norm() / replayed.norm().clamp_min(1e-12))
-
-
-def _flatten(gradient: dict[str, torch.Tensor]) -> torch.Tensor:
-    """A replica's gradient as it enters the group's sum: float32, in sorted-name order (node.shard)."""
-    return torch.cat([gradient[name].detach().float().flatten() for name in sorted(gradient)])
-
-
-def _unflatten(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out, offset = {}, 0
-    for name in sorted(like):
-        count = like[name].numel()
-        out[name] = flat[offset:offset + count].view(like[name].shape)
-        offset += count
-    return out

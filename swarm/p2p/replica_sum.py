@@ -12,6 +12,23 @@ from hivemind.compression import deserialize_torch_tensor, serialize_torch_tenso
 from hivemind.proto import runtime_pb2
 
 
+def flatten_gradient(gradient: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A replica's gradient as it enters the group's sum: float32 on the CPU, tensors in name order."""
+    return torch.cat([gradient[name].detach().float().cpu().flatten() for name in sorted(gradient)])
+
+
+def unflatten_gradient(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of `flatten_gradient`: tensors shaped like `like`'s."""
+    if flat.numel() != sum(t.numel() for t in like.values()):
+        raise ValueError(f"the summed gradient has {flat.numel()} values, not {sum(t.numel() for t in like.values())}")
+    out, offset = {}, 0
+    for name in sorted(like):
+        count = like[name].numel()
+        out[name] = flat[offset:offset + count].view(like[name].shape)
+        offset += count
+    return out
+
+
 def through_codec(tensor: torch.Tensor, codec: int) -> torch.Tensor:
     """A gradient part exactly as its receiver decodes it."""
     return deserialize_torch_tensor(serialize_torch_tensor(tensor.float().contiguous(), codec)).float()
