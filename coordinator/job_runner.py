@@ -160,6 +160,7 @@ class SwarmSession:
         _wait_until_ready(self.membership, self.nodes, self.job, self.local)
         self.chain = _discover_chain(self.dht, self.loop, self.nodes, self.checkpoint, self.job, self.job_id,
                                      self.model_id, self.audit)
+        self.chain.on_drop = self._dropped
         return self.chain
 
     def close(self, reason: str, linger: bool = True) -> None:
@@ -222,6 +223,13 @@ class SwarmSession:
                 self.joining.remove(record)
             elif record.state == "ready":
                 self._add_to_chain(record, phase, kind, last_step)
+
+    def _dropped(self, stage: RemoteStage, reason: str) -> None:
+        """A replica taken out of the chain after a failure: if its node still runs (a call timed out, say), it
+        is told to stop rather than wait for calls that will not come (a dead one just goes down)."""
+        record = next((r for r in self.nodes if r.node_id == stage.node_id), None)
+        if record is not None and record.state == "ready":
+            record.send(finish=pb.Finish(reason=f"taken out of the chain: {reason}"))
 
     def _group_of(self, stage: RemoteStage) -> list[RemoteStage]:
         return next(group for group in self.chain.groups if stage in group)

@@ -108,6 +108,7 @@ class RemoteChain:
         # step -> micro-batch -> what the trainer sent each range, so a dropped replica's share can be recomputed
         self._records: dict[int, dict[int, _MicroRecord]] = {}
         self.dropped: list[RemoteStage] = []  # replicas dropped during the current step
+        self.on_drop = None  # called with (stage, reason) when a replica leaves the chain
         self._phase_kind = "sft"
 
     @property
@@ -264,6 +265,11 @@ class RemoteChain:
                     logger.warning("%s leaves the chain: %s", stage, reason)
                     for key in [key for key in self._sent if key[0] == stage.node_id]:
                         del self._sent[key]
+                    break
+            else:
+                return
+        if self.on_drop is not None:
+            self.on_drop(stage, reason)
 
     def backward(self, grad, stage_inputs, attention_mask, position_ids, step: int, micro_batch: int,
                  phase: str = "train", route: list[RemoteStage] | None = None) -> torch.Tensor:

