@@ -156,7 +156,7 @@ def write_report(run_dir: Path) -> Path:
 
 def stream_lines(train: list[dict]) -> list[str]:
     """Bytes per data-plane stream: forward/backward/step as the trainer counted them on the wire, average as
-    the replicas reported exchanging among themselves; total and per step."""
+    the replicas said they exchanged among themselves; total and per step."""
     totals: dict[str, list[int]] = {}
     for row in train:
         for stream, moved in (row.get("stream_bytes") or {}).items():
@@ -166,7 +166,7 @@ def stream_lines(train: list[dict]) -> list[str]:
     if not totals:
         return []
     lines = ["## Bytes on the wire per stream", "",
-             "Sent to and received from nodes by the trainer (forward, backward, step, ...); `average`: what the "
+             "What the trainer sent to the nodes and got back (forward, backward, step, ...); `average`: what the "
              "replicas of each range sent and received summing their gradients. Per node totals: the cost-share "
              "table.", "",
              "| stream | sent MB | received MB | sent MB/step | received MB/step |", "|---|---:|---:|---:|---:|"]

@@ -26,7 +26,7 @@ from swarm.reference import train_reference
 from tests.conftest import started_processes, write_job
 from tests.integration.helpers import finish, read_until
 
-STEPS, NODES, KILLS = 50, 5, 2  # 2 ranges x 2 replicas and one spare
+STEPS, NODES, KILLS = 70, 5, 2  # 2 ranges x 2 replicas and one spare
 LR = 0.002  # where this tiny model's training is not chaotic itself (see test_replicas.JOIN_LR)
 ADAPTER_TOLERANCE = 1e-4
 
@@ -41,6 +41,18 @@ class Watcher:
         self.done = threading.Event()
         self.lines: list[str] = []
         threading.Thread(target=self._follow, daemon=True).start()
+
+    def shared_ranges(self, gone: list[str], timeout: float = 60.0) -> list[str]:
+        """Live nodes whose range has another live node (never kill the last replica of a range: that is the
+        job's end, not chaos), waiting for the spare's assignment if none has one yet."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.done.is_set():
+            alive = {node: blocks for node, blocks in list(self.ranges.items()) if node not in gone}
+            shared = sorted(node for node, blocks in alive.items() if list(alive.values()).count(blocks) >= 2)
+            if shared:
+                return shared
+            time.sleep(0.1)
+        raise AssertionError("no range with two live replicas (or the job ended first):\n" + "".join(self.lines))
 
     def _follow(self) -> None:
         while True:
@@ -80,17 +92,11 @@ def chaos_run(tmp_path_factory):
         assert watcher.started.wait(180), "".join(watcher.lines)
         for _ in range(KILLS):
             time.sleep(rng.uniform(0.5, 3.0))
-            if watcher.done.is_set():
-                break
-            # never the last live replica of a range: that is the job's end, not chaos
-            alive = {node: blocks for node, blocks in watcher.ranges.items() if node not in killed}
-            victims = [node for node, blocks in alive.items() if list(alive.values()).count(blocks) >= 2]
-            victim = rng.choice(sorted(victims))
+            victim = rng.choice(watcher.shared_ranges(killed))
             nodes[victim].popen.send_signal(signal.SIGKILL)
             killed.append(victim)
         time.sleep(rng.uniform(0.5, 2.0))
-        alive = {node: blocks for node, blocks in watcher.ranges.items() if node not in killed}
-        leaver = sorted(node for node, blocks in alive.items() if list(alive.values()).count(blocks) >= 2)[0]
+        leaver = watcher.shared_ranges(killed)[0]
         nodes[leaver].popen.send_signal(signal.SIGINT)
         handed_off = finish(nodes[leaver], timeout=120)
         assert watcher.done.wait(400), "".join(watcher.lines)
