@@ -32,22 +32,24 @@ ADAPTER_TOLERANCE = 1e-4
 
 
 class Watcher:
-    """Follows the coordinator's output: which node serves which range, once the chain first stood."""
+    """Follows the coordinator's output: which node was given which range, and which nodes are in the chain
+    (the first chain's, then each one that joined it as a replica)."""
 
     def __init__(self, process):
         self.process = process
         self.ranges: dict[str, str] = {}  # node id -> "a..b"
+        self.serving: set[str] = set()
         self.started = threading.Event()
         self.done = threading.Event()
         self.lines: list[str] = []
         threading.Thread(target=self._follow, daemon=True).start()
 
     def shared_ranges(self, gone: list[str], timeout: float = 60.0) -> list[str]:
-        """Live nodes whose range has another live node (never kill the last replica of a range: that is the
-        job's end, not chaos), waiting for the spare's assignment if none has one yet."""
+        """Nodes in the chain whose range has another one there (never the last replica of a range: losing it
+        is the job's end, not chaos), waiting for the spare to join the chain if no range has two."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not self.done.is_set():
-            alive = {node: blocks for node, blocks in list(self.ranges.items()) if node not in gone}
+            alive = {node: self.ranges[node] for node in list(self.serving) if node not in gone}
             shared = sorted(node for node, blocks in alive.items() if list(alive.values()).count(blocks) >= 2)
             if shared:
                 return shared
@@ -67,7 +69,11 @@ class Watcher:
             assigned = re.search(r"assigned blocks (\S+) to node (\w+)", line)
             if assigned:
                 self.ranges[assigned.group(2)] = assigned.group(1)
+            joined = re.search(r"node (\w+) joined blocks \S+ as a replica", line)
+            if joined:
+                self.serving.add(joined.group(1))
             if "chain: " in line:
+                self.serving |= set(re.findall(r"node (\w+) \(blocks", line))
                 self.started.set()
 
 
