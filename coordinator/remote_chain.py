@@ -168,7 +168,13 @@ class RemoteChain:
         metadata, outputs, received = await from_messages(responses)
         stage.bytes_received += received
         counts[1] += received
-        return CallResult.FromString(metadata), outputs
+        result = CallResult.FromString(metadata)
+        expected = len(result.names) if result.names else (
+            1 if result.status == CallResult.OK and method in (FORWARD, BACKWARD) else len(outputs))
+        if len(outputs) != expected:
+            # a stream cut between two tensors decodes cleanly but short: a lost reply, to be asked again
+            raise ConnectionError(f"the reply should hold {expected} tensors but {len(outputs)} arrived")
+        return result, outputs
 
     def call(self, stage: RemoteStage, method: str, meta: CallMeta, tensors=(), codecs=CODECS["none"]
              ) -> tuple[CallResult, list[torch.Tensor]]:

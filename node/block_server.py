@@ -262,6 +262,9 @@ class BlockServer:
         result = CallResult.FromString(metadata)
         if result.status != CallResult.OK:
             raise ValueError(f"replica {source} refused its state: {result.error}")
+        if len(tensors) != len(result.names):
+            raise ConnectionError(f"replica {source}'s state arrived cut short ({len(tensors)} of "
+                                  f"{len(result.names)} tensors); try again")
         return dict(zip(result.names, tensors))
 
     def _adapter(self, requests, context: P2PContext):
