@@ -394,17 +394,23 @@ def _assign_blocks(nodes: list[NodeRecord], checkpoint: Checkpoint, job: Job, jo
     nodes[:] = [record for record, blocks in zip(nodes, ranges) if blocks is not None]
     if spares:
         logger.info("nodes %s stay on standby", ", ".join(record.node_id for record in spares))
+    expected = {blocks: _expected_shard_sha256(checkpoint, job, blocks) for blocks in set(ranges) - {None}}
     for record, blocks in zip(nodes, [blocks for blocks in ranges if blocks is not None]):
-        _assign(record, blocks, checkpoint, job, job_id, model_id, audit)
+        _assign(record, blocks, checkpoint, job, job_id, model_id, audit, expected[blocks])
+
+
+def _expected_shard_sha256(checkpoint: Checkpoint, job: Job, blocks: BlockRange) -> str:
+    """Nodes rebuild a preset themselves; this hash proves they built the same weights ("": not a preset)."""
+    if job.model.preset is None:
+        return ""
+    tensors = checkpoint.load(checkpoint.block_tensor_names(blocks.start, blocks.end), DTYPES[job.model.dtype])
+    return tensors_sha256(tensors)
 
 
 def _assign(record: NodeRecord, blocks: BlockRange, checkpoint: Checkpoint, job: Job, job_id: str, model_id: str,
-            audit: AuditLog) -> None:
-    expected = ""
-    if job.model.preset is not None:
-        # Nodes rebuild a preset themselves; the hash proves they built the same weights.
-        tensors = checkpoint.load(checkpoint.block_tensor_names(blocks.start, blocks.end), DTYPES[job.model.dtype])
-        expected = tensors_sha256(tensors)
+            audit: AuditLog, expected: str | None = None) -> None:
+    """Send `record` its range; `expected`: the range's shard hash when the caller has it already."""
+    expected = _expected_shard_sha256(checkpoint, job, blocks) if expected is None else expected
     record.blocks = blocks
     record.state = "assigned"
     audit.register_node(record.public_key, hostname=record.hello.hostname, device=record.hello.device,
