@@ -64,11 +64,12 @@ def _add_status_page_flags(parser: argparse.ArgumentParser) -> None:
 
 def _add_resume_parser(commands) -> None:
     resume = commands.add_parser(
-        "resume", help="continue a run whose coordinator died, from its last finished phase",
+        "resume", help="continue a run whose coordinator died, from its latest checkpoint",
         description="Continue the run in RUN_DIR after its coordinator crashed or was killed. Phases that finished "
                     "(their result saved in RUN_DIR/phases/ and their end in the audit log) are kept; the phase that "
-                    "was interrupted is run again from its start, so its work so far is redone (finer-grained "
-                    "checkpoints are future work). The run keeps its job id, coordinator key and audit log, which "
+                    "was interrupted goes on from its latest step checkpoint (RUN_DIR/checkpoints/, every "
+                    "swarm.checkpoint_every steps), or from its start when it has none yet; the steps after that "
+                    "point are redone. The run keeps its job id, coordinator key and audit log, which "
                     "records the resume. With the same seed the result equals that of an uninterrupted run.")
     resume.add_argument("run_dir", type=Path, help="the run directory of the interrupted run")
     resume.add_argument("--local-nodes", type=int, default=0, metavar="N",

@@ -21,7 +21,7 @@ from coordinator.control_service import (ControlService, JobStatus, end_sessions
 from coordinator.cost_share import BASELINE_FILE
 from coordinator.local_nodes import LocalNodes
 from coordinator.membership import Membership, NodeRecord, heartbeat_timeout_s
-from coordinator.remote_chain import RemoteChain, RemoteStage
+from coordinator.remote_chain import RangeLostError, RemoteChain, RemoteStage
 from coordinator.run_dir import MetricsLog, create_run_dir
 from coordinator.scheduler import BlockRange, place_replicas
 from coordinator.phases import PhaseContext, record_checkpoint, run_phases
@@ -124,8 +124,10 @@ class SwarmSession:
         options = self.options
         if self.resume is not None:
             self.audit = AuditLog.open(self.run_dir / "audit.db", self.identity)
+            checkpoint = self.resume.checkpoint
             self.audit.append_event("resume", from_step=self.resume.step, phase=self.resume.phase,
-                                    finished_phases=self.resume.finished, discarded=self.resume.discarded)
+                                    finished_phases=self.resume.finished, discarded=self.resume.discarded,
+                                    step_checkpoint=str(checkpoint.path.relative_to(self.run_dir)) if checkpoint else "")
         else:
             self.audit = AuditLog.create(
                 self.run_dir / "audit.db", self.identity, self.job_id, job_name=self.job.name,
@@ -203,10 +205,9 @@ class SwarmSession:
         for record in [r for r in self.joining if r.state == "leaving"]:
             self.joining.remove(record)
             release_node(self.membership, record, "left before serving")
-        for group in self.chain.groups:
+        for (start, end), group in zip(self.chain.ranges, self.chain.groups):
             if not group:
-                raise SwarmError("a block range lost its last replica; the job cannot go on (resume it once "
-                                 "nodes are back: swarm-coordinator resume RUN_DIR)")
+                raise RangeLostError(start, end, "its nodes are gone")
         wanted = self._ranges_wanting_replicas()
         known = {record.node_id for record in self.nodes + self.joining}
         for record in self.membership.nodes("joined"):
@@ -223,6 +224,62 @@ class SwarmSession:
                 self.joining.remove(record)
             elif record.state == "ready":
                 self._add_to_chain(record, phase, kind, last_step)
+
+    def recover(self, error: RangeLostError) -> None:
+        """Give every range left without a replica a node (the phase loop then rolls every range back to the
+        latest step checkpoint): one already loading that range, a spare, or the next node to join, waiting
+        up to `swarm.join_timeout_s` for it to load its blocks."""
+        job = self.job
+        for (start, end), group in zip(self.chain.ranges, self.chain.groups):
+            if group:
+                continue
+            blocks = BlockRange(start, end)
+            self.status.phase = f"waiting for a node to take over blocks {blocks}"
+            deadline = time.monotonic() + job.swarm.join_timeout_s
+            try:
+                while not self._take_over(blocks, deadline):
+                    if time.monotonic() > deadline:
+                        raise SwarmError(f"{error}, and no node took the range over within "
+                                         f"{job.swarm.join_timeout_s:.0f} s (swarm.join_timeout_s); resume the run "
+                                         f"once nodes are back: swarm-coordinator resume {self.run_dir}")
+            finally:
+                self.status.phase = "train"
+
+    def _take_over(self, blocks: BlockRange, deadline: float) -> bool:
+        """One try at putting a node on `blocks`, a range with no replica; False: not yet (no node free, or
+        the one chosen dropped out)."""
+        for record in [r for r in self.joining if r.state in ("failed", "down", "left", "leaving")]:
+            self.joining.remove(record)
+        record = next((r for r in self.joining if r.blocks == blocks), None)
+        if record is None:
+            known = {r.node_id for r in self.nodes + self.joining}
+            free = [r for r in self.membership.nodes("joined") if r.node_id not in known]
+            if not free:
+                self.membership.wait_until(lambda m: any(r.node_id not in known for r in m.nodes("joined")),
+                                           timeout=1.0)
+                return False
+            record = free[0]
+            _assign(record, blocks, self.checkpoint, self.job, self.job_id, self.model_id, self.audit)
+            self.joining.append(record)
+        while record.state != "ready":
+            if record.state in ("failed", "down", "left", "leaving") or time.monotonic() > deadline:
+                logger.warning("node %s did not take over blocks %s (%s)", record.node_id, blocks,
+                               record.failure or record.state)
+                return False
+            self.membership.wait_until(lambda m: record.state != "assigned", timeout=0.5)
+        while True:
+            servers = [s for s in find_replicas(self.dht, self.model_id, self.checkpoint.num_blocks)
+                       if s.node_id == record.node_id and (s.start, s.end) == (blocks.start, blocks.end)]
+            if servers:
+                break
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)
+        self.chain.adopt(RemoteStage(servers[0].peer_id, blocks.start, blocks.end, record.node_id))
+        self.joining.remove(record)
+        self.nodes.append(record)
+        logger.warning("node %s took over blocks %s", record.node_id, blocks)
+        return True
 
     def _dropped(self, stage: RemoteStage, reason: str) -> None:
         """A replica taken out of the chain after a failure: if its node still runs (a call timed out, say), it
@@ -318,7 +375,7 @@ def _run_in(prepared: PreparedJob, run_dir: Path, options: RunOptions, resume: R
             metrics = MetricsLog(run_dir / "metrics.jsonl", subscribers=[TensorBoardLog(run_dir)])
             context = PhaseContext(job, prepared.checkpoint, prepared.tokenizer, chain, session.head, run_dir, metrics,
                                    progress=options.progress, on_step=session.record_step,
-                                   before_step=session.admit_nodes, audit=session.audit)
+                                   before_step=session.admit_nodes, recover=session.recover, audit=session.audit)
             first_phase, evaluate_start = 0, True
             try:
                 if resume is not None:
@@ -328,7 +385,8 @@ def _run_in(prepared: PreparedJob, run_dir: Path, options: RunOptions, resume: R
                     session.record_step(resume.step)
                     first_phase, evaluate_start = resume.first_phase, not resume.start_evaluated
                 session.status.phase = "train"
-                final_adapter = run_phases(context, first_phase, evaluate_start)
+                final_adapter = run_phases(context, first_phase, evaluate_start,
+                                           resume.checkpoint if resume is not None else None)
             finally:
                 metrics.close()
             session.status.phase = "exporting"

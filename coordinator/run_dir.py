@@ -8,6 +8,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 
 def create_run_dir(root: Path, job_name: str, job_file: Path, explicit: Path | None = None) -> Path:
@@ -46,10 +47,49 @@ class MetricsLog:
         for subscriber in self.subscribers:
             subscriber.write(row)
 
+    def rewind(self, keep: Callable[[dict], bool]) -> None:
+        """Drop the rows `keep` refuses (steps about to be redone after a rollback). Subscribers keep what
+        they were given."""
+        self._handle.close()
+        keep_metrics(self.path, keep)
+        self._handle = open(self.path, "a", buffering=1)
+
     def close(self) -> None:
         self._handle.close()
         for subscriber in self.subscribers:
             subscriber.close()
+
+
+def done_before(step: int) -> Callable[[dict], bool]:
+    """Whether a metrics row records work done before global step `step` was applied: a train row of an
+    earlier step, or an evaluation after at most `step` steps."""
+    def keep(row: dict) -> bool:
+        done = row.get("step")
+        return isinstance(done, int) and (done < step if row.get("type") == "train" else done <= step)
+
+    return keep
+
+
+def keep_metrics(path: Path, keep: Callable[[dict], bool]) -> list[dict]:
+    """Rewrite metrics.jsonl with only the rows `keep` accepts (replaced atomically; a row cut short by a
+    crash goes too); returns the rows kept."""
+    if not path.is_file():
+        return []
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and keep(row):
+            kept.append(row)
+    partial = path.with_name(path.name + ".rewrite")
+    with open(partial, "w") as handle:
+        handle.write("".join(json.dumps(row, sort_keys=True) + "\n" for row in kept))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
+    return kept
 
 
 def read_metrics(path: Path) -> list[dict]:

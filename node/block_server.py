@@ -26,8 +26,9 @@ from swarm.audit.attestation import Attestation, MicroBatch, SignedAttestation, 
 from swarm.config import PHASE_KINDS
 from swarm.identity import Identity
 from swarm.p2p.codecs import CODECS, codec_type
-from swarm.p2p.tensors import (ADAPTER, ADMIT, AVERAGE, BACKWARD, CHUNK_BYTES, FETCH_STATE, FORWARD, PHASE, RESTORE,
-                               STEP, STEP_STATE, SYNC, WEIGHTS, aiter_list, from_messages, to_messages)
+from swarm.p2p.tensors import (ADAPTER, ADMIT, AVERAGE, BACKWARD, CHUNK_BYTES, FETCH_STATE, FORWARD, LOAD_STATE,
+                               PHASE, REPLICA_STATE, RESTORE, STEP, STEP_STATE, SYNC, WEIGHTS, aiter_list,
+                               from_messages, to_messages)
 from swarm.proto.blocks_pb2 import CallMeta, CallResult
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,8 @@ class BlockServer:
         for name, handler in ((FORWARD, self._forward), (BACKWARD, self._backward), (STEP, self._step),
                               (ADAPTER, self._adapter), (PHASE, self._phase), (WEIGHTS, self._weights),
                               (STEP_STATE, self._step_state), (RESTORE, self._restore), (AVERAGE, self._average),
-                              (ADMIT, self._admit), (SYNC, self._sync), (FETCH_STATE, self._fetch_state)):
+                              (ADMIT, self._admit), (SYNC, self._sync), (FETCH_STATE, self._fetch_state),
+                              (REPLICA_STATE, self._replica_state), (LOAD_STATE, self._load_state)):
             await p2p.add_protobuf_handler(name, handler, runtime_pb2.ExpertRequest, stream_input=True,
                                            stream_output=True)
 
@@ -243,14 +245,36 @@ class BlockServer:
             source = PeerID.from_base58(meta.replica_peers[0])
             future = asyncio.run_coroutine_threadsafe(self._fetch_from(source), self.loop)
             state = future.result(timeout=meta.averaging_timeout_s or 300.0)
-            weights, optimizer = self.shard.load_replica_state(meta.phase, meta.phase_kind, meta.step, state)
-            self.last_attestation = None
-            self.step_bytes.clear()
-            self.loop.call_soon_threadsafe(self.reducer.start_after, meta.step)
+            result = self._become(meta, state)
             logger.info("took the state of replica %s (phase %s, after step %d)", source, meta.phase, meta.step)
-            return CallResult(status=CallResult.OK, weights_sha256=weights, optimizer_sha256=optimizer), []
+            return result, []
 
         return self._serve(requests, context, work)
+
+    def _replica_state(self, requests, context: P2PContext):
+        """This node's whole state (Shard.replica_state), for the trainer's step checkpoint."""
+        return self._serve(requests, context, lambda meta, tensors: _named_tensors(self.shard.replica_state()))
+
+    def _load_state(self, requests, context: P2PContext):
+        """The trainer rolls this range back to a step checkpoint (a state `_replica_state` gave): phase
+        `meta.phase` after step `meta.step`; the steps after it will be redone."""
+        def work(meta: CallMeta, tensors):
+            if len(meta.names) != len(tensors) or len(set(meta.names)) != len(tensors):
+                raise ValueError(f"load_state names {len(meta.names)} tensors (distinct: {len(set(meta.names))}) "
+                                 f"but carries {len(tensors)}")
+            result = self._become(meta, dict(zip(meta.names, tensors)))
+            logger.info("rolled back to the checkpoint of phase %s after step %d", meta.phase, meta.step)
+            return result, []
+
+        return self._serve(requests, context, work)
+
+    def _become(self, meta: CallMeta, state: dict) -> CallResult:
+        """Take `state` as this range's state in phase `meta.phase` after step `meta.step`: later steps only."""
+        weights, optimizer = self.shard.load_replica_state(meta.phase, meta.phase_kind, meta.step, state)
+        self.last_attestation = None
+        self.step_bytes.clear()
+        self.loop.call_soon_threadsafe(self.reducer.start_after, meta.step)
+        return CallResult(status=CallResult.OK, weights_sha256=weights, optimizer_sha256=optimizer)
 
     async def _fetch_from(self, source: PeerID) -> dict:
         meta = CallMeta(job_id=self.job_id, block_start=self.shard.start, block_end=self.shard.end)

@@ -306,22 +306,26 @@ class Shard:
         if kind not in PHASE_KINDS:
             raise ValueError(f"unknown phase kind {kind!r}")
         own = {**self._base_parameters(), **adapter_state(self.blocks)}
-        names = {f"param/{name}" for name in own}
-        if not names <= set(tensors):
-            raise ValueError(f"the replica's state lacks {len(names - set(tensors))} of this range's parameters")
-        for name, tensor in tensors.items():
+        for key, tensor in tensors.items():  # all checked before anything changes
+            part, _, name = key.partition("/")
+            if part not in ("param", "exp_avg", "exp_avg_sq", "step") or name not in own:
+                raise ValueError(f"replica state {key} is not a tensor of blocks {self.start}..{self.end - 1}")
             if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
-                raise ValueError(f"replica state {name} is not finite floating point")
+                raise ValueError(f"replica state {key} is not finite floating point")
+            if part == "param" and tuple(tensor.shape) != tuple(own[name].shape):
+                raise ValueError(f"replica state {name} is {list(tensor.shape)}, not {list(own[name].shape)}")
+        missing = {f"param/{name}" for name in own} - set(tensors)
+        if missing:
+            raise ValueError(f"the replica's state lacks {len(missing)} of this range's parameters")
         with torch.no_grad():
             for name, param in own.items():
-                value = tensors[f"param/{name}"]
-                if tuple(value.shape) != tuple(param.shape):
-                    raise ValueError(f"replica state {name} is {list(value.shape)}, not {list(param.shape)}")
-                param.copy_(value.to(param.device, param.dtype))
+                param.copy_(tensors[f"param/{name}"].to(param.device, param.dtype))
         train_base = kind == "pretrain"
         for name, param in self.blocks.named_parameters():
             param.requires_grad_((".lora_" in name) != train_base)
         self.phase_name, self.phase_kind, self.last_applied_step = phase_name, kind, last_step
+        for param in self.blocks.parameters():
+            param.grad = None  # gradients of a step this node will not apply (it was left behind, or rolled back)
         self.pending.clear()
         self.activations.clear()
         self.finished_backward.clear()

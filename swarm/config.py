@@ -201,6 +201,10 @@ class SwarmSpec(StrictModel):
     join_timeout_s: float = Field(300.0, gt=0)
     heartbeat_interval_s: float = Field(2.0, gt=0)
     rpc_timeout_s: float = Field(120.0, gt=0)
+    checkpoint_every: int = Field(
+        25, ge=0, description="steps between step checkpoints inside a phase (every range's and the trainer's "
+        "whole training state, in RUN/checkpoints/): `resume` continues from the latest, and a node taking over a "
+        "range that lost its last replica starts from it; 0: only at phase ends (no takeover)")
 
     @field_validator("replicas", mode="before")
     @classmethod

@@ -42,10 +42,16 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "checkpoint": (),
     # A coordinator restarted after a crash redoes the work from step `from_step` on (phase `phase`, from its start).
     "resume": ("from_step", "phase"),
+    # A block range lost its last replica: every range went back to the step checkpoint before step `from_step`
+    # and the steps from `from_step` on are redone (phase `phase`, from the checkpoint).
+    "rollback": ("from_step", "phase"),
     # A node joined a range mid-job by copying replica `source_node`'s state after step `step`.
     "sync": ("node_id", "source_node", "step"),
+    # A node took a step checkpoint's state of its range (phase `phase`, after step `step`): a takeover or resume.
+    "load_state": ("node_id", "step", "phase", "weights_sha256", "optimizer_sha256"),
 }
 KINDS = (*EVENT_FIELDS, ATTESTATION)
+REDO_KINDS = ("resume", "rollback")  # events after which the steps from `from_step` on may be attested again
 
 
 def entry_hash(

@@ -10,8 +10,9 @@ Contract:
   `swarm-audit verify` would report.
 - Every append is one SQLite transaction in a WAL-mode file with synchronous=FULL: a crash leaves the log
   valid up to its last complete entry, and a committed entry survives a power cut.
-- `append_event("resume", from_step=S, phase=...)` (a coordinator resumed after a crash) lets every
-  (node, phase, step) with step >= S that was attested before it be attested once more after it.
+- `append_event("resume", from_step=S, phase=...)` (a coordinator resumed after a crash) and `rollback` (every
+  range went back to a step checkpoint) let every (node, phase, step) with step >= S that was attested before
+  them be attested once more after them.
 - `sign_tree_head` signs (tree size, Merkle root, time) over all entries so far; call it at every phase end
   and every K steps. Entries after the last tree head are only as trustworthy as the file.
 
@@ -32,7 +33,7 @@ from swarm.audit import db
 from swarm.audit.attestation import SignedAttestation, verify_attestation
 from swarm.audit.canonical import canonical_json, parse_json_object
 from swarm.audit.entry import (
-    ATTESTATION, EVENT_FIELDS, GENESIS_PREV_HASH, Entry, TreeHead, entry_hash, tree_head_message,
+    ATTESTATION, EVENT_FIELDS, GENESIS_PREV_HASH, REDO_KINDS, Entry, TreeHead, entry_hash, tree_head_message,
 )  # fmt: skip
 from swarm.audit.errors import AttestationError, AuditError, EntryNotFoundError, EventError, NotAnAuditLogError
 from swarm.audit.merkle import MerkleTree
@@ -115,10 +116,10 @@ class AuditLog:
             key = _hex_key(fields["public_key"])
             if fields["node_id"] != fingerprint(key):
                 raise EventError(f"join names node {fields['node_id']} but its key's fingerprint is {fingerprint(key)}")
-        if kind == "resume" and (type(fields["from_step"]) is not int or fields["from_step"] < 0):
-            raise EventError(f"a resume event's from_step must be a step id (an int >= 0), not {fields['from_step']!r}")
+        if kind in REDO_KINDS and (type(fields["from_step"]) is not int or fields["from_step"] < 0):
+            raise EventError(f"a {kind} event's from_step must be a step id (an int >= 0), not {fields['from_step']!r}")
         entry = self._append_event(kind, fields)
-        if kind == "resume":
+        if kind in REDO_KINDS:
             self._forget_attested_from(fields["from_step"])
         return entry
 
@@ -247,7 +248,7 @@ class AuditLog:
                 entry = db.entry_from_row(row)
                 self._tree.append(entry.leaf_hash)
                 self._prev_hash = entry.stored_hash
-                if entry.kind in ("job_start", "join", "resume", ATTESTATION):
+                if entry.kind in ("job_start", "join", *REDO_KINDS, ATTESTATION):
                     self._remember(entry)
             except (ValueError, KeyError, TypeError, AuditError):
                 if self._coordinator is not None:
@@ -263,7 +264,7 @@ class AuditLog:
             self._node_keys[record["node_id"]] = _hex_key(record["public_key"])
         elif entry.kind == ATTESTATION:
             self._attested.add((record["node_id"], record["phase"], record["step"]))
-        elif entry.kind == "resume":
+        elif entry.kind in REDO_KINDS:
             self._forget_attested_from(int(record["from_step"]))
 
     def _forget_attested_from(self, from_step: int) -> None:

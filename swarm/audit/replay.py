@@ -39,7 +39,7 @@ import torch
 
 from swarm.audit.attestation import DEFAULT_SKETCH_TOLERANCE, DEFAULT_STATE_TOLERANCE, Attestation
 from swarm.audit.canonical import parse_json_object
-from swarm.audit.entry import ATTESTATION
+from swarm.audit.entry import ATTESTATION, REDO_KINDS
 from swarm.audit.errors import AuditError
 from swarm.audit.log import AuditLog
 from swarm.audit.query import REPLAY_FILE
@@ -138,7 +138,7 @@ def replay_run(run_dir: str | Path, sample: float, seed: int | None = None, cach
         raise ReplayError(f"the audit log does not verify ({verified.first_bad}); run `swarm-audit verify` first")
     records = _read_log(log_path)
     job = _job(run_dir, records.job_sha256)
-    findings = _check_chains(records.attestations)
+    findings = _check_chains(records.attestations, records.taken_states)
     snapshots = sorted(records.snapshot_files)
     if not snapshots:
         raise ReplayError(f"{run_dir} has no replay snapshots (audit.snapshots_per_phase was 0?)")
@@ -168,10 +168,13 @@ class _LogRecords:
     attestations: dict[tuple[str, int], Attestation]  # (node id, step) -> attestation
     files: dict[str, str]  # run-relative path -> SHA-256 from its checkpoint event
     snapshot_files: dict[int, str]  # step -> run-relative snapshot path
+    # (node id, phase, step) -> (weights, optimizer state) hashes the node took after that step: a replica's
+    # copy (`sync`) or a step checkpoint (`load_state`); its next step starts from them
+    taken_states: dict[tuple[str, str, int], tuple[str, str]] = field(default_factory=dict)
 
 
 def _read_log(path: Path) -> _LogRecords:
-    attestations, files, snapshots, job_sha256 = {}, {}, {}, ""
+    attestations, files, snapshots, job_sha256, taken = {}, {}, {}, "", {}
     with AuditLog.open(path) as log:
         for entry in log.entries():
             if entry.kind == ATTESTATION:
@@ -179,7 +182,7 @@ def _read_log(path: Path) -> _LogRecords:
                 attestations[(attestation.node_id, attestation.step)] = attestation
                 continue
             event = parse_json_object(entry.payload)
-            if entry.kind == "resume":  # work from from_step on was redone after it: only the redone counts
+            if entry.kind in REDO_KINDS:  # work from from_step on was redone after it: only the redone counts
                 redone = int(event["from_step"])
                 attestations = {key: value for key, value in attestations.items() if key[1] < redone}
                 snapshots = {step: path for step, path in snapshots.items() if step < redone}
@@ -189,7 +192,10 @@ def _read_log(path: Path) -> _LogRecords:
                 files[event["path"]] = event["sha256"]
                 if "replay_step" in event:
                     snapshots[int(event["replay_step"])] = event["path"]
-    return _LogRecords(job_sha256, attestations, files, snapshots)
+            elif entry.kind in ("sync", "load_state") and "weights_sha256" in event:
+                taken[(event["node_id"], event.get("phase", ""), int(event["step"]))] = (
+                    event["weights_sha256"], event.get("optimizer_sha256", ""))
+    return _LogRecords(job_sha256, attestations, files, snapshots, taken)
 
 
 def _job(run_dir: Path, logged_sha256: str) -> Job:
@@ -201,9 +207,11 @@ def _job(run_dir: Path, logged_sha256: str) -> Job:
     return load_job(job_file)
 
 
-def _check_chains(attestations: dict[tuple[str, int], Attestation]) -> list[Finding]:
+def _check_chains(attestations: dict[tuple[str, int], Attestation],
+                  taken: dict[tuple[str, str, int], tuple[str, str]]) -> list[Finding]:
     """Within a phase, a node's step starts from exactly the weights and AdamW state its previous step ended
-    with, and its first step from fresh AdamW state (every phase starts a new optimizer)."""
+    with, and its first step from fresh AdamW state (every phase starts a new optimizer); either may instead
+    be a state the log says the node took just before (a replica's copy, a step checkpoint: `taken`)."""
     fresh = tensors_sha256({})
     by_node_phase: dict[tuple[str, str], list[Attestation]] = defaultdict(list)
     for attestation in attestations.values():
@@ -211,10 +219,17 @@ def _check_chains(attestations: dict[tuple[str, int], Attestation]) -> list[Find
     findings = []
     for (node, phase), steps in sorted(by_node_phase.items()):
         steps.sort(key=lambda a: a.step)
-        if steps[0].optimizer_sha256_before != fresh:
+
+        def took(step: Attestation) -> bool:
+            before = (step.adapter_sha256_before, step.optimizer_sha256_before)
+            return taken.get((node, phase, step.step - 1)) == before
+
+        if steps[0].optimizer_sha256_before != fresh and not took(steps[0]):
             findings.append(Finding(node, phase, steps[0].step, "state chain",
                                     "the phase's first step does not start from fresh optimizer state"))
         for previous, following in zip(steps, steps[1:]):
+            if took(following):
+                continue
             if following.adapter_sha256_before != previous.adapter_sha256_after:
                 findings.append(Finding(node, phase, following.step, "state chain",
                                         f"starts from weights other than those step {previous.step} ended with"))

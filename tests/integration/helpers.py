@@ -6,6 +6,7 @@ import contextlib
 import queue
 import re
 import subprocess
+import sys
 import threading
 import time
 
@@ -68,6 +69,99 @@ def finish(process: CliProcess, timeout: float) -> tuple[int, str]:
         if line is not None:
             process.seen.append(line)
     return code, "".join(process.seen)
+
+
+class Watcher:
+    """Follows the coordinator's output: which node was given which range, and which nodes are in the chain
+    (the first chain's, then each one that joined it as a replica)."""
+
+    def __init__(self, process):
+        self.process = process
+        self.ranges: dict[str, str] = {}  # node id -> "a..b"
+        self.serving: set[str] = set()
+        self.started = threading.Event()
+        self.done = threading.Event()
+        self.lines: list[str] = []
+        threading.Thread(target=self._follow, daemon=True).start()
+
+    def shared_ranges(self, gone: list[str], timeout: float = 60.0) -> list[str]:
+        """Nodes in the chain whose range has another one there (never the last replica of a range: losing that
+        rolls every range back, which test_takeover covers), waiting for the spare to join the chain if no range
+        has two."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.done.is_set():
+            alive = {node: self.ranges[node] for node in list(self.serving) if node not in gone}
+            shared = sorted(node for node, blocks in alive.items() if list(alive.values()).count(blocks) >= 2)
+            if shared:
+                return shared
+            time.sleep(0.1)
+        raise AssertionError("no range with two live replicas (or the job ended first):\n" + "".join(self.lines))
+
+    def _follow(self) -> None:
+        while True:
+            try:
+                line = self.process.lines.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if line is None:
+                self.done.set()
+                return
+            self.lines.append(line)
+            assigned = re.search(r"assigned blocks (\S+) to node (\w+)", line)
+            if assigned:
+                self.ranges[assigned.group(2)] = assigned.group(1)
+            joined = re.search(r"node (\w+) (joined|took over) blocks \S+", line)
+            if joined:
+                self.serving.add(joined.group(1))
+            if "chain: " in line:
+                self.serving |= set(re.findall(r"node (\w+) \(blocks", line))
+                self.started.set()
+
+
+def assert_undisturbed(job, run_dir, tolerance: float) -> None:
+    """The run's losses and final adapter are those an undisturbed single machine gets (swarm.reference)."""
+    import torch
+
+    from coordinator.run_dir import read_metrics
+    from swarm.lora import load_peft_adapter
+    from swarm.models.checkpoint import resolve_model
+    from swarm.reference import train_reference
+
+    reference = train_reference(resolve_model(job.model), job)
+    losses = [row["loss"] for row in read_metrics(run_dir / "metrics.jsonl") if row["type"] == "train"]
+    assert len(losses) == len(reference.losses)
+    assert max(abs(a - b) for a, b in zip(losses, reference.losses)) <= 1e-4
+    _, adapter = load_peft_adapter(run_dir / "adapter")
+    assert adapter.keys() == reference.adapter.keys()
+    worst = max((adapter[name] - reference.adapter[name]).abs().max().item() for name in adapter)
+    assert worst <= tolerance, worst
+    assert any(not torch.equal(adapter[name], torch.zeros_like(adapter[name])) for name in adapter)
+
+
+def swarm_audit(*args) -> subprocess.CompletedProcess:
+    """`swarm-audit ARGS...` as a user runs it."""
+    from tests.conftest import REPO
+
+    return subprocess.run([sys.executable, "-m", "swarm.audit.cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=REPO, timeout=300)
+
+
+def start_swarm(start, job_file, run_dir, keys_dir, nodes: int) -> tuple[Watcher, dict[str, CliProcess]]:
+    """`swarm-coordinator run` and `nodes` separate `swarm-node join` processes (to be killed by PID), started
+    with `start` (tests.conftest.started_processes); returns once the chain trains: the coordinator's watcher
+    and the nodes by node id."""
+    coordinator = start("-m", "coordinator.cli", "run", str(job_file), "--run-dir", str(run_dir),
+                        "--no-progress", "--no-baseline")
+    match, _ = read_until(coordinator, r"join with: swarm-node join --coordinator (\S+)", timeout=60)
+    started = {}
+    for index in range(nodes):
+        node = start("-m", "node.cli", "join", "--coordinator", match.group(1), "--key",
+                     str(keys_dir / f"node{index}.key"), "--threads", "1")
+        identity, _ = read_until(node, r"node identity (\w+)", timeout=60)
+        started[identity.group(1)] = node
+    watcher = Watcher(coordinator)
+    assert watcher.started.wait(180), "".join(watcher.lines)
+    return watcher, started
 
 
 @contextlib.contextmanager

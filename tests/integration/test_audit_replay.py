@@ -5,15 +5,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from swarm.audit.query import REPLAY_FILE
 from swarm.identity import Identity
-from tests.conftest import REPO, started_processes, write_job
-from tests.integration.helpers import finish, read_until
+from tests.conftest import started_processes, write_job
+from tests.integration.helpers import finish, read_until, swarm_audit
 
 PHASES = [
     {"kind": "pretrain", "steps": 3, "lr": 0.01, "loss_on": "all"},
@@ -42,11 +40,6 @@ def mixed_run(tmp_path_factory):
         code, output = finish(coordinator, timeout=400)
     assert code == 0, output
     return run_dir, {Identity.load_or_create(tmp / f"{mode}.key").fingerprint: mode for mode in LIARS}
-
-
-def swarm_audit(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "swarm.audit.cli", *map(str, args)], capture_output=True,
-                          text=True, cwd=REPO, timeout=300)
 
 
 def test_dishonest_nodes_are_caught_by_replay_and_named_by_who(mixed_run):

@@ -153,7 +153,12 @@ def test_assignments_phases_and_checkpoints_are_signed_events(run_dir):
     assert [(e["phase"], e["event"]) for e in events(run_dir, "phase")] == [
         ("sft", "start"), ("sft", "end"), ("sft-2", "start"), ("sft-2", "end")]
     checkpoints = events(run_dir, "checkpoint")
-    assert [e["path"] for e in checkpoints if "replay_step" not in e] == [
+    # a step checkpoint before each phase's first step (the phases are shorter than swarm.checkpoint_every)
+    step_files = [e for e in checkpoints if "step_checkpoint" in e]
+    firsts = [e["first_step"] for e in events(run_dir, "phase") if e["event"] == "start"]
+    assert sorted({e["step_checkpoint"] for e in step_files}) == firsts
+    assert all(e["path"].startswith(f"checkpoints/step-{e['step_checkpoint']:08d}/") for e in step_files)
+    assert [e["path"] for e in checkpoints if "replay_step" not in e and "step_checkpoint" not in e] == [
         "phases/01-sft/adapter/adapter_model.safetensors", "phases/02-sft-2/adapter/adapter_model.safetensors",
         "adapter/adapter_model.safetensors"]
     snapshots = [e for e in checkpoints if "replay_step" in e]  # audit.snapshots_per_phase: 2 by default

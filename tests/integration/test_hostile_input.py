@@ -14,8 +14,8 @@ from coordinator.job_runner import RunOptions, SwarmSession, prepare_job
 from coordinator.run_dir import create_run_dir
 from coordinator.trainer import swarm_logits, train_step
 from swarm.errors import RemoteBlockError
-from swarm.p2p.tensors import (ADMIT, AVERAGE, BACKWARD, FETCH_STATE, FORWARD, STEP, aiter_list, from_messages,
-                               to_messages)
+from swarm.p2p.tensors import (ADMIT, AVERAGE, BACKWARD, FETCH_STATE, FORWARD, LOAD_STATE, REPLICA_STATE, STEP,
+                               aiter_list, from_messages, to_messages)
 from swarm.proto.blocks_pb2 import CallMeta, CallResult
 from swarm.training import position_ids_for
 from tests.conftest import started_processes, write_job
@@ -161,6 +161,29 @@ def test_a_stranger_can_neither_add_to_a_gradient_sum_nor_copy_the_nodes_state(s
     assert result.status == CallResult.ERROR and "is not replica 1 of the group the part names" in result.error
     result = call_as_stranger(served, FETCH_STATE, CallMeta(**base), [])
     assert result.status == CallResult.ERROR and "was not admitted as a replica of this range" in result.error
+    still_serves(served)
+
+
+def test_a_checkpoint_state_that_does_not_fit_is_refused_and_strangers_can_neither_read_nor_set_one(served):
+    _, session, _, _ = served
+    stage = session.chain.stages[0]
+    base = dict(job_id=session.chain.job_id, block_start=stage.start, block_end=stage.end)
+    for method in (REPLICA_STATE, LOAD_STATE):
+        assert "is not this job's trainer" in call_as_stranger(served, method, CallMeta(**base), []).error
+    state = session.chain.gather_replica_states()[(stage.start, stage.end)]
+    # small tensors only: this node takes requests of at most 0.25 MB
+    norm, other = sorted(name for name in state if name.startswith("param/") and state[name].numel() <= 64)[:2]
+    cases = [
+        ({norm: state[norm], other: state[other]}, [norm], "load_state names 1 tensors (distinct: 1) but carries 2"),
+        ({"param/model.lm_head.weight": state[norm]}, None, "param/model.lm_head.weight is not a tensor of blocks 0..5"),
+        ({norm: torch.full_like(state[norm], float("nan"))}, None, f"replica state {norm} is not finite floating point"),
+        ({norm: torch.zeros(3)}, None, f"replica state {norm.removeprefix('param/')} is [3], not"),
+        ({norm: state[norm]}, None, f"the replica's state lacks {sum(n.startswith('param/') for n in state) - 1} of"),
+    ]  # fmt: skip
+    for sent, sent_names, message in cases:
+        with pytest.raises(RemoteBlockError, match=f"refused {LOAD_STATE}: .*" + _escape(message)):
+            bad_call(served, LOAD_STATE, [sent[n] for n in sorted(sent)], phase="train", phase_kind="sft", step=-1,
+                     names=sent_names or sorted(sent))
     still_serves(served)
 
 

@@ -7,21 +7,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 from swarm.audit import replay
 from swarm.audit.query import REPLAY_FILE
-from tests.conftest import REPO
 from tests.integration.conftest import REPLICAS, SNAPSHOTS, STAGES
+from tests.integration.helpers import swarm_audit
 
-
-
-def swarm_audit(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "swarm.audit.cli", *map(str, args)], capture_output=True,
-                          text=True, cwd=REPO, timeout=300)
 
 
 @pytest.fixture(scope="module")

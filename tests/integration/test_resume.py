@@ -1,5 +1,7 @@
 """Coordinator crash and `swarm-coordinator resume`: SIGKILL the coordinator (and its local nodes) in the
-middle of a phase, resume the run directory, and get what an uninterrupted run with the same seed gets."""
+middle of a phase, twice, resume the run directory each time, and get what an uninterrupted run with the same
+seed gets. The first kill lands before the phase's first step checkpoint (the phase is redone from its start),
+the second after one (the run goes on from it)."""
 
 from __future__ import annotations
 
@@ -19,14 +21,17 @@ from swarm.audit import AuditLog
 from swarm.audit.canonical import parse_json_object
 from swarm.lora import load_peft_adapter
 from tests.conftest import REPO, started_processes, write_job
-from tests.integration.helpers import finish
+from tests.integration.helpers import finish, swarm_audit
 
 # A pretrained base with an adapter merged into it: the restored blocks carry both, the trainer's head the former.
 PHASES = [{"kind": "pretrain", "steps": 3, "lr": 0.003}, {"kind": "sft", "steps": 4, "lr": 0.02},
           {"kind": "sft", "steps": 6, "lr": 0.02, "adapter": "merge"}, {"kind": "sft", "steps": 3, "lr": 0.02}]
 TOTAL_STEPS = 16
-INTERRUPTED = "sft-2"  # the kill lands in the third phase, whose first step id is 7
-FIRST_REDONE = 7
+EVERY = 4  # step checkpoints before steps 0, 4, ... of each phase
+# (phase the kill lands in, its steps done by then, the resume event expected: from_step, finished phases,
+# step checkpoint): first early in the second phase (step ids 3..6; its only checkpoint is at its start, so
+# it is redone whole), then in the third (7..12) after the checkpoint before its fifth step (step id 11)
+KILLS = [("sft", 1, 3, ["pretrain"], ""), ("sft-2", 5, 11, ["pretrain", "sft"], "checkpoints/step-00000011")]
 RUN = ("-m", "coordinator.cli")
 FLAGS = ("--local-nodes", "3", "--node-threads", "1", "--no-progress", "--no-baseline", "--no-status-page")
 
@@ -35,7 +40,8 @@ FLAGS = ("--local-nodes", "3", "--node-threads", "1", "--no-progress", "--no-bas
 def runs(tmp_path_factory):
     """An uninterrupted run, and a run of the same job killed in its third phase and then resumed."""
     tmp = tmp_path_factory.mktemp("resume")
-    job_file = write_job(tmp, phases=PHASES, training={"steps": None, "batch_size": 4, "micro_batches": 2})
+    job_file = write_job(tmp, phases=PHASES, training={"steps": None, "batch_size": 4, "micro_batches": 2},
+                         swarm={"checkpoint_every": EVERY})
     whole, resumed = tmp / "whole", tmp / "resumed"
     killed_groups: set[int] = set()
     try:
@@ -43,10 +49,12 @@ def runs(tmp_path_factory):
             code, output = finish(start(*RUN, "run", str(job_file), "--run-dir", str(whole), *FLAGS), timeout=300)
             assert code == 0, output
             crashed = start(*RUN, "run", str(job_file), "--run-dir", str(resumed), *FLAGS)
-            wait_for_phase(resumed / "metrics.jsonl", INTERRUPTED, crashed, timeout=240)
-            killed_groups = kill_with_descendants(crashed.pid)
-            crashed.popen.wait(timeout=30)
-            code, output = finish(start(*RUN, "resume", str(resumed), *FLAGS), timeout=300)
+            for phase, done, *_ in KILLS:
+                wait_for_phase(resumed / "metrics.jsonl", phase, done, crashed, timeout=240)
+                killed_groups |= kill_with_descendants(crashed.pid)
+                crashed.popen.wait(timeout=30)
+                crashed = start(*RUN, "resume", str(resumed), *FLAGS)
+            code, output = finish(crashed, timeout=300)
     finally:
         for group in killed_groups:  # the killed run's local nodes lived in process groups of their own
             try:
@@ -56,14 +64,16 @@ def runs(tmp_path_factory):
     return whole, resumed, code, output
 
 
-def wait_for_phase(metrics: Path, phase: str, process, timeout: float) -> None:
+def wait_for_phase(metrics: Path, phase: str, done: int, process, timeout: float) -> None:
+    """Until the metrics show step `done` of `phase` applied."""
     deadline = time.monotonic() + timeout
+    row = f'"phase": "{phase}", "phase_step": {done},'
     while time.monotonic() < deadline:
         assert process.poll() is None, "the run ended before it could be killed"
-        if metrics.is_file() and any(f'"phase": "{phase}"' in line for line in metrics.read_text().splitlines()):
+        if metrics.is_file() and any(row in line for line in metrics.read_text().splitlines()):
             return
         time.sleep(0.05)
-    raise AssertionError(f"phase {phase} did not start within {timeout} s")
+    raise AssertionError(f"step {done} of phase {phase} was not applied within {timeout} s")
 
 
 def kill_with_descendants(pid: int) -> set[int]:
@@ -111,17 +121,18 @@ def test_every_step_appears_once_in_order_in_the_metrics(runs):
     assert max(abs(a - b["loss"]) for a, b in zip(losses, rows)) <= 1e-4
 
 
-def test_the_audit_log_records_the_resume_and_verifies(runs):
+def test_the_audit_log_records_each_resume_and_verifies_and_replays(runs):
     _, resumed, code, output = runs
     assert code == 0, output
     with AuditLog.open(resumed / "audit.db") as log:
         events = [parse_json_object(e.payload) for e in log.entries() if e.kind == "resume"]
-    assert len(events) == 1
-    assert events[0]["phase"] == INTERRUPTED and events[0]["from_step"] == FIRST_REDONE
-    assert events[0]["finished_phases"] == ["pretrain", "sft"]
-    verified = subprocess.run([sys.executable, "-m", "swarm.audit.cli", "verify", str(resumed)], capture_output=True,
-                              text=True, cwd=REPO, timeout=120)
+    assert [(e["phase"], e["from_step"], e["finished_phases"], e["step_checkpoint"]) for e in events] == \
+        [(phase, step, finished, checkpoint) for phase, _, step, finished, checkpoint in KILLS]
+    verified = swarm_audit("verify", resumed)
     assert verified.returncode == 0, verified.stdout + verified.stderr
+    # the nodes of the second resume start from the step checkpoint they loaded (load_state events)
+    replayed = swarm_audit("replay", resumed, "--sample", "1")
+    assert replayed.returncode == 0 and "replay OK" in replayed.stdout, replayed.stdout + replayed.stderr
 
 
 def test_resuming_a_directory_that_is_not_a_run_is_a_one_line_error(tmp_path):

@@ -324,10 +324,11 @@ def redo(node: Identity, step: int) -> SignedAttestation:
     return sign_attestation(make_attestation(node, "safety", step, RANGES[0], 7, 9.5), node)
 
 
-def test_steps_from_a_resume_events_from_step_may_be_attested_once_more_after_it(built):
+@pytest.mark.parametrize("kind", ["resume", "rollback"])
+def test_steps_from_a_resume_events_from_step_may_be_attested_once_more_after_it(built, kind):
     first_redone = STEPS_PER_PHASE + 1  # the second phase's steps are 4..7: redo 5..7
     with AuditLog.open(built.path, built.coordinator) as log:
-        log.append_event("resume", from_step=first_redone, phase="safety")
+        log.append_event(kind, from_step=first_redone, phase="safety")
         for step in range(first_redone, 2 * STEPS_PER_PHASE):
             log.append_attestation(redo(built.nodes[0], step))
         with pytest.raises(AttestationError, match="already attested"):
