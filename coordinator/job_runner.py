@@ -205,9 +205,9 @@ class SwarmSession:
         for record in [r for r in self.joining if r.state == "leaving"]:
             self.joining.remove(record)
             release_node(self.membership, record, "left before serving")
-        for (start, end), group in zip(self.chain.ranges, self.chain.groups):
+        for index, group in enumerate(self.chain.groups):
             if not group:
-                raise RangeLostError(start, end, "its nodes are gone")
+                raise self.chain.lost(index)
         wanted = self._ranges_wanting_replicas()
         known = {record.node_id for record in self.nodes + self.joining}
         for record in self.membership.nodes("joined"):

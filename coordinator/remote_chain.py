@@ -105,6 +105,7 @@ class RemoteChain:
         self.p2p, self.loop, self.job_id, self.timeout_s = p2p, loop, job_id, timeout_s
         self.groups = group_stages(stages)
         self._ranges = [(group[0].start, group[0].end) for group in self.groups]
+        self._last_drop: dict[tuple[int, int], str] = {}  # range -> why its last dropped replica was dropped
         self.stages = [stage for group in self.groups for stage in group]  # every replica, range by range
         self.audit = audit
         self.compression = compression or CompressionSpec()
@@ -264,7 +265,7 @@ class RemoteChain:
         with self._lock:
             group = self.groups[index]
             if not group:
-                raise RangeLostError(stage.start, stage.end, str(error))
+                raise self.lost(index)
             replacement = self._pick(group, set())
         logger.warning("micro-batch %d of step %d goes to %s instead", micro_batch, step, replacement)
         return replacement
@@ -276,6 +277,8 @@ class RemoteChain:
             for group in self.groups:
                 if stage in group:
                     group.remove(stage)
+                    self._last_drop[(stage.start, stage.end)] = \
+                        reason if reason.startswith(str(stage)) else f"{stage}: {reason}"
                     self.dropped.append(stage)
                     self.stages = [s for g in self.groups for s in g]
                     logger.warning("%s leaves the chain: %s", stage, reason)
@@ -341,6 +344,11 @@ class RemoteChain:
                 self._records = {key: value for key, value in self._records.items() if key > step}
                 self.dropped.clear()
 
+    def lost(self, index: int) -> RangeLostError:
+        """The error for range `index` having no replica left, naming why the last one was dropped."""
+        start, end = self._ranges[index]
+        return RangeLostError(start, end, self._last_drop.get((start, end), ""))
+
     def _range(self, index: int) -> str:
         start, end = self._ranges[index]
         return f"{start}..{end - 1}"
@@ -353,7 +361,7 @@ class RemoteChain:
                     continue
                 with self._lock:
                     if not self.groups[index]:
-                        raise RangeLostError(stage.start, stage.end)
+                        raise self.lost(index)
                     replacement = self._pick(self.groups[index], set())
                     replacement.in_flight -= 1
                 self._expect(replacement, step, micro_batch, record.inputs[index], record.attention_mask)
@@ -366,7 +374,7 @@ class RemoteChain:
         """One range's step on its live replicas; False when it has to be tried again."""
         group = list(self.groups[index])
         if not group:
-            raise RangeLostError(*self.ranges[index])
+            raise self.lost(index)
         calls = [self._parallel.submit(self.call, stage, STEP, self._step_meta(group, stage, phase, step, learning_rate))
                  for stage in group]
         applied, refused = [], []
@@ -491,7 +499,7 @@ class RemoteChain:
         for index, (start, end) in enumerate(self._ranges):
             while True:
                 if not self.groups[index]:
-                    raise RangeLostError(start, end)
+                    raise self.lost(index)
                 stage = self.groups[index][0]
                 try:
                     result, tensors = self.call(stage, REPLICA_STATE, self._meta(stage))
@@ -530,7 +538,7 @@ class RemoteChain:
             hashes[stage.node_id] = (result.weights_sha256, result.optimizer_sha256)
         for index, group in enumerate(self.groups):
             if not group:
-                raise RangeLostError(*self._ranges[index], "while rolling back")
+                raise self.lost(index)
             if len({hashes[stage.node_id] for stage in group}) > 1:
                 raise RemoteBlockError(f"the replicas of blocks {self._range(index)} hash to different states "
                                        f"after loading the same checkpoint")
