@@ -308,6 +308,10 @@ class RemoteChain:
                 except SwarmConnectionError as error:
                     route[index] = self._replace(index, stage, error, micro_batch, step)
                     self._expect(route[index], step, micro_batch, stage_inputs[index], attention_mask)
+        if record is not None:
+            for index, group in enumerate(self.groups):
+                if len(group) < 2:  # no other replica could take this share over: nothing to keep for it
+                    record.inputs[index] = record.grads[index] = None
         return grad
 
     def _backward_one(self, stage: RemoteStage, grad, hidden, attention_mask, position_ids, step: int,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from coordinator.remote_chain import PROBE_AFTER, RemoteChain, RemoteStage
 
 
@@ -31,6 +33,22 @@ def test_a_slow_replica_gets_fewer_micro_batches_but_is_still_measured():
 
 def test_equal_replicas_share_concurrent_micro_batches():
     assert picks(chain_of(0.05, 0.05), 40, concurrent=2) == {"node0": 20, "node1": 20}
+
+
+def test_only_ranges_with_another_replica_keep_a_micro_batchs_input_and_gradient_until_the_step():
+    stages = [RemoteStage(peer_id=None, start=0, end=2, node_id="alone"),
+              RemoteStage(peer_id=None, start=2, end=4, node_id="first"),
+              RemoteStage(peer_id=None, start=2, end=4, node_id="second")]
+    chain = RemoteChain(p2p=None, loop=None, stages=stages, job_id="job", timeout_s=10)
+    chain._forward_one = lambda index, route, hidden, *rest: hidden + 1
+    chain._backward_one = lambda stage, grad, *rest: grad * 2
+    hidden, mask, positions = torch.zeros(1, 3, 4), torch.ones(1, 3), torch.arange(3).unsqueeze(0)
+    route = chain.route()
+    _, inputs = chain.forward(hidden, mask, positions, step=7, micro_batch=0, train=True, route=route)
+    chain.backward(torch.ones(1, 3, 4), inputs, mask, positions, step=7, micro_batch=0, route=route)
+    record = chain._records[7][0]
+    assert record.inputs[0] is None and record.grads[0] is None  # a lone replica's share cannot be moved
+    assert torch.equal(record.inputs[1], hidden + 1) and torch.equal(record.grads[1], torch.ones(1, 3, 4))
 
 
 def test_calls_in_flight_count_against_a_replica():
