@@ -100,7 +100,7 @@ def run_phases(context: PhaseContext, first_phase: int = 0, evaluate_start: bool
         if start is None:
             context.chain.configure_phase(phase.name, phase.kind, phase.adapter, f"{job.seed}/{index}/{phase.name}")
         else:
-            context.chain.load_state(phase.name, phase.kind, start.last_step, start.range_states(),
+            context.chain.load_state(phase.name, phase.kind, start.last_step, _states(context, start),
                                      str(start.path.relative_to(context.run_dir)))
             logger.info("phase %s goes on from the step checkpoint before step %d (%s)", phase.name, start.step,
                         start.path.relative_to(context.run_dir))
@@ -205,6 +205,11 @@ def _train_one(context: PhaseContext, phase: PhaseSpec, phase_index: int, phase_
         _evaluate(context, evaluator, phase.name, phase.kind, phase_step + 1, phase_end=last)
 
 
+def _states(context: PhaseContext, checkpoint: StepCheckpoint) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
+    """The checkpoint's state of each range the chain serves now."""
+    return checkpoint.range_states(context.chain.ranges, context.checkpoint.family.layers_prefix)
+
+
 def _has_checkpoint(context: PhaseContext, phase_index: int) -> bool:
     """Whether the latest step checkpoint is of this very point (just rolled back to, or resumed from)."""
     latest = context.last_checkpoint
@@ -238,7 +243,7 @@ def _take_over(context: PhaseContext, phase: PhaseSpec, phase_index: int, error:
         logger.warning("%s; taking the range over from the checkpoint before step %d", error, checkpoint.step)
         context.recover(error)
         try:
-            context.chain.load_state(phase.name, phase.kind, checkpoint.last_step, checkpoint.range_states(),
+            context.chain.load_state(phase.name, phase.kind, checkpoint.last_step, _states(context, checkpoint),
                                      str(checkpoint.path.relative_to(context.run_dir)))
             break
         except RangeLostError as again:  # another range went while rolling back

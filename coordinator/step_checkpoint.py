@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,8 +61,24 @@ class StepCheckpoint:
         """The last step applied before the checkpoint (-1 when none)."""
         return self.step - 1
 
-    def range_states(self) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
-        return {(start, end): self._load(_range_file(start, end)) for start, end in self.ranges}
+    def range_states(self, ranges: list[tuple[int, int]], layers_prefix: str) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
+        """The state of each of `ranges`, which need not be the ranges it was saved from (a resumed run may
+        split the model otherwise): every tensor name holds its block's index after `layers_prefix`
+        (`model.layers.3.` in a checkpoint name, `base_model.model.model.layers.3.` in a PEFT one)."""
+        saved = {(start, end): self._load(_range_file(start, end)) for start, end in self.ranges}
+        if sorted(ranges) == sorted(saved):
+            return {key: saved[key] for key in ranges}
+        block = re.compile(rf"(?:^|[./]){re.escape(layers_prefix)}\.(\d+)\.")
+        split: dict[tuple[int, int], dict[str, torch.Tensor]] = {key: {} for key in ranges}
+        for (start, end), tensors in saved.items():
+            for name, tensor in tensors.items():
+                found = block.search(name)
+                index = int(found.group(1)) if found else -1
+                target = next((key for key in ranges if key[0] <= index < key[1]), None)
+                if target is None:
+                    raise StepCheckpointError(f"{self.path}: {name} belongs to none of the blocks now served")
+                split[target][name] = tensor
+        return split
 
     def head_state(self) -> dict[str, torch.Tensor] | None:
         return self._load(HEAD_FILE) if HEAD_FILE in self.files else None

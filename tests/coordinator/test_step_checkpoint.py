@@ -15,11 +15,16 @@ from swarm.training import make_optimizer
 from swarm.config import OptimizerSpec
 
 
+LAYERS = "model.layers"
+A, B = "model.layers.1.mlp.up_proj.weight", "base_model.model.model.layers.2.mlp.up_proj.lora_A.weight"
+
+
 def _ranges(seed: int) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
+    """Two ranges' states, under a checkpoint name (block 1) and a PEFT name (block 2), as nodes send them."""
     generator = torch.Generator().manual_seed(seed)
-    return {(0, 2): {"param/a": torch.randn(3, 4, generator=generator), "exp_avg/a": torch.randn(3, 4, generator=generator),
-                     "step/a": torch.tensor(5.0)},
-            (2, 4): {"param/b": torch.randn(2, generator=generator)}}
+    return {(0, 2): {f"param/{A}": torch.randn(3, 4, generator=generator),
+                     f"exp_avg/{A}": torch.randn(3, 4, generator=generator), f"step/{A}": torch.tensor(5.0)},
+            (2, 4): {f"param/{B}": torch.randn(2, generator=generator)}}
 
 
 def _write(run_dir, step: int, seed: int = 0, phase_step: int = 3):
@@ -33,11 +38,22 @@ def test_a_checkpoint_reads_back_what_was_written(tmp_path):
     assert found is not None and found.path == written.path
     assert (found.phase_index, found.phase, found.phase_step, found.step, found.last_step, found.safety_step) == \
         (1, "sft", 3, 10, 9, 2)
-    states = found.range_states()
+    states = found.range_states([(0, 2), (2, 4)], LAYERS)
     for key, tensors in _ranges(1).items():
         assert set(states[key]) == set(tensors)
         assert all(torch.equal(states[key][name], tensors[name]) for name in tensors)
     assert found.head_state() is None
+
+
+def test_a_model_split_otherwise_gets_each_blocks_tensors_from_the_ranges_it_was_saved_in(tmp_path):
+    written = _ranges(2)
+    states = _write(tmp_path, 10, seed=2).range_states([(0, 1), (1, 3), (3, 4)], LAYERS)
+    assert states[(0, 1)] == {}
+    assert set(states[(1, 3)]) == {f"param/{A}", f"exp_avg/{A}", f"step/{A}", f"param/{B}"}
+    assert torch.equal(states[(1, 3)][f"param/{B}"], written[(2, 4)][f"param/{B}"])
+    assert states[(3, 4)] == {}
+    with pytest.raises(StepCheckpointError, match=f"{B} belongs to none of the blocks now served"):
+        latest_step_checkpoint(tmp_path).range_states([(0, 2)], LAYERS)
 
 
 def test_the_newest_complete_checkpoint_wins_and_old_ones_are_pruned(tmp_path):
@@ -59,7 +75,7 @@ def test_a_damaged_file_is_refused_by_name(tmp_path):
     data[-1] ^= 0xFF
     victim.write_bytes(bytes(data))
     with pytest.raises(StepCheckpointError, match="blocks-2-4.safetensors is damaged"):
-        latest_step_checkpoint(tmp_path).range_states()
+        latest_step_checkpoint(tmp_path).range_states([(0, 2), (2, 4)], LAYERS)
 
 
 def test_a_malformed_state_file_is_an_error_not_a_traceback(tmp_path):

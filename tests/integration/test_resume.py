@@ -1,11 +1,13 @@
 """Coordinator crash and `swarm-coordinator resume`: SIGKILL the coordinator (and its local nodes) in the
 middle of a phase, twice, resume the run directory each time, and get what an uninterrupted run with the same
 seed gets. The first kill lands before the phase's first step checkpoint (the phase is redone from its start),
-the second after one (the run goes on from it)."""
+the second after one (the run goes on from it, a checkpoint rewritten as if one node had served every block:
+the resumed run's ranges split it by block)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -15,8 +17,10 @@ from pathlib import Path
 
 import psutil
 import pytest
+from safetensors.torch import load_file, save_file
 
 from coordinator.run_dir import read_metrics
+from coordinator.step_checkpoint import STATE_FILE
 from swarm.audit import AuditLog
 from swarm.audit.canonical import parse_json_object
 from swarm.lora import load_peft_adapter
@@ -49,10 +53,12 @@ def runs(tmp_path_factory):
             code, output = finish(start(*RUN, "run", str(job_file), "--run-dir", str(whole), *FLAGS), timeout=300)
             assert code == 0, output
             crashed = start(*RUN, "run", str(job_file), "--run-dir", str(resumed), *FLAGS)
-            for phase, done, *_ in KILLS:
+            for phase, done, _, _, checkpoint in KILLS:
                 wait_for_phase(resumed / "metrics.jsonl", phase, done, crashed, timeout=240)
                 killed_groups |= kill_with_descendants(crashed.pid)
                 crashed.popen.wait(timeout=30)
+                if checkpoint:
+                    as_one_range(resumed / checkpoint)
                 crashed = start(*RUN, "resume", str(resumed), *FLAGS)
             code, output = finish(crashed, timeout=300)
     finally:
@@ -62,6 +68,24 @@ def runs(tmp_path_factory):
             except ProcessLookupError:
                 pass
     return whole, resumed, code, output
+
+
+def as_one_range(checkpoint: Path) -> None:
+    """Rewrite a step checkpoint as if one node had served every block (the crashed run had 3 ranges), so the
+    resumed run's 3 ranges must each take their blocks' part of it."""
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    tensors = {}
+    for name in list(state["files"]):
+        if name.startswith("blocks-"):
+            tensors.update(load_file(str(checkpoint / name)))
+            (checkpoint / name).unlink()
+            del state["files"][name]
+    start, end = state["ranges"][0][0], state["ranges"][-1][1]
+    whole = checkpoint / f"blocks-{start}-{end}.safetensors"
+    save_file(tensors, str(whole))
+    state["files"][whole.name] = hashlib.sha256(whole.read_bytes()).hexdigest()
+    state["ranges"] = [[start, end]]
+    (checkpoint / STATE_FILE).write_text(json.dumps(state))
 
 
 def wait_for_phase(metrics: Path, phase: str, done: int, process, timeout: float) -> None:
