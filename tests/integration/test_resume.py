@@ -1,8 +1,8 @@
 """Coordinator crash and `swarm-coordinator resume`: SIGKILL the coordinator (and its local nodes) in the
-middle of a phase, twice, resume the run directory each time, and get what an uninterrupted run with the same
-seed gets. The first kill lands before the phase's first step checkpoint (the phase is redone from its start),
-the second after one (the run goes on from it, a checkpoint rewritten as if one node had served every block:
-the resumed run's ranges split it by block)."""
+middle of a phase, three times, resume the run directory each time, and get what an uninterrupted run with the
+same seed gets. One kill lands before its phase's first mid-phase step checkpoint (the phase is redone from its
+start), two after one (the run goes on from it; the checkpoint is rewritten as if one node had served every
+block, so the resumed run's ranges split it by block)."""
 
 from __future__ import annotations
 
@@ -28,14 +28,16 @@ from tests.conftest import REPO, started_processes, write_job
 from tests.integration.helpers import finish, swarm_audit
 
 # A pretrained base with an adapter merged into it: the restored blocks carry both, the trainer's head the former.
-PHASES = [{"kind": "pretrain", "steps": 3, "lr": 0.003}, {"kind": "sft", "steps": 4, "lr": 0.02},
+PHASES = [{"kind": "pretrain", "steps": 6, "lr": 0.003}, {"kind": "sft", "steps": 4, "lr": 0.02},
           {"kind": "sft", "steps": 6, "lr": 0.02, "adapter": "merge"}, {"kind": "sft", "steps": 3, "lr": 0.02}]
-TOTAL_STEPS = 16
+TOTAL_STEPS = 19
 EVERY = 4  # step checkpoints before steps 0, 4, ... of each phase
 # (phase the kill lands in, its steps done by then, the resume event expected: from_step, finished phases,
-# step checkpoint): first early in the second phase (step ids 3..6; its only checkpoint is at its start, so
-# it is redone whole), then in the third (7..12) after the checkpoint before its fifth step (step id 11)
-KILLS = [("sft", 1, 3, ["pretrain"], ""), ("sft-2", 5, 11, ["pretrain", "sft"], "checkpoints/step-00000011")]
+# step checkpoint): in pretrain (step ids 0..5) after the checkpoint before its fifth step (blocks, AdamW state
+# and the trainer's head go on from there); early in the second phase (6..9; its only checkpoint is at its
+# start, so it is redone whole); in the third (10..15) after the checkpoint before its fifth step (id 14)
+KILLS = [("pretrain", 5, 4, [], "checkpoints/step-00000004"), ("sft", 1, 6, ["pretrain"], ""),
+         ("sft-2", 5, 14, ["pretrain", "sft"], "checkpoints/step-00000014")]
 RUN = ("-m", "coordinator.cli")
 FLAGS = ("--local-nodes", "3", "--node-threads", "1", "--no-progress", "--no-baseline", "--no-status-page")
 
@@ -140,7 +142,7 @@ def test_every_step_appears_once_in_order_in_the_metrics(runs):
     assert code == 0, output
     rows = [row for row in read_metrics(resumed / "metrics.jsonl") if row["type"] == "train"]
     assert [row["step"] for row in rows] == list(range(TOTAL_STEPS))
-    assert [row["phase"] for row in rows] == ["pretrain"] * 3 + ["sft"] * 4 + ["sft-2"] * 6 + ["sft-3"] * 3
+    assert [row["phase"] for row in rows] == ["pretrain"] * 6 + ["sft"] * 4 + ["sft-2"] * 6 + ["sft-3"] * 3
     losses = [row["loss"] for row in read_metrics(whole / "metrics.jsonl")]
     assert max(abs(a - b["loss"]) for a, b in zip(losses, rows)) <= 1e-4
 
