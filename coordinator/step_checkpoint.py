@@ -80,8 +80,12 @@ class StepCheckpoint:
                 split[target][name] = tensor
         return split
 
-    def head_state(self) -> dict[str, torch.Tensor] | None:
-        return self._load(HEAD_FILE) if HEAD_FILE in self.files else None
+    def head_state(self) -> dict[str, torch.Tensor]:
+        """The trainer's head and its AdamW moments (pretrain phases only)."""
+        if HEAD_FILE not in self.files:
+            raise StepCheckpointError(f"{self.path} holds no state of the trainer's head, which phase "
+                                      f"{self.phase} trains")
+        return self._load(HEAD_FILE)
 
     def _load(self, name: str) -> dict[str, torch.Tensor]:
         path = self.path / name
