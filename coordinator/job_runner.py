@@ -237,7 +237,7 @@ class SwarmSession:
             self.status.phase = f"waiting for a node to take over blocks {blocks}"
             deadline = time.monotonic() + job.swarm.join_timeout_s
             try:
-                while not self._take_over(blocks, deadline):
+                while not self._fill_range(blocks, deadline):
                     if time.monotonic() > deadline:
                         raise SwarmError(f"{error}, and no node took the range over within "
                                          f"{job.swarm.join_timeout_s:.0f} s (swarm.join_timeout_s); resume the run "
@@ -245,7 +245,7 @@ class SwarmSession:
             finally:
                 self.status.phase = "train"
 
-    def _take_over(self, blocks: BlockRange, deadline: float) -> bool:
+    def _fill_range(self, blocks: BlockRange, deadline: float) -> bool:
         """One try at putting a node on `blocks`, a range with no replica; False: not yet (no node free, or
         the one chosen dropped out)."""
         for record in [r for r in self.joining if r.state in ("failed", "down", "left", "leaving")]:
