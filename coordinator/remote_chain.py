@@ -91,6 +91,12 @@ class _MicroRecord:
     position_ids: torch.Tensor
 
 
+def _count(stage: RemoteStage, method: str, sent: int, received: int) -> None:
+    counts = stage.stream_bytes.setdefault(method.rsplit(".", 1)[-1], [0, 0])
+    counts[0] += sent
+    counts[1] += received
+
+
 def group_stages(stages: list[RemoteStage]) -> list[list[RemoteStage]]:
     """Replicas grouped by range, ranges in block order; replicas keep their given order."""
     groups: dict[tuple[int, int], list[RemoteStage]] = {}
@@ -169,22 +175,33 @@ class RemoteChain:
         return CallMeta(job_id=self.job_id, block_start=stage.start, block_end=stage.end, **fields)
 
     async def _call(self, stage: RemoteStage, method: str, meta: CallMeta, tensors, codecs) -> tuple[CallResult, list[torch.Tensor]]:
+        """One attempt. Its bytes count towards the method's stream (`stream_bytes`) once it is answered; a
+        lost attempt's (to be asked again) go to the `retried` stream, so per-stream figures are the traffic a
+        call takes and retries show apart."""
         requests = to_messages(runtime_pb2.ExpertRequest, meta.SerializeToString(), tensors, codecs)
         sent = sum(message.ByteSize() for message in requests)
-        counts = stage.stream_bytes.setdefault(method.rsplit(".", 1)[-1], [0, 0])
         stage.bytes_sent += sent
-        counts[0] += sent
-        responses = await self.p2p.iterate_protobuf_handler(stage.peer_id, method, aiter_list(requests),
-                                                            runtime_pb2.ExpertResponse)
-        metadata, outputs, received = await from_messages(responses)
-        stage.bytes_received += received
-        counts[1] += received
-        result = CallResult.FromString(metadata)
-        expected = len(result.names) if result.names else (
-            1 if result.status == CallResult.OK and method in (FORWARD, BACKWARD) else len(outputs))
-        if len(outputs) != expected:
-            # a stream cut between two tensors decodes cleanly but short: a lost reply, to be asked again
-            raise ConnectionError(f"the reply should hold {expected} tensors but {len(outputs)} arrived")
+        received = 0
+        try:
+            responses = await self.p2p.iterate_protobuf_handler(stage.peer_id, method, aiter_list(requests),
+                                                                runtime_pb2.ExpertResponse)
+            metadata, outputs, received = await from_messages(responses)
+            stage.bytes_received += received
+            result = CallResult.FromString(metadata)
+            expected = len(result.names) if result.names else (
+                1 if result.status == CallResult.OK and method in (FORWARD, BACKWARD) else len(outputs))
+            if len(outputs) != expected:
+                # a stream cut between two tensors decodes cleanly but short: a lost reply, to be asked again
+                raise ConnectionError(f"the reply should hold {expected} tensors but {len(outputs)} arrived")
+        except (ConnectionError, asyncio.IncompleteReadError, P2PDaemonError):
+            retried = stage.stream_bytes.setdefault("retried", [0, 0])
+            retried[0] += sent
+            retried[1] += received
+            raise
+        except BaseException:  # refused or timed out: the traffic still belongs to the method
+            _count(stage, method, sent, received)
+            raise
+        _count(stage, method, sent, received)
         return result, outputs
 
     def call(self, stage: RemoteStage, method: str, meta: CallMeta, tensors=(), codecs=CODECS["none"]
@@ -201,7 +218,8 @@ class RemoteChain:
             except (ConnectionError, asyncio.IncompleteReadError, P2PDaemonError) as error:
                 if attempt == CALL_ATTEMPTS:
                     raise SwarmConnectionError(f"{stage} failed during {method}: {error}") from None
-                logger.warning("%s dropped %s without a reply; retrying (%d/%d)", stage, method, attempt, CALL_ATTEMPTS)
+                logger.warning("%s dropped %s without a reply (%s); retrying (%d/%d)", stage, method,
+                               error or type(error).__name__, attempt, CALL_ATTEMPTS)
                 time.sleep(0.2 * attempt)
             except Exception as error:
                 raise SwarmConnectionError(f"{stage} failed during {method}: {type(error).__name__}: {error}") from None

@@ -167,8 +167,8 @@ def stream_lines(train: list[dict]) -> list[str]:
         return []
     lines = ["## Bytes on the wire per stream", "",
              "What the trainer sent to the nodes and got back (forward, backward, step, ...); `average`: what the "
-             "replicas of each range sent and received summing their gradients. Per node totals: the cost-share "
-             "table.", "",
+             "replicas of each range sent and received summing their gradients; `retried`: calls lost on the way "
+             "and sent again. Per node totals: the cost-share table.", "",
              "| stream | sent MB | received MB | sent MB/step | received MB/step |", "|---|---:|---:|---:|---:|"]
     for stream, (sent, received) in sorted(totals.items()):
         lines.append(f"| {stream} | {sent / 1e6:.2f} | {received / 1e6:.2f} | {sent / 1e6 / len(train):.3f} | "

@@ -1,12 +1,17 @@
-"""How the trainer spreads micro-batches over the replicas of a range: by measured latency and calls in flight."""
+"""The trainer's chain without a network: how it spreads micro-batches over replicas (measured latency, calls in
+flight), what it keeps of a micro-batch until the step, and how it counts the bytes of a lost attempt."""
 
 from __future__ import annotations
 
 import time
 
 import torch
+from hivemind.proto import runtime_pb2
 
 from coordinator.remote_chain import PROBE_AFTER, RemoteChain, RemoteStage
+from swarm.p2p.event_loop import LoopThread
+from swarm.p2p.tensors import FORWARD, aiter_list, to_messages
+from swarm.proto.blocks_pb2 import CallResult
 
 
 def chain_of(*latencies: float | None) -> RemoteChain:
@@ -70,3 +75,34 @@ def test_replicas_are_grouped_by_range_in_block_order():
     chain = RemoteChain(p2p=None, loop=None, stages=stages, job_id="job", timeout_s=10)
     assert [[s.node_id for s in group] for group in chain.groups] == [["a"], ["b", "c"]]
     assert chain.replicas == 2 and [s.node_id for s in chain.route()] == ["a", "b"]
+
+
+class _FlakyPeer:
+    """Stands in for the P2P client: drops the first call without a reply, answers the next with one tensor."""
+
+    def __init__(self):
+        self.calls = 0
+
+    async def iterate_protobuf_handler(self, peer, method, requests, response_type):
+        self.calls += 1
+        if self.calls == 1:
+            raise ConnectionError("the peer closed the stream without answering")
+        reply = to_messages(runtime_pb2.ExpertResponse, CallResult(status=CallResult.OK).SerializeToString(),
+                            [torch.ones(2, 3)])
+        return aiter_list(reply)
+
+
+def test_a_lost_attempt_counts_as_retried_traffic_not_as_the_streams():
+    loop = LoopThread()
+    try:
+        stage = RemoteStage(peer_id=None, start=0, end=2, node_id="node0")
+        chain = RemoteChain(p2p=_FlakyPeer(), loop=loop, stages=[stage], job_id="job", timeout_s=10)
+        hidden = torch.zeros(1, 3, 4)
+        result, outputs = chain.call(stage, FORWARD, chain._meta(stage), [hidden, torch.ones(1, 3), torch.ones(1, 3)])
+        assert result.status == CallResult.OK and torch.equal(outputs[0], torch.ones(2, 3))
+    finally:
+        loop.shutdown()
+    forward, retried = stage.stream_bytes["forward"], stage.stream_bytes["retried"]
+    assert forward[0] == retried[0] > hidden.numel() * 4  # the same request, sent twice
+    assert forward[1] > 0 and retried[1] == 0
+    assert stage.bytes_sent == forward[0] + retried[0]
