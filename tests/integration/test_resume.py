@@ -1,8 +1,8 @@
 """Coordinator crash and `swarm-coordinator resume`: SIGKILL the coordinator (and its local nodes) in the
-middle of a phase, three times, resume the run directory each time, and get what an uninterrupted run with the
-same seed gets. One kill lands before its phase's first mid-phase step checkpoint (the phase is redone from its
-start), two after one (the run goes on from it; the checkpoint is rewritten as if one node had served every
-block, so the resumed run's ranges split it by block)."""
+middle of a phase, twice, resume the run directory each time, and get what an uninterrupted run with the same
+seed gets. One kill lands after a mid-phase step checkpoint (the run goes on from it; the checkpoint is
+rewritten as if one node had served every block, so the resumed run's ranges split it by block), the other
+before its phase's first (the phase is redone from its start)."""
 
 from __future__ import annotations
 
@@ -34,10 +34,9 @@ TOTAL_STEPS = 19
 EVERY = 4  # step checkpoints before steps 0, 4, ... of each phase
 # (phase the kill lands in, its steps done by then, the resume event expected: from_step, finished phases,
 # step checkpoint): in pretrain (step ids 0..5) after the checkpoint before its fifth step (blocks, AdamW state
-# and the trainer's head go on from there); early in the second phase (6..9; its only checkpoint is at its
-# start, so it is redone whole); in the third (10..15) after the checkpoint before its fifth step (id 14)
-KILLS = [("pretrain", 5, 4, [], "checkpoints/step-00000004"), ("sft", 1, 6, ["pretrain"], ""),
-         ("sft-2", 5, 14, ["pretrain", "sft"], "checkpoints/step-00000014")]
+# and the trainer's head go on from there); then early in the third phase (10..15; its only checkpoint so far
+# is at its start, so it is redone whole, from the pretrained base with the second phase's adapter merged)
+KILLS = [("pretrain", 5, 4, [], "checkpoints/step-00000004"), ("sft-2", 1, 10, ["pretrain", "sft"], "")]
 RUN = ("-m", "coordinator.cli")
 FLAGS = ("--local-nodes", "3", "--node-threads", "1", "--no-progress", "--no-baseline", "--no-status-page")
 
