@@ -267,19 +267,21 @@ class SwarmSession:
                                record.failure or record.state)
                 return False
             self.membership.wait_until(lambda m: record.state != "assigned", timeout=0.5)
-        while True:
-            servers = [s for s in find_replicas(self.dht, self.model_id, self.checkpoint.num_blocks)
-                       if s.node_id == record.node_id and (s.start, s.end) == (blocks.start, blocks.end)]
-            if servers:
-                break
+        while (stage := self._announced(record)) is None:
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.5)
-        self.chain.adopt(RemoteStage(servers[0].peer_id, blocks.start, blocks.end, record.node_id))
+        self.chain.adopt(stage)
         self.joining.remove(record)
         self.nodes.append(record)
         logger.warning("node %s took over blocks %s", record.node_id, blocks)
         return True
+
+    def _announced(self, record: NodeRecord) -> RemoteStage | None:
+        """`record`'s node as a chain stage, once its announcement of its assigned range is in the DHT."""
+        servers = [s for s in find_replicas(self.dht, self.model_id, self.checkpoint.num_blocks)
+                   if s.node_id == record.node_id and (s.start, s.end) == (record.blocks.start, record.blocks.end)]
+        return RemoteStage(servers[0].peer_id, record.blocks.start, record.blocks.end, record.node_id) if servers else None
 
     def _dropped(self, stage: RemoteStage, reason: str) -> None:
         """A replica taken out of the chain after a failure: if its node still runs (a call timed out, say), it
@@ -303,11 +305,9 @@ class SwarmSession:
         return {blocks: count for blocks, count in counts.items() if count < self.job.swarm.replicas}
 
     def _add_to_chain(self, record: NodeRecord, phase: str, kind: str, last_step: int) -> None:
-        servers = [s for s in find_replicas(self.dht, self.model_id, self.checkpoint.num_blocks)
-                   if s.node_id == record.node_id and (s.start, s.end) == (record.blocks.start, record.blocks.end)]
-        if not servers:
+        stage = self._announced(record)
+        if stage is None:
             return  # its announcement is not in the DHT yet: next step
-        stage = RemoteStage(servers[0].peer_id, record.blocks.start, record.blocks.end, record.node_id)
         source = self.chain.add_replica(stage, phase, kind, last_step)
         self.joining.remove(record)
         self.nodes.append(record)

