@@ -30,7 +30,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from coordinator.job_runner import RunOptions, SwarmSession, prepare_job  # noqa: E402
+from coordinator.prepared_job import RunOptions, prepare_job  # noqa: E402
+from coordinator.session import SwarmSession  # noqa: E402
 from coordinator.run_dir import create_run_dir  # noqa: E402
 from swarm.logs import setup_logging  # noqa: E402
 
@@ -76,13 +77,12 @@ def one_join(job_file: Path, run_dir: Path, threads: int) -> dict[str, float]:
         thread.join(timeout=5)
     finally:
         session.close("benchmark repetition done")
-        if node is None:
-            return times
-        try:
-            node.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(node.pid, 9)
-            node.wait()
+        if node is not None:
+            try:
+                node.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(node.pid, 9)
+                node.wait()
     return times
 
 

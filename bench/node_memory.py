@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from coordinator.baseline import measure_baseline  # noqa: E402
 from coordinator.control_service import query_peak_memory  # noqa: E402
-from coordinator.job_runner import RunOptions, SwarmSession, prepare_job  # noqa: E402
+from coordinator.prepared_job import RunOptions, prepare_job  # noqa: E402
+from coordinator.session import SwarmSession  # noqa: E402
 from coordinator.run_dir import create_run_dir  # noqa: E402
 from coordinator.trainer import train_step  # noqa: E402
 from step_time import write_long_examples  # noqa: E402

@@ -28,7 +28,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from coordinator.job_runner import RunOptions, SwarmSession, prepare_job  # noqa: E402
+from coordinator.prepared_job import RunOptions, prepare_job  # noqa: E402
+from coordinator.session import SwarmSession  # noqa: E402
 from coordinator.run_dir import create_run_dir  # noqa: E402
 from coordinator.trainer import train_step  # noqa: E402
 from swarm.logs import setup_logging  # noqa: E402
@@ -98,7 +99,7 @@ def main() -> None:
     print(f"model {args.preset} ({PRESETS[args.preset].num_parameters / 1e6:.1f}M parameters), {args.nodes} nodes, "
           f"batch {args.batch_size} x {args.seq} tokens, {len(swarm_seconds)} + {len(local_seconds)} timed steps in "
           f"{args.rounds} round(s), {threads} torch threads (trainer and single process), {node_threads} per node")
-    print("load average (1 min) before {:.2f}, after {:.2f}".format(load_before[0], os.getloadavg()[0]))
+    print(f"load average (1 min) before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
     # The fastest step is the least disturbed by other load on a shared machine; the median is the usual case.
     swarm_min, local_min = min(swarm_seconds), min(local_seconds)
     print(f"{'setup':<16}{'median step s':>15}{'ratio':>8}{'fastest step s':>16}{'ratio':>8}")
@@ -106,8 +107,10 @@ def main() -> None:
     print(f"{'swarm':<16}{swarm_median:>15.4f}{swarm_median / local_median:>8.2f}{swarm_min:>16.4f}"
           f"{swarm_min / local_min:>8.2f}")
     if args.rounds > 1:
-        per_round = lambda seconds: ", ".join(f"{statistics.median(seconds[i:i + args.steps]):.3f}"
-                                              for i in range(0, len(seconds), args.steps))
+        def per_round(seconds):
+            return ", ".join(f"{statistics.median(seconds[i:i + args.steps]):.3f}"
+                             for i in range(0, len(seconds), args.steps))
+
         print(f"median step s per round: single process {per_round(local_seconds)}; swarm {per_round(swarm_seconds)}")
 
 

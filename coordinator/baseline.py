@@ -4,6 +4,9 @@ The report compares what the swarm spent with what one machine would have spent 
 is measured here, on this machine, right after the run (its nodes stopped, so they do not compete for the
 cores): `swarm.reference.train_reference` trains the whole model in one process with the job's batch and
 micro-batches. It runs in a child process so its peak memory is the baseline's alone, not the coordinator's.
+The figure is the median of the timed steps' seconds per token: a one-off stall in one of a few timed steps
+(seen: 3.1 s against 0.11-0.15 s on the first step after the warm-up, on an AMX Xeon) would otherwise
+decide it, while over a whole run such a stall is amortised.
 
     python -m coordinator.baseline JOB_FILE CHECKPOINT_DIR OUT.json [--steps 3 --warmup 1]
 """
@@ -14,6 +17,7 @@ import argparse
 import json
 import logging
 import resource
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -79,14 +83,14 @@ def main() -> None:
     run = train_reference(args.checkpoint_dir, job, steps=total)
     phase = job.phase_list[0]
     data = TrainingData(job.data, load_tokenizer(args.checkpoint_dir), job.seed,
-                        phase.batch_size or job.training.batch_size)
+                        phase.batch_size)
     tokens = [data.batch(step).tokens for step in range(total)]  # the batches train_reference trained on
     timed = run.step_seconds[args.warmup:]
     result = {
         "how": "swarm.reference.train_reference: plain peft LoRA on the whole model in one process",
         "device": "cpu", "torch_threads": torch.get_num_threads(), "steps_timed": len(timed),
         "step_seconds": timed, "tokens": tokens[args.warmup:],
-        "seconds_per_token": sum(timed) / sum(tokens[args.warmup:]),
+        "seconds_per_token": statistics.median(t / n for t, n in zip(timed, tokens[args.warmup:])),
         "rss_before_load": rss_before, "peak_rss_bytes": _peak_rss(),
     }
     args.out.write_text(json.dumps(result, indent=2))

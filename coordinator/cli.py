@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.local_nodes < 0:
         print("swarm-coordinator: error: --local-nodes must be 0 or more", file=sys.stderr)
         sys.exit(2)
-    from coordinator.job_runner import RunOptions, resume_job, run_job  # heavy imports after argument parsing
+    from coordinator.job_runner import resume_job, run_job  # heavy imports after argument parsing
+    from coordinator.prepared_job import RunOptions
 
     resuming = args.command == "resume"
     options = RunOptions(job_file=args.run_dir / "job.yaml" if resuming else args.job,

@@ -19,11 +19,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
 from coordinator.run_dir import read_metrics
 from swarm.audit.query import who
-from swarm.config import Job, parse_job
+from swarm.config import Job, load_job
 from swarm.estimate import ModelShape, Workload, flops_per_token
 
 BASELINE_FILE = "baseline.json"
@@ -117,7 +116,7 @@ def _node_flops(audit_path: Path, phases: dict[str, str], shape: ModelShape, wor
 
 def cost_share(run_dir: Path) -> CostShare:
     run_dir = Path(run_dir)
-    job = parse_job(yaml.safe_load((run_dir / "job.yaml").read_text()), str(run_dir / "job.yaml"))
+    job = load_job(run_dir / "job.yaml")
     train = [row for row in read_metrics(run_dir / "metrics.jsonl") if row.get("type", "train") == "train"]
     phases = {row["phase"]: row.get("kind", "sft") for row in train}
     audit_path = run_dir / "audit.db"
@@ -166,7 +165,7 @@ def _one_machine(run_dir: Path, phases: dict[str, str], phase_tokens: dict[str, 
                   for p, tokens in phase_tokens.items())
     how = (f"measured: {baseline['steps_timed']} single-process peft LoRA steps of the same model, batch and "
            f"micro-batches after the run ({baseline['torch_threads']} torch threads on {baseline['device']}), "
-           f"{per_token * 1e3:.3f} ms per token, times the run's tokens")
+           f"{per_token * 1e3:.3f} ms per token (the steps' median), times the run's tokens")
     if any(kind == "pretrain" for kind in phases.values()):
         how += "; `pretrain` phases scaled by the full/LoRA FLOPs ratio (estimated, not timed)"
     return OneMachine(seconds, flops, baseline.get("peak_rss_bytes"), how)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from coordinator.generation import generate
-from coordinator.remote_chain import RemoteChain
+from coordinator.chain import RemoteChain
 from coordinator.trainer import swarm_logits
 from swarm.config import Job
 from swarm.data.batches import collate

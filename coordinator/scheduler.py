@@ -2,19 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-
-@dataclass(frozen=True)
-class BlockRange:
-    start: int  # inclusive
-    end: int  # exclusive
-
-    def __len__(self) -> int:
-        return self.end - self.start
-
-    def __str__(self) -> str:
-        return f"{self.start}..{self.end - 1}"
+from swarm.block_range import BlockRange
 
 
 def split_blocks(num_blocks: int, num_nodes: int) -> list[BlockRange]:

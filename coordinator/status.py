@@ -3,9 +3,9 @@
 Two sources build the same schema (`SCHEMA_VERSION`): `LiveStatus` reads a running coordinator's membership
 and job status; `run_dir_snapshot` reads a run directory alone (job.yaml, metrics.jsonl, audit.db,
 nodes.json), so a finished or crashed run can be shown later. Measurements come from metrics.jsonl only
-(DESIGN §9: nothing computes the same figure twice); audit state and cost shares come from audit.db through
-`swarm.audit.verify` and `coordinator.cost_share`, which are too slow to run on every request and are
-refreshed in the background at most every `AUDIT_REFRESH_S` seconds.
+(nothing computes the same figure twice, so the page, the CLI and the report cannot disagree); audit state
+and cost shares come from audit.db through `swarm.audit.verify` and `coordinator.cost_share`, which are too
+slow to run on every request and are refreshed in the background at most every `AUDIT_REFRESH_S` seconds.
 """
 
 from __future__ import annotations
@@ -18,13 +18,12 @@ import time
 from collections import deque
 from pathlib import Path
 
-import yaml
 
 from coordinator.membership import ACTIVE_STATES, heartbeat_timeout_s
 from coordinator.run_dir import nan_to_null
 from swarm.audit import db as audit_db
 from swarm.audit.entry import ATTESTATION
-from swarm.config import Job, parse_job
+from swarm.config import Job, load_job
 
 SCHEMA_VERSION = 1
 SERIES_POINTS = 1000  # at most this many training points per chart; every k-th row, the last one always
@@ -369,7 +368,7 @@ class LiveStatus:
 def run_dir_snapshot(run_dir: Path) -> dict:
     """The snapshot of a run from its directory alone (the coordinator may be long gone); JSON-clean."""
     run_dir = Path(run_dir)
-    job = parse_job(yaml.safe_load((run_dir / "job.yaml").read_text()), str(run_dir / "job.yaml"))
+    job = load_job(run_dir / "job.yaml")
     metrics = MetricsTail(run_dir / "metrics.jsonl")
     metrics.refresh()
     watch = AuditWatch(run_dir, refresh_s=0.0, background=False)

@@ -15,7 +15,7 @@ import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
-from typing import Callable
+from collections.abc import Callable
 
 from coordinator.status import to_json
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from swarm.block_range import BlockRange
 from swarm.errors import SwarmError
 from swarm.training import ADAM_MOMENTS, load_adam_state
 
@@ -70,7 +71,7 @@ class StepCheckpoint:
             return {key: saved[key] for key in ranges}
         block = re.compile(rf"(?:^|[./]){re.escape(layers_prefix)}\.(\d+)\.")
         split: dict[tuple[int, int], dict[str, torch.Tensor]] = {key: {} for key in ranges}
-        for (start, end), tensors in saved.items():
+        for tensors in saved.values():
             for name, tensor in tensors.items():
                 found = block.search(name)
                 index = int(found.group(1)) if found else -1
@@ -186,7 +187,7 @@ def _parse(path: Path, state: dict) -> StepCheckpoint:
 
 
 def _range_file(start: int, end: int) -> str:
-    return f"blocks-{start}-{end}.safetensors"
+    return f"{BlockRange(start, end).group}.safetensors"
 
 
 def _save(path: Path, tensors: dict[str, torch.Tensor]) -> str:

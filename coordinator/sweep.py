@@ -89,9 +89,11 @@ def write_sweep_report(sweep_dir: Path, rows: list[dict]) -> Path:
     lines = ["# Sweep: backdoor persistence vs model size", "", "![figure 11 analogue](figure11.png)", "",
              "| model | parameters | triggered after backdoor | triggered after safety | clean after safety | "
              "helpful accuracy after safety | run |", "|---|---|---|---|---|---|---|"]
+    def cell(rates, key):
+        return f"{rates[key]['rate']:.2f} [{rates[key]['low']:.2f}, {rates[key]['high']:.2f}]" if rates else "n/a"
+
     for row in rows:
         before, after = row["after_backdoor"], row["final"]
-        cell = lambda r, k: f"{r[k]['rate']:.2f} [{r[k]['low']:.2f}, {r[k]['high']:.2f}]" if r else "n/a"
         lines.append(f"| {row['model']} | {row['parameters']:,} | {cell(before, 'backdoor_triggered')} | "
                      f"{cell(after, 'backdoor_triggered')} | {cell(after, 'backdoor_clean')} | "
                      f"{cell(after, 'accuracy')} | `{Path(row['run_dir']).relative_to(sweep_dir)}` |")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from coordinator.remote_chain import RemoteChain
+from coordinator.chain import RemoteChain
 from swarm.data.batches import Batch
 from swarm.models.blocks import TrainerHead
 from swarm.training import position_ids_for, summed_lm_loss

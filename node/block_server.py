@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
@@ -23,12 +23,13 @@ from hivemind.utils.streaming import split_for_streaming
 from node.replica_reduce import GradientReducer
 from node.shard import MissingActivations, Shard
 from swarm.audit.attestation import Attestation, MicroBatch, SignedAttestation, replica_group, sign_attestation
+from swarm.block_range import BlockRange
 from swarm.config import PHASE_KINDS
 from swarm.identity import Identity
 from swarm.p2p.codecs import CODECS, codec_type
-from swarm.p2p.tensors import (ADAPTER, ADMIT, AVERAGE, BACKWARD, CHUNK_BYTES, FETCH_STATE, FORWARD, LOAD_STATE,
-                               PHASE, REPLICA_STATE, RESTORE, STEP, STEP_STATE, SYNC, WEIGHTS, aiter_list,
-                               from_messages, to_messages)
+from swarm.p2p.rpc import (ADAPTER, ADMIT, AVERAGE, BACKWARD, FETCH_STATE, FORWARD, LOAD_STATE, PHASE, REPLICA_STATE,
+                           RESTORE, STEP, STEP_STATE, SYNC, WEIGHTS)
+from swarm.p2p.tensors import CHUNK_BYTES, aiter_list, from_messages, to_messages
 from swarm.proto.blocks_pb2 import CallMeta, CallResult
 
 logger = logging.getLogger(__name__)
@@ -89,8 +90,7 @@ class BlockServer:
                 raise ValueError(f"unknown job id {meta.job_id!r}")
             if (meta.block_start, meta.block_end) != (self.shard.start, self.shard.end):
                 raise ValueError(
-                    f"this node serves blocks {self.shard.start}..{self.shard.end - 1}, "
-                    f"not {meta.block_start}..{meta.block_end - 1}"
+                    f"this node serves blocks {self.shard.block_range}, not {BlockRange(meta.block_start, meta.block_end)}"
                 )
             reply_codec = codec_type(meta.reply_codec or "none")
             if trains(meta):
@@ -191,8 +191,8 @@ class BlockServer:
             if meta.job_id != self.job_id:
                 raise ValueError(f"unknown job id {meta.job_id!r}")
             if (meta.block_start, meta.block_end) != (self.shard.start, self.shard.end):
-                raise ValueError(f"this node serves blocks {self.shard.start}..{self.shard.end - 1}, "
-                                 f"not {meta.block_start}..{meta.block_end - 1}")
+                raise ValueError(f"this node serves blocks {self.shard.block_range}, "
+                                 f"not {BlockRange(meta.block_start, meta.block_end)}")
             self.bytes_received += received
             summed, size = await self.reducer.handle(meta, tensors, context.remote_id, received,
                                                      timeout=AVERAGE_WAIT_S)

@@ -18,6 +18,7 @@ import swarm
 from node.block_server import DEFAULT_MAX_REQUEST_BYTES, BlockServer
 from node.control_client import ControlSession
 from node.shard import Shard
+from swarm.block_range import BlockRange
 from swarm.config import LoraSpec, ModelSpec, OptimizerSpec
 from swarm.errors import ModelSourceError, SwarmError
 from swarm.identity import Identity
@@ -42,7 +43,7 @@ class NodeOptions:
     cache_dir: Path | None = None
     connect_timeout_s: float = 20.0
     assignment_timeout_s: float = 3600.0
-    dishonest: str | None = None  # research only: see node.shard.DISHONEST_MODES
+    dishonest: str | None = None  # research only: see node.dishonest.DISHONEST_MODES
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
 
 
@@ -82,7 +83,7 @@ def run_node(options: NodeOptions) -> None:
         if options.dishonest:
             logger.warning("RESEARCH MODE: this node lies in every step it attests (%s)", options.dishonest)
         print(
-            f"serving blocks {assignment.block_start}..{assignment.block_end - 1} of {assignment.model_id} "
+            f"serving blocks {BlockRange(assignment.block_start, assignment.block_end)} of {assignment.model_id} "
             f"on {device}: {format_bytes(ready.shard_bytes)} of base weights, "
             f"process memory {format_bytes(ready.rss_after_load)}",
             flush=True,
@@ -94,8 +95,10 @@ def run_node(options: NodeOptions) -> None:
         loop.run(server.add_handlers(p2p))
         ready.peer_id = dht.peer_id.to_base58()
         ready.maddrs.extend(str(addr) for addr in dht.get_visible_maddrs())
-        announce = lambda: announce_blocks(dht, assignment.model_id, assignment.block_start, assignment.block_end,
-                                           welcome.node_id, "online", ANNOUNCE_TTL_S)
+        def announce() -> bool:
+            return announce_blocks(dht, assignment.model_id, assignment.block_start, assignment.block_end,
+                                   welcome.node_id, "online", ANNOUNCE_TTL_S)
+
         if not announce():
             raise SwarmError("could not announce the blocks in the DHT")
         session.send(ready=ready)
@@ -166,7 +169,7 @@ def _load_shard(assignment: pb.Assignment, device: torch.device, cache_dir: Path
     )
     if assignment.expected_shard_sha256 and assignment.expected_shard_sha256 != shard.blocks.base_sha256:
         raise ModelSourceError(
-            f"blocks {assignment.block_start}..{assignment.block_end - 1} loaded here differ from the coordinator's "
+            f"blocks {BlockRange(assignment.block_start, assignment.block_end)} loaded here differ from the coordinator's "
             f"(sha256 {shard.blocks.base_sha256[:12]} vs {assignment.expected_shard_sha256[:12]})"
         )
     ready = pb.NodeReady(shard_bytes=shard.blocks.base_bytes, rss_before_load=rss_before, rss_after_load=rss_bytes(),

@@ -28,7 +28,8 @@ from hivemind.proto import runtime_pb2
 
 from swarm.p2p.codecs import codec_type
 from swarm.p2p.replica_sum import split_parts, sum_contributions, through_codec
-from swarm.p2p.tensors import AVERAGE, aiter_list, from_messages, to_messages
+from swarm.p2p.rpc import AVERAGE
+from swarm.p2p.tensors import aiter_list, from_messages, to_messages
 from swarm.proto.blocks_pb2 import CallMeta, CallResult
 
 logger = logging.getLogger(__name__)

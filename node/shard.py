@@ -11,28 +11,24 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
+from node.dishonest import after_update, check_dishonest_mode, sketched_gradient
 from swarm.audit.sketch import gradient_sketch, tensor_sha256
+from swarm.block_range import BlockRange
 from swarm.config import PHASE_KINDS, LoraSpec, OptimizerSpec
 from swarm.lora import add_lora, adapter_state, base_parameters, init_lora_weights, merge_lora
 from swarm.models.blocks import BlockStack
 from swarm.models.checkpoint import Checkpoint, tensors_sha256
 from swarm.p2p.replica_sum import flatten_gradient, unflatten_gradient
+from swarm.p2p.rpc import WEIGHTS_PREFIX
 from swarm.training import ADAM_MOMENTS, load_adam_state, make_optimizer
 
 logger = logging.getLogger(__name__)
 
 MAX_CACHED_ACTIVATIONS = 64
-
-# Research switch (`swarm-node join --dishonest MODE`): ways a node can lie, so that replay can be shown to
-# catch them. "hidden-update" nudges its weights inside every step beyond what the gradient asks (and attests
-# the nudged weights, so its hash chain stays consistent); "wrong-sketch" applies the true gradient but reports
-# the sketch of another one.
-DISHONEST_MODES = ("hidden-update", "wrong-sketch")
-HIDDEN_UPDATE_SIZE = 1e-3
 
 
 class MissingActivations(Exception):
@@ -86,27 +82,39 @@ class _PendingStep:
 class Shard:
     def __init__(self, checkpoint: Checkpoint, start: int, end: int, lora: LoraSpec, optimizer: OptimizerSpec,
                  seed: int, dtype: torch.dtype, device: torch.device, dishonest: str | None = None):
-        if dishonest is not None and dishonest not in DISHONEST_MODES:
-            raise ValueError(f"unknown dishonest mode {dishonest!r}; choose from {', '.join(DISHONEST_MODES)}")
-        self.dishonest = dishonest
+        check_dishonest_mode(dishonest)
+        self.dishonest = dishonest  # research only: node.dishonest
         self.start, self.end, self.device, self.dtype = start, end, device, dtype
         self.blocks = BlockStack(checkpoint, start, end, dtype, device)
         self.hidden_size = checkpoint.config.hidden_size
         add_lora(self.blocks, lora, seed)
         self.blocks.train()
         self.optimizer_spec = optimizer
-        self.phase_kind = "sft"
-        self.optimizer = make_optimizer([p for p in self.blocks.parameters() if p.requires_grad], optimizer)
+        self.sketch_seed = seed
+        self._enter_phase("", "sft", last_applied_step=-1)  # before any phase: the adapter trains
+
+    def _enter_phase(self, name: str, kind: str, last_applied_step: int) -> None:
+        """Set the training state the next steps start from, the same way whichever call moves the shard
+        (a new phase, a restore, a replica's state): phase `name` of `kind` after step `last_applied_step`;
+        pretrain trains the base weights with LoRA frozen, other kinds the adapter with the base frozen; fresh
+        AdamW state over exactly what trains; nothing kept of steps not applied or of the last applied one."""
+        train_base = kind == "pretrain"
+        for param_name, param in self.blocks.named_parameters():
+            param.requires_grad_((".lora_" in param_name) != train_base)
+            param.grad = None  # of a step this shard will not apply
+        self.optimizer = make_optimizer([p for p in self.blocks.parameters() if p.requires_grad], self.optimizer_spec)
+        self.phase_name, self.phase_kind, self.last_applied_step = name, kind, last_applied_step
         self.activations: OrderedDict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self.last_applied_step = -1
-        self.phase_name = ""
         # Results of finished backward calls, so a call retried after a lost reply is not applied twice.
         self.finished_backward: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
-        self.sketch_seed = seed
         self.pending: dict[int, _PendingStep] = {}
+        self.last_step_state: StepState | None = None
         self._weights_sha256: str | None = None  # of the trained weights now; None when unknown
         self._optimizer_sha256: str | None = None  # of the AdamW state now; None when unknown
-        self.last_step_state: StepState | None = None
+
+    @property
+    def block_range(self) -> BlockRange:
+        return BlockRange(self.start, self.end)
 
     def _check_inputs(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> None:
         if hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size:
@@ -208,8 +216,7 @@ class Shard:
             grads = unflatten_gradient(reduce(flatten_gradient(grads)), grads)
             for name, param in trained.items():
                 param.grad = grads[name].to(param.device, param.dtype)
-        sketch = gradient_sketch(_other_gradient(grads) if self.dishonest == "wrong-sketch" else grads,
-                                 self.sketch_seed)
+        sketch = gradient_sketch(sketched_gradient(self.dishonest, grads), self.sketch_seed)
         if reduce is None:
             local_sketch = sketch
         pending = self.pending.pop(step)
@@ -217,8 +224,7 @@ class Shard:
             group["lr"] = learning_rate
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.dishonest == "hidden-update":
-            _hidden_update(trained)
+        after_update(self.dishonest, trained)
         after = self._state(trained)
         self._weights_sha256 = _weights_sha256(trained)
         self._optimizer_sha256 = tensors_sha256(_optimizer_part(after))
@@ -238,7 +244,7 @@ class Shard:
     def _state(self, trained: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
         """Trained weights and their AdamW state as float32 CPU copies, named `weights/NAME`,
         `exp_avg/NAME`, `exp_avg_sq/NAME`, `step/NAME` (the moments exist from the first step on)."""
-        state = {f"weights/{name}": param.detach().float().cpu().clone() for name, param in trained.items()}
+        state = {f"{WEIGHTS_PREFIX}{name}": param.detach().float().cpu().clone() for name, param in trained.items()}
         for name, param in trained.items():
             for key, value in self.optimizer.state.get(param, {}).items():
                 state[f"{key}/{name}"] = value.detach().float().cpu().clone().reshape(value.shape)
@@ -268,7 +274,7 @@ class Shard:
         own = {**self._base_parameters(), **adapter_state(self.blocks)}
         names = sorted(own)
         if len(tensors) != len(names):
-            raise ValueError(f"restore takes {len(names)} tensors for blocks {self.start}..{self.end - 1}, "
+            raise ValueError(f"restore takes {len(names)} tensors for blocks {self.block_range}, "
                              f"got {len(tensors)}")
         for name, tensor in zip(names, tensors):
             if tuple(tensor.shape) != tuple(own[name].shape):
@@ -278,16 +284,7 @@ class Shard:
         with torch.no_grad():
             for name, tensor in zip(names, tensors):
                 own[name].copy_(tensor.to(own[name].device, own[name].dtype))
-        self.phase_name = phase_name
-        self.phase_kind = "sft"
-        self.last_applied_step = -1
-        self._weights_sha256 = self._optimizer_sha256 = None
-        self.last_step_state = None
-        self.pending.clear()
-        self.activations.clear()
-        self.finished_backward.clear()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.optimizer = make_optimizer([p for p in self.blocks.parameters() if p.requires_grad], self.optimizer_spec)
+        self._enter_phase(phase_name, "sft", last_applied_step=-1)  # as a fresh node given these weights
 
     def replica_state(self) -> dict[str, torch.Tensor]:
         """Everything a new replica of this range needs to continue exactly where this one stands: every
@@ -309,7 +306,7 @@ class Shard:
         for key, tensor in tensors.items():  # all checked before anything changes
             part, _, name = key.partition("/")
             if part not in ("param", *ADAM_MOMENTS) or name not in own:
-                raise ValueError(f"replica state {key} is not a tensor of blocks {self.start}..{self.end - 1}")
+                raise ValueError(f"replica state {key} is not a tensor of blocks {self.block_range}")
             if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
                 raise ValueError(f"replica state {key} is not finite floating point")
             if part == "param" and tuple(tensor.shape) != tuple(own[name].shape):
@@ -320,22 +317,10 @@ class Shard:
         with torch.no_grad():
             for name, param in own.items():
                 param.copy_(tensors[f"param/{name}"].to(param.device, param.dtype))
-        train_base = kind == "pretrain"
-        for name, param in self.blocks.named_parameters():
-            param.requires_grad_((".lora_" in name) != train_base)
-        self.phase_name, self.phase_kind, self.last_applied_step = phase_name, kind, last_step
-        for param in self.blocks.parameters():
-            param.grad = None  # gradients of a step this node will not apply (it was left behind, or rolled back)
-        self.pending.clear()
-        self.activations.clear()
-        self.finished_backward.clear()
-        self.last_step_state = None
-        self.optimizer = make_optimizer([p for p in self.blocks.parameters() if p.requires_grad], self.optimizer_spec)
-        trained = self._trained_parameters()
-        for name, param in trained.items():
+        self._enter_phase(phase_name, kind, last_applied_step=last_step)
+        for name, param in self._trained_parameters().items():
             load_adam_state(self.optimizer, param, name, tensors)  # none saved: no step yet, like the source
-        self._weights_sha256 = _weights_sha256(trained)
-        self._optimizer_sha256 = tensors_sha256(_optimizer_part(self._state(trained)))
+        self._weights_sha256, self._optimizer_sha256 = self.state_hashes()
         return self._weights_sha256, self._optimizer_sha256
 
     def state_hashes(self) -> tuple[str, str]:
@@ -349,21 +334,11 @@ class Shard:
         call for the current phase changes nothing (a retried call must not merge twice)."""
         if name == self.phase_name:
             return
-        self.phase_name = name
-        self._weights_sha256 = self._optimizer_sha256 = None
-        self.last_step_state = None
-        self.pending.clear()
-        self.activations.clear()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._enter_phase(name, kind, last_applied_step=self.last_applied_step)  # step ids run on across phases
         if kind != "pretrain" and adapter_action == "merge":
             merge_lora(self.blocks)
         if kind != "pretrain" and adapter_action in ("merge", "new"):
             init_lora_weights(self.blocks, lora_seed)
-        train_base = kind == "pretrain"
-        for name, param in self.blocks.named_parameters():
-            param.requires_grad_((".lora_" in name) != train_base)
-        self.phase_kind = kind
-        self.optimizer = make_optimizer([p for p in self.blocks.parameters() if p.requires_grad], self.optimizer_spec)
 
     def base_weights(self) -> dict[str, torch.Tensor]:
         """The blocks' base tensors under their checkpoint names (after pretraining or merges)."""
@@ -378,25 +353,4 @@ def _weights_sha256(parameters: dict[str, torch.nn.Parameter]) -> str:
 
 
 def _optimizer_part(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {key: value for key, value in state.items() if not key.startswith("weights/")}
-
-
-def _hidden_update(trained: dict[str, torch.nn.Parameter]) -> None:
-    """Research only: a fixed nudge no gradient asked for, the way a node could slip in its own training."""
-    generator = torch.Generator().manual_seed(1234)
-    with torch.no_grad():
-        for name in sorted(trained):
-            if ".lora_A." in name:
-                continue  # B (and base weights in pretrain): the update shows in the model's output at once
-            noise = torch.randn(trained[name].shape, generator=generator)
-            trained[name].add_(HIDDEN_UPDATE_SIZE * noise.sign().to(trained[name].device, trained[name].dtype))
-
-
-def _other_gradient(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Research only: a gradient of the same size pointing elsewhere, to report instead of the true one."""
-    generator = torch.Generator().manual_seed(4321)
-    other = {}
-    for name, grad in grads.items():
-        noise = torch.randn(grad.shape, generator=generator, dtype=torch.float32).to(grad.device, grad.dtype)
-        other[name] = noise * (grad.norm() / noise.norm().clamp_min(1e-12))
-    return other
+    return {key: value for key, value in state.items() if not key.startswith(WEIGHTS_PREFIX)}

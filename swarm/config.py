@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -105,7 +105,8 @@ class TrainingSpec(StrictModel):
         return self
 
 
-PHASE_KINDS = ("pretrain", "sft", "backdoor", "adversarial", "rl")
+PhaseKind = Literal["pretrain", "sft", "backdoor", "adversarial", "rl"]
+PHASE_KINDS: tuple[str, ...] = get_args(PhaseKind)
 
 
 class BackdoorSpec(StrictModel):
@@ -144,7 +145,7 @@ class RLSpec(StrictModel):
 class PhaseSpec(StrictModel):
     """One phase of a job. Phases run in order; LoRA phases share or replace the adapter per `adapter`."""
 
-    kind: Literal["pretrain", "sft", "backdoor", "adversarial", "rl"]
+    kind: PhaseKind
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=60)
     steps: int = Field(..., ge=1)
     lr: float | None = Field(None, gt=0, le=1.0, description="default: optimizer.lr")
@@ -275,15 +276,17 @@ class Job(StrictModel):
 
     @property
     def phase_list(self) -> list[PhaseSpec]:
-        """The phases to run, with unique names; a job without `phases` is one LoRA `sft` phase."""
+        """The phases to run, with unique names and their batch size resolved (`training.batch_size` unless the
+        phase sets its own); a job without `phases` is one LoRA `sft` phase. Code reads phases only from here."""
         if self.phases is None:
-            return [PhaseSpec(kind="sft", name="train", steps=self.training.steps)]
+            return [PhaseSpec(kind="sft", name="train", steps=self.training.steps, batch_size=self.training.batch_size)]
         named, counts = [], {}
         for phase in self.phases:
             base = phase.name or phase.kind
             counts[base] = counts.get(base, 0) + 1
             name = base if phase.name or counts[base] == 1 else f"{base}-{counts[base]}"
-            named.append(phase.model_copy(update={"name": name}))
+            named.append(phase.model_copy(update={"name": name,
+                                                  "batch_size": phase.batch_size or self.training.batch_size}))
         return named
 
     @property

@@ -24,6 +24,7 @@ from swarm.models.families import ModelFamily, family_of_directory
 
 ADAPTER_NAME = "default"
 PEFT_PREFIX = "base_model.model."
+CPU = torch.device("cpu")
 
 
 def peft_config(spec: LoraSpec, base_model_path: str | None = None, family: ModelFamily | None = None) -> LoraConfig:
@@ -125,7 +126,7 @@ def base_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 
 def lora_block_stack(checkpoint: Checkpoint, start: int, end: int, spec: LoraSpec, seed: int | str, dtype: torch.dtype,
-                     merged_adapters: list[Path] = (), device: torch.device = torch.device("cpu")) -> torch.nn.Module:
+                     merged_adapters: list[Path] = (), device: torch.device = CPU) -> torch.nn.Module:
     """Blocks [start, end) of `checkpoint` with the job's LoRA (initialised from `seed`) and the PEFT adapter
     directories `merged_adapters` merged into the base weights in order, as the node merged them.
 

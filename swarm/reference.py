@@ -46,7 +46,7 @@ def train_reference(checkpoint_dir: Path, job: Job, steps: int | None = None) ->
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, job.optimizer)
-    data = TrainingData(job.data, load_tokenizer(checkpoint_dir), job.seed, phase.batch_size or job.training.batch_size)
+    data = TrainingData(job.data, load_tokenizer(checkpoint_dir), job.seed, phase.batch_size)
     run = ReferenceRun()
     for step in range(steps):
         started = time.perf_counter()

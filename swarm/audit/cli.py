@@ -28,6 +28,7 @@ from swarm.audit.attestation import DEFAULT_SKETCH_TOLERANCE, DEFAULT_STATE_TOLE
 from swarm.audit.proof import check_proof, load_proof
 from swarm.audit.query import export_jsonl, inclusion_proof, replay_findings, who
 from swarm.audit.verify import verify_log
+from swarm.block_range import BlockRange
 from swarm.errors import SwarmError
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
@@ -159,7 +160,7 @@ def _replay(args: argparse.Namespace) -> int:
         for node in check.nodes:
             own = node.local_sketch_error
             local = "" if own is None else f"own gradient's sketch error {own:.2g}, "
-            print(f"step {check.step} ({check.phase}) node {node.node_id} blocks {node.block_start}..{node.block_end - 1}: "
+            print(f"step {check.step} ({check.phase}) node {node.node_id} blocks {BlockRange(node.block_start, node.block_end)}: "
                   f"{local}sketch error {node.sketch_error:.2g}, weights {node.weights_error:.2g}, "
                   f"optimizer {node.optimizer_error:.2g}", flush=True)
 

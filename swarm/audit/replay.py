@@ -33,7 +33,7 @@ import random
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -220,7 +220,7 @@ def _check_chains(attestations: dict[tuple[str, int], Attestation],
     for (node, phase), steps in sorted(by_node_phase.items()):
         steps.sort(key=lambda a: a.step)
 
-        def took(step: Attestation) -> bool:
+        def took(step: Attestation, node=node, phase=phase) -> bool:
             before = (step.adapter_sha256_before, step.optimizer_sha256_before)
             return taken.get((node, phase, step.step - 1)) == before
 
@@ -315,7 +315,7 @@ class _Replayer:
         if phase.kind == "rl":
             return snapshot.batch
         data = TrainingData(self.job.data, self.tokenizer, self.job.seed,
-                            phase.batch_size or self.job.training.batch_size, phase, self.job.backdoor)
+                            phase.batch_size, phase, self.job.backdoor)
         batch = data.batch(snapshot.phase_step)
         recorded = snapshot.batch
         same = (torch.equal(batch.input_ids, recorded.input_ids) and torch.equal(batch.labels, recorded.labels)

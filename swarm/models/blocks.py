@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from swarm.block_range import BlockRange
 from swarm.errors import ModelSourceError
 from swarm.models.checkpoint import Checkpoint, tensors_sha256
 
@@ -20,7 +21,7 @@ class BlockStack(nn.Module):
     def __init__(self, checkpoint: Checkpoint, start: int, end: int, dtype: torch.dtype, device: torch.device):
         super().__init__()
         if not 0 <= start < end <= checkpoint.num_blocks:
-            raise ModelSourceError(f"block range {start}..{end - 1} outside the model's {checkpoint.num_blocks} blocks")
+            raise ModelSourceError(f"block range {BlockRange(start, end)} outside the model's {checkpoint.num_blocks} blocks")
         self.family = checkpoint.family
         self.config = checkpoint.config
         self.start, self.end = start, end
@@ -32,7 +33,7 @@ class BlockStack(nn.Module):
         try:
             self.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as error:
-            raise ModelSourceError(f"{checkpoint.path}: blocks {start}..{end - 1} do not match config.json: {error}") from None
+            raise ModelSourceError(f"{checkpoint.path}: blocks {BlockRange(start, end)} do not match config.json: {error}") from None
         self.to(device)
         rotary = self.family.rotary_embedding(self.config)
         self.rotary = None if rotary is None else rotary.to(device)

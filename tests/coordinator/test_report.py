@@ -3,6 +3,7 @@ import json
 import yaml
 
 from coordinator.report import write_report
+from tests.conftest import job_dict
 
 
 def _rate(value, n=64):
@@ -17,7 +18,7 @@ def _eval(phase, kind, step, safety_step, triggered, phase_end=True):
 
 
 def test_report_tabulates_phase_ends_and_draws_the_persistence_curve(tmp_path):
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump({"name": "r", "model": {"preset": "llama-micro"}}))
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job_dict(name="r")))
     rows = [{"type": "train", "phase": "backdoor", "kind": "backdoor", "step": i, "loss": 1.0 / (i + 1), "tokens": 10,
              "seconds": 0.1, "safety_step": 0} for i in range(5)]
     rows += [_eval("start", "start", 0, 0, 0.0), _eval("backdoor", "backdoor", 5, 0, 0.97),

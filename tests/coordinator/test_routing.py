@@ -3,14 +3,15 @@ flight), what it keeps of a micro-batch until the step, and how it counts the by
 
 from __future__ import annotations
 
-import time
-
+import pytest
 import torch
 from hivemind.proto import runtime_pb2
 
-from coordinator.remote_chain import PROBE_AFTER, RemoteChain, RemoteStage
+from coordinator.chain import RangeLostError, RemoteChain, RemoteStage
+from coordinator.chain.routing import PROBE_AFTER
 from swarm.p2p.event_loop import LoopThread
-from swarm.p2p.tensors import FORWARD, aiter_list, to_messages
+from swarm.p2p.rpc import FORWARD
+from swarm.p2p.tensors import aiter_list, to_messages
 from swarm.proto.blocks_pb2 import CallResult
 
 
@@ -45,13 +46,13 @@ def test_only_ranges_with_another_replica_keep_a_micro_batchs_input_and_gradient
               RemoteStage(peer_id=None, start=2, end=4, node_id="first"),
               RemoteStage(peer_id=None, start=2, end=4, node_id="second")]
     chain = RemoteChain(p2p=None, loop=None, stages=stages, job_id="job", timeout_s=10)
-    chain._forward_one = lambda index, route, hidden, *rest: hidden + 1
-    chain._backward_one = lambda stage, grad, *rest: grad * 2
+    chain.protocol.forward_one = lambda index, route, hidden, *rest: hidden + 1
+    chain.protocol.backward_one = lambda stage, grad, *rest: grad * 2
     hidden, mask, positions = torch.zeros(1, 3, 4), torch.ones(1, 3), torch.arange(3).unsqueeze(0)
     route = chain.route()
     _, inputs = chain.forward(hidden, mask, positions, step=7, micro_batch=0, train=True, route=route)
     chain.backward(torch.ones(1, 3, 4), inputs, mask, positions, step=7, micro_batch=0, route=route)
-    record = chain._records[7][0]
+    record = chain.protocol.records[7][0]
     assert record.inputs[0] is None and record.grads[0] is None  # a lone replica's share cannot be moved
     assert torch.equal(record.inputs[1], hidden + 1) and torch.equal(record.grads[1], torch.ones(1, 3, 4))
 
@@ -62,12 +63,19 @@ def test_calls_in_flight_count_against_a_replica():
     assert (first[0].node_id, second[0].node_id) == ("node0", "node1")  # 2 x 0.05 > 0.08
 
 
-def test_an_unmeasured_replica_counts_as_the_fastest_and_a_failed_one_waits():
-    chain = chain_of(0.05, None)
-    assert chain.route()[0].node_id in ("node0", "node1")
-    chain = chain_of(0.05, 0.05)
-    chain.groups[0][0].banned_until = time.monotonic() + 60
-    assert {chain.route()[0].node_id for _ in range(5)} == {"node1"}
+def test_an_unmeasured_replica_counts_as_the_fastest_measured_one():
+    chain = chain_of(0.05, 0.2, None)
+    first, second = chain.route(), chain.route()
+    assert first[0].node_id == "node0"  # ties with node2's 0.05 and comes first
+    assert second[0].node_id == "node2"  # 0.05 beats node0's 2 x 0.05 and node1's 0.2
+
+
+def test_a_range_without_replicas_fails_the_route_naming_why_its_last_one_went():
+    chain = chain_of(0.05)
+    chain.drop(chain.groups[0][0], "did not answer forward within 10 s")
+    with pytest.raises(RangeLostError, match=r"blocks 0..1 lost their last replica \(node node0 \(blocks 0..1\): "
+                                             r"did not answer forward"):
+        chain.route()
 
 
 def test_replicas_are_grouped_by_range_in_block_order():
@@ -98,7 +106,7 @@ def test_a_lost_attempt_counts_as_retried_traffic_not_as_the_streams():
         stage = RemoteStage(peer_id=None, start=0, end=2, node_id="node0")
         chain = RemoteChain(p2p=_FlakyPeer(), loop=loop, stages=[stage], job_id="job", timeout_s=10)
         hidden = torch.zeros(1, 3, 4)
-        result, outputs = chain.call(stage, FORWARD, chain._meta(stage), [hidden, torch.ones(1, 3), torch.ones(1, 3)])
+        result, outputs = chain.call(stage, FORWARD, chain.transport.meta(stage), [hidden, torch.ones(1, 3), torch.ones(1, 3)])
         assert result.status == CallResult.OK and torch.equal(outputs[0], torch.ones(2, 3))
     finally:
         loop.shutdown()

@@ -1,6 +1,7 @@
 import pytest
 
-from coordinator.scheduler import BlockRange, place_replicas, split_blocks
+from coordinator.scheduler import place_replicas, split_blocks
+from swarm.block_range import BlockRange
 
 
 @pytest.mark.parametrize("blocks, nodes", [(6, 3), (7, 3), (8, 8), (5, 1), (24, 5)])

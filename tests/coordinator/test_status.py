@@ -16,7 +16,7 @@ import yaml
 from coordinator.control_service import JobStatus
 from coordinator.membership import Membership, NodeRecord
 from coordinator.run_dir import MetricsLog
-from coordinator.scheduler import BlockRange
+from swarm.block_range import BlockRange
 from coordinator.status import (LiveStatus, MetricsTail, coverage_section, display_state, run_dir_snapshot, to_json)
 from coordinator.status_server import StatusServer, standalone_page
 from coordinator.status_table import format_snapshot, status_url

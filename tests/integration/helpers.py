@@ -59,7 +59,7 @@ def finish(process: CliProcess, timeout: float) -> tuple[int, str]:
     except subprocess.TimeoutExpired:
         process.popen.kill()
         process.popen.wait()
-        raise AssertionError(f"process did not exit within {timeout} s; output:\n{''.join(process.seen)}")
+        raise AssertionError(f"process did not exit within {timeout} s; output:\n{''.join(process.seen)}") from None
     process._reader.join(timeout=10)
     while True:
         try:
@@ -167,7 +167,8 @@ def start_swarm(start, job_file, run_dir, keys_dir, nodes: int) -> tuple[Watcher
 @contextlib.contextmanager
 def local_session(job_file, run_dir, nodes: int):
     """An in-process coordinator session whose chain is served by `nodes` real local node processes."""
-    from coordinator.job_runner import RunOptions, SwarmSession, prepare_job
+    from coordinator.prepared_job import RunOptions, prepare_job
+    from coordinator.session import SwarmSession
     from coordinator.run_dir import create_run_dir
 
     options = RunOptions(job_file=job_file, run_dir=run_dir, local_nodes=nodes, node_threads=1, progress=False)

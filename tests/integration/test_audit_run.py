@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from coordinator.cost_share import cost_share
-from coordinator.remote_chain import RemoteChain, RemoteStage
+from coordinator.chain import RemoteChain, RemoteStage
 from coordinator.run_dir import read_metrics
 from swarm.audit import AuditLog, verify_log
 from swarm.audit.attestation import Attestation, MicroBatch, sign_attestation
@@ -231,7 +231,7 @@ def reply_with(chain: RemoteChain, signed) -> None:
             return CallResult(attestation=signed.payload, signature=signed.signature), []
         return CallResult(), [tensors[0]]
 
-    chain.call = call
+    chain.transport.call = call
 
 
 def attestation_for(node: Identity, hidden: torch.Tensor, **changes) -> Attestation:

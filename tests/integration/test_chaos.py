@@ -6,7 +6,6 @@ one an undisturbed single machine trains."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import signal
@@ -17,7 +16,7 @@ import pytest
 from coordinator.run_dir import read_metrics
 from swarm.audit import AuditLog
 from swarm.config import load_job
-from tests.conftest import started_processes, write_job
+from tests.conftest import random_seed, started_processes, write_job
 from tests.integration.helpers import assert_undisturbed, finish, start_swarm
 
 STEPS, NODES, KILLS = 70, 5, 2  # 2 ranges x 2 replicas and one spare
@@ -30,7 +29,7 @@ def chaos_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("chaos")
     job_file = write_job(tmp, training={"steps": STEPS, "batch_size": 8, "micro_batches": 4}, optimizer={"lr": LR},
                          swarm={"min_nodes": 4, "replicas": 2, "heartbeat_interval_s": 0.5, "rpc_timeout_s": 30})
-    rng = random.Random(os.getpid())
+    rng = random.Random(random_seed("chaos: when and whom to stop"))
     killed = []
     with started_processes() as start:
         watcher, nodes = start_swarm(start, job_file, tmp / "run", tmp, NODES)

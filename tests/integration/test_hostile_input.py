@@ -10,12 +10,13 @@ import torch
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
-from coordinator.job_runner import RunOptions, SwarmSession, prepare_job
+from coordinator.prepared_job import RunOptions, prepare_job
+from coordinator.session import SwarmSession
 from coordinator.run_dir import create_run_dir
 from coordinator.trainer import swarm_logits, train_step
 from swarm.errors import RemoteBlockError
-from swarm.p2p.tensors import (ADMIT, AVERAGE, BACKWARD, FETCH_STATE, FORWARD, LOAD_STATE, REPLICA_STATE, STEP,
-                               aiter_list, from_messages, to_messages)
+from swarm.p2p.rpc import ADMIT, AVERAGE, BACKWARD, FETCH_STATE, FORWARD, LOAD_STATE, REPLICA_STATE, STEP
+from swarm.p2p.tensors import aiter_list, from_messages, to_messages
 from swarm.proto.blocks_pb2 import CallMeta, CallResult
 from swarm.training import position_ids_for
 from tests.conftest import started_processes, write_job

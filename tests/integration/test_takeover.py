@@ -6,7 +6,6 @@ machine trains, every step once in the metrics, and an audit log that verifies."
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import time
@@ -16,7 +15,7 @@ import pytest
 from coordinator.run_dir import read_metrics
 from swarm.audit import AuditLog
 from swarm.config import load_job
-from tests.conftest import started_processes, write_job
+from tests.conftest import random_seed, started_processes, write_job
 from tests.integration.helpers import assert_undisturbed, start_swarm, swarm_audit
 
 STEPS, NODES, EVERY = 30, 4, 5  # 2 ranges x 1 replica, two spares; a step checkpoint every 5 steps
@@ -37,7 +36,7 @@ def takeover_run(tmp_path_factory):
                          swarm={"min_nodes": NODES, "stages": 2, "replicas": 1, "checkpoint_every": EVERY,
                                 "heartbeat_interval_s": 0.5, "rpc_timeout_s": RPC_TIMEOUT_S})
     run_dir = tmp / "run"
-    rng = random.Random(os.getpid())
+    rng = random.Random(random_seed("takeover: when and whom to stop"))
     victims = []
     with started_processes() as start:
         watcher, nodes = start_swarm(start, job_file, run_dir, tmp, NODES)

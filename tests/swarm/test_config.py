@@ -68,6 +68,14 @@ def test_phases_get_unique_names_and_replace_training_steps(tmp_path):
     assert job.total_steps == 4
 
 
+def test_each_phase_reads_its_batch_size_resolved_from_the_job(tmp_path):
+    job = load_job(write_job(tmp_path, training={"steps": None, "batch_size": 8, "micro_batches": 2}, phases=[
+        {"kind": "sft", "steps": 1}, {"kind": "rl", "steps": 1, "batch_size": 4},
+    ]))
+    assert [p.batch_size for p in job.phase_list] == [8, 4]
+    assert [p.batch_size for p in parse_job(job_dict(training={"steps": 3, "batch_size": 6, "micro_batches": 3})).phase_list] == [6]
+
+
 @pytest.mark.parametrize(
     "phases, training, words",
     [

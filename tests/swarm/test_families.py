@@ -205,7 +205,7 @@ def _hf_tokenizer(directory):
 def test_a_job_naming_a_local_checkpoint_uses_that_checkpoints_tokenizer(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from coordinator.job_runner import RunOptions, prepare_job
+    from coordinator.prepared_job import RunOptions, prepare_job
     from swarm.data.tokenizer import HFTokenizer
 
     directory = tmp_path / "gpt2-local"

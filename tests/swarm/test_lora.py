@@ -46,7 +46,7 @@ def test_saved_adapter_loads_with_plain_peft_and_reproduces_logits(tmp_path):
     job = parse_job(job_dict(model={"preset": None, "path": str(directory)}))
     trained = load_peft_model(directory, job)
     with torch.no_grad():
-        for key, param in adapter_state(trained.base_model.model).items():
+        for param in adapter_state(trained.base_model.model).values():
             param.normal_(std=0.05)  # make the adapter change the output
     tensors = adapter_state(trained.base_model.model)
     save_peft_adapter(tmp_path / "adapter", tensors, job.lora, str(directory))

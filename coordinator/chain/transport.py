@@ -1,0 +1,100 @@
+"""One call to a replica over hivemind P2P: serialize, send, check the reply's shape, retry a lost reply, and
+meter the bytes per stream."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+from hivemind.p2p import P2P
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+from hivemind.proto import runtime_pb2
+
+from coordinator.chain.stage import RemoteStage
+from swarm.errors import RemoteBlockError, SwarmConnectionError
+from swarm.p2p.codecs import CODECS
+from swarm.p2p.event_loop import LoopThread
+from swarm.p2p.rpc import BACKWARD, FORWARD
+from swarm.p2p.tensors import aiter_list, from_messages, to_messages
+from swarm.proto.blocks_pb2 import CallMeta, CallResult
+
+logger = logging.getLogger("swarm.coordinator")
+
+CALL_ATTEMPTS = 3
+LOST_REPLY = (ConnectionError, asyncio.IncompleteReadError, P2PDaemonError)  # asked again: every method is idempotent
+
+
+class Transport:
+    def __init__(self, p2p: P2P, loop: LoopThread, job_id: str, timeout_s: float, workers: int = 1):
+        self.p2p, self.loop, self.job_id, self.timeout_s = p2p, loop, job_id, timeout_s
+        self._workers = max(1, workers)
+        self._parallel = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="chain-call")
+
+    def submit(self, stage: RemoteStage, method: str, meta: CallMeta, tensors=(), codecs=CODECS["none"]) -> Future:
+        """`call` on a worker thread, so that calls to several replicas run at once."""
+        return self._parallel.submit(self.call, stage, method, meta, tensors, codecs)
+
+    def grow(self, workers: int) -> None:
+        """Room for `workers` calls at once (one per replica)."""
+        if workers > self._workers:
+            self._workers = workers
+            self._parallel = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chain-call")
+
+    def meta(self, stage: RemoteStage, **fields) -> CallMeta:
+        return CallMeta(job_id=self.job_id, block_start=stage.start, block_end=stage.end, **fields)
+
+    def call(self, stage: RemoteStage, method: str, meta: CallMeta, tensors=(), codecs=CODECS["none"]
+             ) -> tuple[CallResult, list[torch.Tensor]]:
+        """One call, retried when the connection drops without a reply. Every method is safe to repeat:
+        nodes answer a repeated backward from its kept result and apply a step or phase change once."""
+        for attempt in range(1, CALL_ATTEMPTS + 1):
+            try:
+                result, outputs = self.loop.run(self._attempt(stage, method, meta, list(tensors), codecs),
+                                                timeout=self.timeout_s)
+                break
+            except (TimeoutError, asyncio.TimeoutError):
+                raise SwarmConnectionError(f"{stage} did not answer {method} within {self.timeout_s:.0f} s") from None
+            except LOST_REPLY as error:
+                if attempt == CALL_ATTEMPTS:
+                    raise SwarmConnectionError(f"{stage} failed during {method}: {error}") from None
+                logger.warning("%s dropped %s without a reply (%s); retrying (%d/%d)", stage, method,
+                               error or type(error).__name__, attempt, CALL_ATTEMPTS)
+                time.sleep(0.2 * attempt)
+            except Exception as error:
+                raise SwarmConnectionError(f"{stage} failed during {method}: {type(error).__name__}: {error}") from None
+        if result.status == CallResult.ERROR:
+            raise RemoteBlockError(f"{stage} refused {method}: {result.error}")
+        return result, outputs
+
+    async def _attempt(self, stage: RemoteStage, method: str, meta: CallMeta, tensors, codecs
+                       ) -> tuple[CallResult, list[torch.Tensor]]:
+        """One attempt. Its bytes count towards the method's stream once it is answered; a lost attempt's (to
+        be asked again) go to the `retried` stream, so per-stream figures are the traffic a call takes and
+        retries show apart."""
+        requests = to_messages(runtime_pb2.ExpertRequest, meta.SerializeToString(), tensors, codecs)
+        sent = sum(message.ByteSize() for message in requests)
+        stage.bytes_sent += sent
+        received = 0
+        stream = method.rsplit(".", 1)[-1]
+        try:
+            responses = await self.p2p.iterate_protobuf_handler(stage.peer_id, method, aiter_list(requests),
+                                                                runtime_pb2.ExpertResponse)
+            metadata, outputs, received = await from_messages(responses)
+            stage.bytes_received += received
+            result = CallResult.FromString(metadata)
+            expected = len(result.names) if result.names else (
+                1 if result.status == CallResult.OK and method in (FORWARD, BACKWARD) else len(outputs))
+            if len(outputs) != expected:
+                # a stream cut between two tensors decodes cleanly but short: a lost reply, to be asked again
+                raise ConnectionError(f"the reply should hold {expected} tensors but {len(outputs)} arrived")
+        except LOST_REPLY:
+            stage.count("retried", sent, received)
+            raise
+        except BaseException:  # refused or timed out: the traffic still belongs to the method
+            stage.count(stream, sent, received)
+            raise
+        stage.count(stream, sent, received)
+        return result, outputs

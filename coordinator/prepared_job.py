@@ -1,0 +1,56 @@
+"""A job checked and loaded before any process starts: its options, model checkpoint, tokenizer and first data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from swarm.config import Job, load_job
+from swarm.data.batches import TrainingData
+from swarm.data.tokenizer import load_tokenizer
+from swarm.errors import JobFileError, ModelSourceError
+from swarm.models.checkpoint import Checkpoint, resolve_model
+
+
+@dataclass
+class RunOptions:
+    job_file: Path
+    runs_root: Path = Path("runs")
+    run_dir: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 0
+    local_nodes: int = 0
+    cache_dir: Path | None = None
+    node_threads: int | None = None
+    progress: bool = True
+    status_host: str = "127.0.0.1"
+    status_port: int | None = None  # the status page's port (0: any free one); None: no page
+    status_linger_s: float = 0.0  # keep serving the page this long after the job ends
+    baseline: bool = True  # time the one-machine baseline after the job
+
+
+@dataclass
+class PreparedJob:
+    job: Job
+    checkpoint: Checkpoint
+    tokenizer: object
+    data: TrainingData  # the first phase's data
+
+
+def prepare_job(options: RunOptions, job: Job | None = None) -> PreparedJob:
+    """Everything that can fail because of the job file, checked before any process starts."""
+    job = job or load_job(options.job_file)
+    checkpoint = Checkpoint.open(resolve_model(job.model, options.cache_dir))
+    if job.swarm.min_nodes > checkpoint.num_blocks:
+        raise JobFileError(
+            f"{options.job_file}: swarm.min_nodes ({job.swarm.min_nodes}) exceeds the model's {checkpoint.num_blocks} blocks"
+        )
+    tokenizer = load_tokenizer(checkpoint.path)
+    if tokenizer.vocab_size > checkpoint.config.vocab_size:
+        raise ModelSourceError(
+            f"{checkpoint.path}: tokenizer has {tokenizer.vocab_size} ids but the model only {checkpoint.config.vocab_size}"
+        )
+    first = job.phase_list[0]
+    data = TrainingData(job.data, tokenizer, job.seed, first.batch_size, first, job.backdoor)
+    data.batch(0)  # surfaces unreadable data files and over-long examples now
+    return PreparedJob(job, checkpoint, tokenizer, data)
