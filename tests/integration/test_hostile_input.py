@@ -156,7 +156,7 @@ def test_a_stranger_can_neither_add_to_a_gradient_sum_nor_copy_the_nodes_state(s
     stage = session.chain.stages[0]
     base = dict(job_id=session.chain.job_id, block_start=stage.start, block_end=stage.end)
     # a part claiming to come from the node's replica 1 of a group whose replica 1 is some other peer
-    group = [stage.peer_id.to_base58(), session.chain.p2p.peer_id.to_base58()]
+    group = [stage.peer_id.to_base58(), session.chain.transport.p2p.peer_id.to_base58()]
     part = CallMeta(step=0, part_index=0, sender_index=1, replica_peers=group, **base)
     result = call_as_stranger(served, AVERAGE, part, [torch.ones(10)])
     assert result.status == CallResult.ERROR and "is not replica 1 of the group the part names" in result.error
