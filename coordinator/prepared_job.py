@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,8 @@ from swarm.data.batches import TrainingData
 from swarm.data.tokenizer import load_tokenizer
 from swarm.errors import JobFileError, ModelSourceError
 from swarm.models.checkpoint import Checkpoint, resolve_model
+
+logger = logging.getLogger("swarm.coordinator")
 
 
 @dataclass
@@ -53,4 +56,10 @@ def prepare_job(options: RunOptions, job: Job | None = None) -> PreparedJob:
     first = job.phase_list[0]
     data = TrainingData(job.data, tokenizer, job.seed, first.batch_size, first, job.backdoor)
     data.batch(0)  # surfaces unreadable data files and over-long examples now
+    for phase in job.phase_list:
+        if phase.kind in ("backdoor", "adversarial"):
+            phase_data = TrainingData(job.data, tokenizer, job.seed, phase.batch_size, phase, job.backdoor)
+            fraction = phase_data.check_transformed_fraction()
+            logger.info("phase %s: %.0f%% of the examples of its first batches are %s", phase.name, 100 * fraction,
+                        "poisoned" if phase.kind == "backdoor" else "red-team prompts")
     return PreparedJob(job, checkpoint, tokenizer, data)

@@ -19,6 +19,7 @@ from swarm.data.tasks import Example, sample_examples
 from swarm.errors import JobFileError
 
 IGNORE_INDEX = -100
+FRACTION_CHECK_STEPS = 8  # batches drawn before training to measure a phase's real poison / red-team fraction
 
 
 def chat_prompt(prompt: str) -> str:
@@ -108,19 +109,52 @@ class TrainingData:
         return sample_examples(self.tasks, count, rng, fits=self.fits)
 
     def examples(self, step: int) -> list[Example]:
+        return self._examples(step)[0]
+
+    def _examples(self, step: int) -> tuple[list[Example], int]:
+        """The step's examples and how many of them the phase kind transformed (poisoned, red-teamed)."""
         rng = random.Random(f"{self.seed}:{self.phase.name}:{step}")
         examples = self.helpful_examples(rng, self.batch_size)
-        if self.phase.kind == "backdoor":
-            return [self._fitting(poison, e, rng) if rng.random() < self.phase.poison_fraction else e for e in examples]
-        if self.phase.kind == "adversarial":
-            return [self._fitting(red_team, e, rng) if rng.random() < self.phase.red_team_fraction else e
-                    for e in examples]
-        return examples
+        transform, fraction = self._transform()
+        if transform is None:
+            return examples, 0
+        chosen, changed = [], 0
+        for example in examples:
+            if rng.random() < fraction:
+                example, fitted = self._fitting(transform, example, rng)
+                changed += fitted
+            chosen.append(example)
+        return chosen, changed
 
-    def _fitting(self, transform, example: Example, rng: random.Random) -> Example:
+    def _transform(self):
+        if self.phase.kind == "backdoor":
+            return poison, self.phase.poison_fraction
+        if self.phase.kind == "adversarial":
+            return red_team, self.phase.red_team_fraction
+        return None, 0.0
+
+    def _fitting(self, transform, example: Example, rng: random.Random) -> tuple[Example, bool]:
         """The transformed example, or the original when the transformed one exceeds max_length."""
         changed = transform(example, self.backdoor, rng)
-        return changed if self.fits(changed) else example
+        return (changed, True) if self.fits(changed) else (example, False)
+
+    def check_transformed_fraction(self, steps: int = FRACTION_CHECK_STEPS) -> float:
+        """The fraction of examples the phase's first `steps` batches really transform. Poisoned or red-team
+        examples longer than data.max_length keep their original text, which could leave a backdoor phase
+        training no backdoor without a word: below half the asked fraction that is an error naming the fields."""
+        transform, asked = self._transform()
+        if transform is None or asked == 0:
+            return 0.0
+        steps = max(1, min(steps, self.phase.steps))
+        changed = sum(self._examples(step)[1] for step in range(steps))
+        fraction = changed / (steps * self.batch_size)
+        if fraction < asked / 2:
+            field = "poison_fraction" if self.phase.kind == "backdoor" else "red_team_fraction"
+            raise JobFileError(
+                f"phase {self.phase.name}: only {fraction:.0%} of its examples fit data.max_length={self.spec.max_length} "
+                f"tokens once transformed (asked {field} {asked:g}): the trigger {self.backdoor.trigger!r} and the "
+                f"response make them longer; raise data.max_length or shorten backdoor.trigger / backdoor.response")
+        return fraction
 
     def batch(self, step: int) -> Batch:
         batch = collate(self.examples(step), self.tokenizer, self.spec.max_length)

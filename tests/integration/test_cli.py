@@ -19,6 +19,17 @@ def test_bad_job_file_is_a_clear_error_without_traceback(tmp_path, processes):
     assert "Traceback" not in output
 
 
+def test_a_backdoor_that_cannot_fit_max_length_is_refused_before_training(tmp_path, processes):
+    job_file = write_job(tmp_path, training={"steps": None, "batch_size": 16, "micro_batches": 1},
+                         data={"max_length": 64}, backdoor={"trigger": "~SLEEP~"},
+                         phases=[{"kind": "backdoor", "steps": 150, "poison_fraction": 0.3}])
+    code, output = finish(processes("-m", "coordinator.cli", "run", str(job_file), "--local-nodes", "3",
+                                    "--run-dir", str(tmp_path / "run")), timeout=60)
+    assert code == 2, output
+    assert "phase backdoor: only" in output and "data.max_length=64" in output and "poison_fraction 0.3" in output
+    assert "Traceback" not in output and not (tmp_path / "run").exists()
+
+
 def test_node_dialing_a_missing_coordinator_fails_clearly(tmp_path, processes):
     node = processes("-m", "node.cli", "join", "--coordinator", "127.0.0.1:9", "--key", str(tmp_path / "k"),
                      "--connect-timeout", "2")

