@@ -8,8 +8,8 @@ from pathlib import Path
 
 from swarm.config import Job, load_job
 from swarm.data.batches import TrainingData
-from swarm.data.tokenizer import load_tokenizer
-from swarm.errors import JobFileError, ModelSourceError
+from swarm.data.tokenizer import check_tokenizer_fits, load_tokenizer
+from swarm.errors import JobFileError
 from swarm.models.checkpoint import Checkpoint, resolve_model
 
 logger = logging.getLogger("swarm.coordinator")
@@ -49,10 +49,7 @@ def prepare_job(options: RunOptions, job: Job | None = None) -> PreparedJob:
             f"{options.job_file}: swarm.min_nodes ({job.swarm.min_nodes}) exceeds the model's {checkpoint.num_blocks} blocks"
         )
     tokenizer = load_tokenizer(checkpoint.path)
-    if tokenizer.vocab_size > checkpoint.config.vocab_size:
-        raise ModelSourceError(
-            f"{checkpoint.path}: tokenizer has {tokenizer.vocab_size} ids but the model only {checkpoint.config.vocab_size}"
-        )
+    check_tokenizer_fits(tokenizer, checkpoint.config.vocab_size, checkpoint.path)
     first = job.phase_list[0]
     data = TrainingData(job.data, tokenizer, job.seed, first.batch_size, first, job.backdoor)
     data.batch(0)  # surfaces unreadable data files and over-long examples now

@@ -7,6 +7,7 @@ import hashlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -293,29 +294,25 @@ def _wait_for_nodes(membership: Membership, job: Job, local: LocalNodes | None, 
     cold cache, is not theirs to wait for); a local node that exits or never joins is an error of its own."""
     needed = job.swarm.min_nodes
     if local is not None:
-        _wait_for_local_nodes(membership, local, min(local.count, needed))
-    deadline = time.monotonic() + job.swarm.join_timeout_s
-    while not membership.wait_until(lambda m: len(m.nodes("joined")) >= needed, timeout=0.5):
-        _check_local_nodes(local)
-        if time.monotonic() > deadline:
-            joined = len(membership.nodes("joined"))
-            raise JoinTimeoutError(
-                f"only {joined} of the {needed} nodes the job needs (swarm.min_nodes) joined within "
-                f"{job.swarm.join_timeout_s:.0f} s (swarm.join_timeout_s); start more with: "
-                f"swarm-node join --coordinator {address}"
-            )
+        _wait_for_joined(membership, min(local.count, needed), LOCAL_NODE_START_TIMEOUT_S, local, lambda joined: (
+            f"the local nodes started with --local-nodes did not join within {LOCAL_NODE_START_TIMEOUT_S:.0f} s; "
+            f"their logs are in {local.logs_dir}"))
+    _wait_for_joined(membership, needed, job.swarm.join_timeout_s, local, lambda joined: (
+        f"only {joined} of the {needed} nodes the job needs (swarm.min_nodes) joined within "
+        f"{job.swarm.join_timeout_s:.0f} s (swarm.join_timeout_s); start more with: "
+        f"swarm-node join --coordinator {address}"))
     return membership.nodes("joined")
 
 
-def _wait_for_local_nodes(membership: Membership, local: LocalNodes, count: int) -> None:
-    deadline = time.monotonic() + LOCAL_NODE_START_TIMEOUT_S
+def _wait_for_joined(membership: Membership, count: int, timeout_s: float, local: LocalNodes | None,
+                     message: Callable[[int], str]) -> None:
+    """Until `count` nodes have joined; a local node that exits ends the wait at once, a timeout with
+    JoinTimeoutError(message(nodes joined))."""
+    deadline = time.monotonic() + timeout_s
     while not membership.wait_until(lambda m: len(m.nodes("joined")) >= count, timeout=0.5):
         _check_local_nodes(local)
         if time.monotonic() > deadline:
-            raise JoinTimeoutError(
-                f"the local nodes started with --local-nodes did not join within {LOCAL_NODE_START_TIMEOUT_S:.0f} s; "
-                f"their logs are in {local.logs_dir}"
-            )
+            raise JoinTimeoutError(message(len(membership.nodes("joined"))))
 
 
 def _assign_blocks(nodes: list[NodeRecord], checkpoint: Checkpoint, job: Job, job_id: str, model_id: str,

@@ -59,6 +59,12 @@ class HFTokenizer:
         return self.inner.decode(list(ids), skip_special_tokens=True)
 
 
+def check_tokenizer_fits(tokenizer, vocab_size: int, source) -> None:
+    """A tokenizer with ids past the model's embedding table would index outside it at the first batch."""
+    if tokenizer.vocab_size > vocab_size:
+        raise ModelSourceError(f"{source}: tokenizer has {tokenizer.vocab_size} ids but the model only {vocab_size}")
+
+
 def load_tokenizer(directory: Path):
     """The checkpoint's tokenizer: our character tokenizer when it ships one, else its Hugging Face files."""
     directory = Path(directory)

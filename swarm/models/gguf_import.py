@@ -173,7 +173,7 @@ def _convert(path: Path, directory: Path) -> None:
 def _verify(path: Path, directory: Path) -> tuple[str, int, int]:
     """Open the written checkpoint as a job would (`Checkpoint.open`, which finds the family with `family_of`,
     and `load_tokenizer`); (family, layers, parameters)."""
-    from swarm.data.tokenizer import load_tokenizer
+    from swarm.data.tokenizer import check_tokenizer_fits, load_tokenizer
     from swarm.models.checkpoint import Checkpoint
 
     try:
@@ -181,7 +181,5 @@ def _verify(path: Path, directory: Path) -> tuple[str, int, int]:
         tokenizer = load_tokenizer(directory)
     except ModelSourceError as error:
         raise ModelSourceError(f"{path}: the converted checkpoint does not open: {error}") from None
-    if tokenizer.vocab_size > checkpoint.config.vocab_size:
-        raise ModelSourceError(f"{path}: its tokenizer has {tokenizer.vocab_size} ids but the model only "
-                               f"{checkpoint.config.vocab_size}")
+    check_tokenizer_fits(tokenizer, checkpoint.config.vocab_size, path)
     return checkpoint.family.model_type, checkpoint.num_blocks, checkpoint.num_parameters
