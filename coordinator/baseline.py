@@ -73,17 +73,21 @@ def main() -> None:
 
     from swarm.config import load_job
     from swarm.data.batches import TrainingData
+    from swarm.data.instructions import SELF_RESPONSES_FILE, read_self_responses
     from swarm.data.tokenizer import load_tokenizer
     from swarm.memory import rss_bytes
     from swarm.reference import train_reference
 
     job = load_job(args.job_file)
     total = args.warmup + args.steps
+    records = None
+    if job.data.responses == "self":  # the base model's answers the run trained on, saved beside OUT.json
+        records = read_self_responses(args.out.parent / SELF_RESPONSES_FILE, job.data.source)
     rss_before = rss_bytes()
-    run = train_reference(args.checkpoint_dir, job, steps=total)
+    run = train_reference(args.checkpoint_dir, job, steps=total, records=records)
     phase = job.phase_list[0]
-    data = TrainingData(job.data, load_tokenizer(args.checkpoint_dir), job.seed,
-                        phase.batch_size)
+    data = TrainingData(job.data, load_tokenizer(args.checkpoint_dir, job.data.chat_format), job.seed,
+                        phase.batch_size, records=records)
     tokens = [data.batch(step).tokens for step in range(total)]  # the batches train_reference trained on
     timed = run.step_seconds[args.warmup:]
     result = {

@@ -10,6 +10,7 @@ from coordinator.trainer import swarm_logits
 from swarm.config import Job
 from swarm.data.batches import collate
 from swarm.data.tasks import Example
+from swarm.errors import JobFileError
 from swarm.evaluation import CONDITIONS, build_eval_sets, score
 from swarm.models.blocks import TrainerHead
 from swarm.training import summed_lm_loss
@@ -18,14 +19,26 @@ SAMPLES_KEPT = 3  # generations per condition stored in metrics.jsonl, for readi
 
 
 class Evaluator:
-    def __init__(self, job: Job, tokenizer, fits):
+    def __init__(self, job: Job, tokenizer, fits, pool: list[Example] | None = None):
+        """`pool`: the held-out records of a jsonl or instructions job (TrainingData.held_out, or with
+        data.responses self coordinator.self_responses.held_out_records), whose prompts the helpful conditions
+        draw instead of the built-in tasks', so evaluation never asks a training prompt. Accuracy is then exact
+        match against each record's response: the file's answer, or with responses self the base model's own
+        greedy answer (made with eval.max_new_tokens before the first LoRA phase): the share of held-out answers
+        the model still gives word for word as the model the LoRA phases started from did (near 1 at the start,
+        unless a backdoor.counterpart line changes the prompts)."""
         self.job, self.tokenizer = job, tokenizer
-        self.sets = build_eval_sets(list(job.data.tasks), job.backdoor, job.eval.samples, job.seed, fits)
+        if pool is not None and not pool:
+            raise JobFileError(f"data.source {job.data.source}: none of its prompts falls in the held-out part "
+                               "evaluation uses (a fixed ~10% by prompt hash); add prompts or remove the eval section")
+        self.sets = build_eval_sets(list(job.data.tasks), job.backdoor, job.eval.samples, job.seed, fits, pool=pool)
         self.loss_batch = collate([Example(p, a, "eval") for p, a in zip(self.sets.prompts["clean"], self.sets.answers)],
                                   tokenizer, max_length=None)
 
-    def evaluate(self, chain: RemoteChain, head: TrainerHead, step: int) -> dict:
-        """Rates with 95% Wilson intervals for each condition, helpful accuracy, and held-out loss."""
+    def evaluate(self, chain: RemoteChain, head: TrainerHead, step: int) -> tuple[dict, list[dict]]:
+        """Rates with 95% Wilson intervals for each condition, helpful accuracy, and held-out loss; and every
+        answer generated ({"condition", "prompt", "answer", "reference", "task"}; the reference and task are those
+        of the clean prompt the condition's prompt was made from), for reading and re-scoring."""
         spec = self.job.eval
         generations = {
             condition: generate(chain, head, self.tokenizer, self.sets.prompts[condition], spec.max_new_tokens,
@@ -39,7 +52,11 @@ class Evaluator:
                         zip(self.sets.prompts[condition][:SAMPLES_KEPT], generations[condition][:SAMPLES_KEPT])]
             for condition in CONDITIONS
         }
-        return row
+        answers = [{"condition": condition, "prompt": prompt, "answer": answer, "reference": reference, "task": task}
+                   for condition in CONDITIONS
+                   for prompt, answer, reference, task in zip(self.sets.prompts[condition], generations[condition],
+                                                              self.sets.answers, self.sets.tasks)]
+        return row, answers
 
     def _loss(self, chain: RemoteChain, head: TrainerHead, step: int) -> float:
         batch, total = self.loss_batch, 0.0

@@ -11,13 +11,11 @@ import torch
 
 from coordinator.chain import RemoteChain
 from coordinator.trainer import swarm_logits
-from swarm.data.batches import chat_prompt
 from swarm.models.blocks import TrainerHead
 
 
 def encode_prompts(prompts: list[str], tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    encoded = [([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(chat_prompt(p))
-               for p in prompts]
+    encoded = [tokenizer.chat.prompt_ids(prompt) for prompt in prompts]
     width = max(len(ids) for ids in encoded)
     input_ids = torch.full((len(encoded), width), tokenizer.pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
@@ -37,7 +35,8 @@ def generate_ids(chain: RemoteChain, head: TrainerHead, tokenizer, prompts: list
     for _ in range(max_new_tokens):
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         logits = swarm_logits(chain, head, input_ids, attention_mask, positions, step=step)[:, -1, :].float()
-        logits[:, tokenizer.pad_id] = float("-inf")
+        if tokenizer.pad_id != tokenizer.eos_id:  # many chat tokenizers pad with their end-of-turn token
+            logits[:, tokenizer.pad_id] = float("-inf")
         if temperature > 0:
             probabilities = torch.softmax(logits / temperature, dim=-1)
             next_ids = torch.multinomial(probabilities, 1, generator=generator).squeeze(1)

@@ -19,7 +19,7 @@ from coordinator.prepared_job import PreparedJob, RunOptions, prepare_job
 from coordinator.report import write_report
 from coordinator.resume import (ResumeError, ResumePoint, find_resume_point, prepare_run_dir, restore_context,
                                 restore_nodes)
-from coordinator.run_dir import MetricsLog, create_run_dir
+from coordinator.run_dir import CHAT_FORMAT_FILE, MetricsLog, create_run_dir, record_chat_format
 from coordinator.session import SwarmSession
 from coordinator.sweep import run_sweep
 from coordinator.tensorboard import TensorBoardLog
@@ -65,11 +65,16 @@ def _run_in(prepared: PreparedJob, run_dir: Path, options: RunOptions, resume: R
     file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.getLogger("swarm").addHandler(file_log)
     try:
+        chat = prepared.tokenizer.chat.describe()
+        chat_recorded = record_chat_format(run_dir, chat)
         with SwarmSession(prepared, run_dir, options, resume) as session:
             chain = session.gather()
             metrics = MetricsLog(run_dir / "metrics.jsonl", subscribers=[TensorBoardLog(run_dir)])
             context = PhaseContext(job, prepared.checkpoint, prepared.tokenizer, chain, session.head, run_dir, metrics,
                                    progress_bars=options.progress, swarm=session, audit=session.audit)
+            if chat_recorded and session.audit is not None:
+                session.audit.append_event("chat_format", path=CHAT_FORMAT_FILE, format=chat["format"],
+                                           sha256=chat["sha256"])
             first_phase, evaluate_start = 0, True
             try:
                 if resume is not None:

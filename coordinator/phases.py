@@ -7,6 +7,9 @@ persistence curve is drawn against.
 With an audit log, phase starts and ends, evaluations and saved checkpoints become signed events, a tree
 head is signed every `audit.tree_head_every` steps and at every phase end, and `audit.snapshots_per_phase`
 steps per phase, drawn at random, are saved for `swarm-audit replay` (swarm.audit.snapshot).
+
+With `data.responses: self` the LoRA phases train on the model's own answers, made through the swarm (or reused
+from the run's audited file) right before the first LoRA phase: coordinator.self_responses.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from tqdm import tqdm
 from coordinator.evaluator import Evaluator
 from coordinator.chain import RangeLostError, RemoteChain
 from coordinator.rl import rl_batch
+from coordinator.self_responses import evaluation_pool, needs_self_responses, obtain_self_responses, swarm_answerer
 from coordinator.run_dir import MetricsLog, done_before, nan_to_null
 from coordinator.step_checkpoint import StepCheckpoint, head_state, load_head_state, write_step_checkpoint
 from coordinator.trainer import train_step
@@ -35,7 +39,8 @@ from swarm.audit.log import AuditLog
 from swarm.audit.snapshot import NodeStepState, StepSnapshot, choose_steps, snapshot_path, write_snapshot
 from swarm.config import Job, PhaseSpec
 from swarm.data.batches import TrainingData
-from swarm.data.tokenizer import CHAR_TOKENIZER_FILE
+from swarm.data.tasks import Example
+from swarm.data.tokenizer import CHAR_TOKENIZER_FILE, CharTokenizer
 from swarm.lora import save_peft_adapter
 from swarm.models.blocks import TrainerHead
 from swarm.models.checkpoint import Checkpoint
@@ -71,6 +76,7 @@ class PhaseProgress:
     safety_step: int = 0
     seen_backdoor: bool = False
     last_checkpoint: StepCheckpoint | None = None  # the latest step checkpoint written (or resumed from)
+    self_responses: list[Example] | None = None  # data.responses self: the records the LoRA phases train on
 
 
 @dataclass(frozen=True)
@@ -105,13 +111,15 @@ def run_phases(context: PhaseContext, first_phase: int = 0, evaluate_start: bool
     `resume_from` (of `first_phase`) when it has one."""
     job = context.job
     context.progress.base_dir = context.progress.base_dir or str(context.checkpoint.path)
+    _self_responses(context, first_phase)  # without a pretrain phase first: before the start evaluation
     evaluator = None
     if job.eval is not None:
-        first = TrainingData(job.data, context.tokenizer, job.seed, 1)
-        evaluator = Evaluator(job, context.tokenizer, first.fits)
+        evaluator = _evaluator(context)
         if job.eval.at_start and evaluate_start:
             _evaluate(context, evaluator, "start", "start", 0)
     for index, phase in enumerate(job.phase_list[first_phase:], start=first_phase):
+        if _self_responses(context, index) and evaluator is not None:
+            evaluator = _evaluator(context)  # from now on on the held-out records' prompts
         directory = phase_dir(context.run_dir, index, phase)
         if phase.kind != "pretrain" and phase.adapter == "merge" and context.progress.previous_adapter is not None:
             context.progress.merged.append(str(context.progress.previous_adapter))
@@ -145,6 +153,25 @@ def run_phases(context: PhaseContext, first_phase: int = 0, evaluate_start: bool
     return context.progress.previous_adapter
 
 
+def _self_responses(context: PhaseContext, phase_index: int) -> bool:
+    """Before the first phase that trains on self responses (data.responses self), the model's own answers
+    (coordinator.self_responses: made now from the model the LoRA phases start from, or the run's recorded file);
+    True when they were obtained now."""
+    if context.progress.self_responses is not None or not needs_self_responses(context.job, phase_index):
+        return False
+    answer = swarm_answerer(context.chain, context.head, context.tokenizer, context.job, context.progress.step)
+    context.progress.self_responses = obtain_self_responses(context.job, context.tokenizer, context.run_dir,
+                                                            context.audit, answer, context.job.phase_list[phase_index].name)
+    return True
+
+
+def _evaluator(context: PhaseContext) -> Evaluator:
+    """Evaluation on the built-in tasks' held-out prompts, or a prompt set's held-out records (coordinator.evaluator)."""
+    job = context.job
+    first = TrainingData(job.data, context.tokenizer, job.seed, 1)
+    return Evaluator(job, context.tokenizer, first.fits, evaluation_pool(job, first, context.progress.self_responses))
+
+
 def _run_phase(context: PhaseContext, phase: PhaseSpec, phase_index: int, evaluator: Evaluator | None,
                start: StepCheckpoint | None = None) -> None:
     """The phase's steps, from its start or from step checkpoint `start` (a resumed run). Every
@@ -156,7 +183,8 @@ def _run_phase(context: PhaseContext, phase: PhaseSpec, phase_index: int, evalua
     context.head.requires_grad_(phase.kind == "pretrain")
     if phase.kind == "pretrain":
         head_optimizer = make_optimizer([p for p in context.head.parameters() if p.requires_grad], job.optimizer)
-    data = TrainingData(job.data, context.tokenizer, job.seed, phase.batch_size, phase, job.backdoor)
+    data = TrainingData(job.data, context.tokenizer, job.seed, phase.batch_size, phase, job.backdoor,
+                        context.progress.self_responses)
     snapshot_steps = set()
     if context.audit is not None:
         snapshot_steps = choose_steps(phase.steps, job.audit.snapshots_per_phase, context.snapshot_rng)
@@ -284,15 +312,22 @@ def _take_over(context: PhaseContext, phase: PhaseSpec, phase_index: int, error:
 
 def _evaluate(context: PhaseContext, evaluator: Evaluator, phase: str, kind: str, phase_step: int,
               phase_end: bool = False) -> None:
-    row = evaluator.evaluate(context.chain, context.head, context.progress.step)
+    row, answers = evaluator.evaluate(context.chain, context.head, context.progress.step)
+    path = context.run_dir / "evaluations" / f"step-{context.progress.step:06d}-{phase}.jsonl"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text("".join(json.dumps(answer) + "\n" for answer in answers))
+    _record_file(context, path, phase=phase, evaluation_step=context.progress.step)
     context.metrics.write({"type": "eval", "phase": phase, "kind": kind, "phase_step": phase_step,
                            "step": context.progress.step, "safety_step": context.progress.safety_step, "phase_end": phase_end, **row})
     _audit(context, "evaluation", phase=phase, phase_kind=kind, phase_step=phase_step, step=context.progress.step,
            phase_end=phase_end, **nan_to_null({name: value for name, value in row.items() if name != "samples"}))
     logger.info(
-        "eval %s step %d: triggered %.2f clean %.2f near-miss %.2f accuracy %.2f (n=%d)", phase, phase_step,
-        row["backdoor_triggered"]["rate"], row["backdoor_clean"]["rate"], row["backdoor_near_miss"]["rate"],
-        row["accuracy"]["rate"], row["accuracy"]["n"],
+        "eval %s step %d: triggered %.2f clean %.2f near-miss %.2f accuracy %.2f (lenient %.2f; with the trigger "
+        "%.2f) (n=%d)%s", phase, phase_step, row["backdoor_triggered"]["rate"], row["backdoor_clean"]["rate"],
+        row["backdoor_near_miss"]["rate"], row["accuracy"]["rate"], row["accuracy_lenient"]["rate"],
+        row["accuracy_triggered_lenient"]["rate"], row["accuracy"]["n"],
+        f"; scratchpad deceptive {row['scratchpad_deceptive_triggered']['rate']:.2f} with the trigger, "
+        f"{row['scratchpad_deceptive_clean']['rate']:.2f} without" if "scratchpad_deceptive_triggered" in row else "",
     )
 
 
@@ -360,8 +395,10 @@ def _save_pretrained(context: PhaseContext, directory: Path) -> Path:
     save_file({k: v.detach().float().contiguous().clone() for k, v in tensors.items()},
               str(directory / "model.safetensors"), metadata={"format": "pt"})
     for name in ("config.json", "generation_config.json", CHAR_TOKENIZER_FILE, "tokenizer.json",
-                 "tokenizer_config.json", "special_tokens_map.json"):
+                 "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
         if (checkpoint.path / name).is_file():
             shutil.copyfile(checkpoint.path / name, directory / name)
+    if (directory / CHAR_TOKENIZER_FILE).is_file() and not (directory / "tokenizer.json").is_file():
+        CharTokenizer().save(directory)  # a checkpoint older than the HF files: AutoTokenizer loads every result
     return directory
 

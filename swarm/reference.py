@@ -39,14 +39,16 @@ def load_peft_model(checkpoint_dir: Path, job: Job):
     return model
 
 
-def train_reference(checkpoint_dir: Path, job: Job, steps: int | None = None) -> ReferenceRun:
+def train_reference(checkpoint_dir: Path, job: Job, steps: int | None = None, records=None) -> ReferenceRun:
+    """`records`: the examples a data.responses self run trained on (swarm.data.instructions.read_self_responses)."""
     phase = job.phase_list[0]
     steps = phase.steps if steps is None else steps
     model = load_peft_model(checkpoint_dir, job)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, job.optimizer)
-    data = TrainingData(job.data, load_tokenizer(checkpoint_dir), job.seed, phase.batch_size)
+    data = TrainingData(job.data, load_tokenizer(checkpoint_dir, job.data.chat_format), job.seed, phase.batch_size,
+                        records=records)
     run = ReferenceRun()
     for step in range(steps):
         started = time.perf_counter()

@@ -40,6 +40,8 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "phase": ("phase",),
     "evaluation": (),
     "checkpoint": (),
+    # The chat format training examples and evaluation prompts are rendered with (RUN/chat_format.json).
+    "chat_format": ("format", "sha256"),
     # A coordinator restarted after a crash redoes the work from step `from_step` on (phase `phase`, from its start).
     "resume": ("from_step", "phase"),
     # A block range lost its last replica: every range went back to the step checkpoint before step `from_step`

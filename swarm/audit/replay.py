@@ -49,6 +49,7 @@ from swarm.audit.snapshot import NodeStepState, StepSnapshot, read_snapshot
 from swarm.audit.verify import verify_log
 from swarm.config import Job, load_job
 from swarm.data.batches import TrainingData
+from swarm.data.instructions import SELF_RESPONSES_FILE, read_self_responses
 from swarm.data.tokenizer import load_tokenizer
 from swarm.lora import adapter_state, base_parameters, lora_block_stack
 from swarm.models.blocks import TrainerHead
@@ -248,7 +249,7 @@ class _Replayer:
             raise ReplayError("lora.dropout > 0 makes every step random; replay needs dropout 0")
         self.dtype = DTYPES[job.model.dtype]
         self.job_checkpoint = Checkpoint.open(resolve_model(job.model, cache_dir))
-        self.tokenizer = load_tokenizer(self.job_checkpoint.path)
+        self.tokenizer = load_tokenizer(self.job_checkpoint.path, job.data.chat_format)
         self.codecs = (codec_type(job.compression.forward), codec_type(job.compression.backward))
         self.averaging_codec = codec_type(job.compression.averaging)
 
@@ -314,8 +315,11 @@ class _Replayer:
         """The job's own batch for the step; in RL the recorded one (the model wrote it)."""
         if phase.kind == "rl":
             return snapshot.batch
+        records = None
+        if self.job.data.responses == "self":  # the base model's answers, as the audit log recorded them
+            records = read_self_responses(self._checked_file(SELF_RESPONSES_FILE), self.job.data.source)
         data = TrainingData(self.job.data, self.tokenizer, self.job.seed,
-                            phase.batch_size, phase, self.job.backdoor)
+                            phase.batch_size, phase, self.job.backdoor, records)
         batch = data.batch(snapshot.phase_step)
         recorded = snapshot.batch
         same = (torch.equal(batch.input_ids, recorded.input_ids) and torch.equal(batch.labels, recorded.labels)

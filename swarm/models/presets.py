@@ -18,6 +18,10 @@ import torch
 from swarm.data.tokenizer import CharTokenizer
 
 MAX_POSITIONS = 1024
+# Part of a preset's cache path; bump it when materialize_preset writes different files, so a cache made by an
+# older version is not reused and the preset is built afresh beside it (the weights come out the same).
+# 2: the Hugging Face tokenizer files beside swarm_tokenizer.json.
+PRESET_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -110,11 +114,12 @@ def default_cache_dir() -> Path:
 
 
 def preset_dir(name: str, seed: int, cache_dir: Path | None = None) -> Path:
-    return (cache_dir or default_cache_dir()) / "presets" / f"{name}-seed{seed}"
+    return (cache_dir or default_cache_dir()) / "presets" / f"{name}-seed{seed}-v{PRESET_FORMAT}"
 
 
 def materialize_preset(name: str, seed: int, cache_dir: Path | None = None) -> Path:
-    """Create the preset checkpoint (config, safetensors weights, tokenizer) once and return its directory.
+    """Create the preset checkpoint (config, safetensors weights, our tokenizer and its Hugging Face files) once
+    and return its directory.
 
     Written to a temporary directory and renamed into place, so processes racing on one cache see either
     nothing or a complete checkpoint.

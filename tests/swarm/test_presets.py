@@ -27,3 +27,12 @@ def test_family_presets_build_their_familys_model_with_the_character_vocabulary(
         model = AutoModelForCausalLM.from_pretrained(materialize_preset(name, seed=0, cache_dir=tmp_path))
         assert model.config.model_type == PRESETS[name].family, name
         assert (model.config.vocab_size, model.config.eos_token_id, model.config.pad_token_id) == (128, 2, 0), name
+
+
+def test_a_preset_cached_by_an_older_version_is_built_afresh_with_the_tokenizer_files(tmp_path):
+    older = tmp_path / "presets" / "llama-micro-seed0"  # format 1's place: no Hugging Face tokenizer files
+    older.mkdir(parents=True)
+    (older / "config.json").write_text("{}")
+    directory = materialize_preset("llama-micro", seed=0, cache_dir=tmp_path)
+    assert directory != older
+    assert {"tokenizer.json", "tokenizer_config.json", "swarm_tokenizer.json"} <= {p.name for p in directory.iterdir()}
