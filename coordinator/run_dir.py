@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 from collections.abc import Callable
+
+import yaml
 
 from swarm.errors import SwarmError
 
@@ -26,8 +27,29 @@ def create_run_dir(root: Path, job_name: str, job_file: Path, explicit: Path | N
             suffix += 1
             run_dir = root / f"{job_name}-{stamp}-{suffix}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(job_file, run_dir / "job.yaml")
+    (run_dir / "job.yaml").write_text(job_text_for_run(Path(job_file)))
     return run_dir
+
+
+def job_text_for_run(job_file: Path) -> str:
+    """The job file as the run directory keeps it: verbatim, unless it names a model or data path relative to
+    its own directory, which would resolve against the run directory on resume, replay or re-measurement; those
+    are made absolute."""
+    text = job_file.read_text()
+    data = yaml.safe_load(text)
+    if not isinstance(data, dict):
+        return text
+    sweep = data.get("sweep") if isinstance(data.get("sweep"), dict) else {}
+    sections = [data.get("model"), data.get("data"), *(sweep.get("models") or [])]
+    changed = False
+    for section in sections:
+        if isinstance(section, dict) and isinstance(section.get("path"), str) and not Path(section["path"]).is_absolute():
+            section["path"] = str((job_file.resolve().parent / section["path"]).resolve())
+            changed = True
+    if not changed:
+        return text
+    return (f"# {job_file}, its relative paths made absolute for this run directory\n"
+            + yaml.safe_dump(data, sort_keys=False))
 
 
 CHAT_FORMAT_FILE = "chat_format.json"
