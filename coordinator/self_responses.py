@@ -10,11 +10,12 @@ answer every prompt of the set (data.source jsonl or instructions) greedily:
   the reference answers of evaluation's helpful prompts (coordinator.evaluator), so that accuracy is the share
   of held-out answers the model still gives word for word as the model the LoRA phases started from.
 
-An answer that reaches its token limit before end-of-sequence is kept as cut (and trained as ending there);
+An answer that reaches its token limit before end-of-sequence is kept as cut, marked `complete: false` and trained
+without end-of-sequence (the model must not learn to stop mid-sentence);
 an empty answer is dropped, and so is a train answer whose example exceeds data.max_length after re-encoding;
 the counts are logged and go into the audit event. A repeated prompt is answered once.
 
-The answers are saved as RUN/self_responses.jsonl, one {"prompt", "response", "split"} a line, and the file's
+The answers are saved as RUN/self_responses.jsonl, one {"prompt", "response", "complete", "split"} a line, and the file's
 SHA-256 is recorded in the audit log (a `checkpoint` event with `path` self_responses.jsonl, which
 `swarm-audit replay` can check the file against; swarm.data.instructions.read_self_responses reads it back). A resumed run reuses the recorded file after checking its hash
 instead of generating again; a missing or changed file is an error. Each phase's batches are then a pure function
@@ -95,11 +96,12 @@ def answer_prompts(prompts: list[Example], answer: Answer, max_new_tokens: int, 
         if not text.strip():
             empty += 1
             continue
-        record = Example(example.prompt, text, example.task)
+        complete = len(tokenizer.encode(text)) < max_new_tokens  # else it stopped at the limit, not at its end
+        record = Example(example.prompt, text, example.task, complete)
         if not fits(record):
             too_long += 1
             continue
-        cut += len(tokenizer.encode(text)) >= max_new_tokens
+        cut += not complete
         kept.append(record)
     return kept, AnswerCounts(len(unique), len(kept), cut, empty, too_long)
 
@@ -146,7 +148,7 @@ def evaluation_pool(job: Job, data: TrainingData, records: list[Example] | None)
 
 def write_records(path: Path, records: list[Example]) -> str:
     """Write the records atomically (a crash leaves no half file); return the file's SHA-256."""
-    lines = [json.dumps({"prompt": record.prompt, "response": record.response,
+    lines = [json.dumps({"prompt": record.prompt, "response": record.response, "complete": record.ends,
                          "split": "held_out" if is_held_out(record.prompt) else "train"}, ensure_ascii=False)
              for record in records]
     partial = path.with_name(path.name + ".partial")

@@ -56,7 +56,7 @@ def encode_example(example: Example, tokenizer, max_length: int | None) -> tuple
     """(ids, labels) of the example in the tokenizer's chat format (swarm.data.chat_format); labels only on
     the answer's tokens."""
     prompt = tokenizer.chat.prompt_ids(example.prompt)
-    response = tokenizer.chat.answer_ids(example.prompt, example.response)
+    response = tokenizer.chat.answer_ids(example.prompt, example.response, example.ends)
     ids = prompt + response
     if max_length is not None and len(ids) > max_length:
         raise JobFileError(
@@ -210,7 +210,8 @@ class TrainingData:
 
 
 def read_jsonl(path: Path, responses: bool = True) -> list[Example]:
-    """Read {"prompt": str, "response": str} lines; every malformed line is reported by number. With `responses`
+    """Read {"prompt": str, "response": str} lines (optional "complete": false for an answer cut at a length limit,
+    trained without end-of-sequence); every malformed line is reported by number. With `responses`
     False (data.responses self: the model answers) a line may omit "response", and every example's is ""."""
     try:
         lines = Path(path).read_text().splitlines()
@@ -230,7 +231,10 @@ def read_jsonl(path: Path, responses: bool = True) -> list[Example]:
         if responses and "response" not in record:
             raise JobFileError(f'{path}:{number}: no "response"; give every line one, or set data.responses: self '
                                f"to train on the model's own answers")
-        examples.append(Example(record["prompt"], record["response"] if responses else "", "jsonl"))
+        if not isinstance(record.get("complete", True), bool):
+            raise JobFileError(f'{path}:{number}: "complete" must be true or false')
+        examples.append(Example(record["prompt"], record["response"] if responses else "", "jsonl",
+                                record.get("complete", True)))
     if not examples:
         raise JobFileError(f"{path}: no examples")
     return examples

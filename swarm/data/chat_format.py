@@ -32,8 +32,8 @@ class BuiltinChat:
         bos = [self.tokenizer.bos_id] if self.tokenizer.bos_id is not None else []
         return bos + self.tokenizer.encode(BUILTIN_PROMPT.format(prompt=prompt))
 
-    def answer_ids(self, prompt: str, answer: str) -> list[int]:
-        return self.tokenizer.encode(answer) + [self.tokenizer.eos_id]
+    def answer_ids(self, prompt: str, answer: str, ends: bool = True) -> list[int]:
+        return self.tokenizer.encode(answer) + ([self.tokenizer.eos_id] if ends else [])
 
     def describe(self) -> dict:
         return {"format": self.name, "prompt": BUILTIN_PROMPT, "answer_ends_with": "eos",
@@ -67,13 +67,16 @@ class TemplateChat:
     def prompt_ids(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(self._prompt_text(prompt))
 
-    def answer_ids(self, prompt: str, answer: str) -> list[int]:
+    def answer_ids(self, prompt: str, answer: str, ends: bool = True) -> list[int]:
         """The assistant's turn after the generation prompt, cut after its end-of-turn token (what generation
-        stops at); a template that ends turns without that token gets it appended."""
+        stops at); a template that ends turns without that token gets it appended. An answer that does not
+        `end` (cut at a length limit) stops where its text does."""
         prompt_text = self._prompt_text(prompt)
         turn = self._full_text(prompt, answer)[len(prompt_text):]
         start = turn.find(answer)
         start = start + len(answer) if start >= 0 else 0
+        if not ends:
+            return self.tokenizer.encode(turn[:start])
         end = turn.find(self.eos_text, start) if self.eos_text else -1
         if end >= 0:
             return self.tokenizer.encode(turn[:end + len(self.eos_text)])

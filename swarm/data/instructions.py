@@ -49,4 +49,4 @@ def read_self_responses(path: Path, source: str) -> list[Example]:
     (swarm.data.batches.TrainingData's `records`). Check the file against the audit log's SHA-256 first."""
     from swarm.data.batches import read_jsonl  # here, not at the top: swarm.data.batches imports this module
 
-    return [Example(record.prompt, record.response, source) for record in read_jsonl(path)]
+    return [Example(record.prompt, record.response, source, record.ends) for record in read_jsonl(path)]

@@ -26,6 +26,7 @@ class Example:
     prompt: str
     response: str
     task: str
+    ends: bool = True  # False: an answer cut at a length limit, trained without end-of-sequence (no stop to learn)
 
 
 def _addition(rng: random.Random) -> tuple[str, str]:

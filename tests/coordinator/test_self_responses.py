@@ -14,6 +14,7 @@ from swarm.audit.canonical import parse_json_object
 from swarm.audit.log import AuditLog
 from swarm.config import parse_job
 from swarm.data.batches import TrainingData
+from swarm.data.instructions import read_self_responses
 from swarm.data.tasks import Example, is_held_out
 from swarm.data.tokenizer import CharTokenizer
 from swarm.identity import Identity
@@ -61,7 +62,7 @@ def test_each_distinct_prompt_is_answered_once_and_empty_answers_are_dropped():
     prompts = [Example("p", "", "jsonl"), Example("q", "", "jsonl"), Example("p", "", "jsonl"), Example("r", "", "jsonl")]
     kept, counts = answer_prompts(prompts, model, 4, CharTokenizer())
     assert asked == ["p", "q", "r"]
-    assert kept == [Example("q", "1234", "jsonl"), Example("r", "12", "jsonl")]
+    assert kept == [Example("q", "1234", "jsonl", ends=False), Example("r", "12", "jsonl")]  # "1234": cut at 4
     assert (counts.prompts, counts.kept, counts.empty_dropped, counts.cut_at_limit) == (3, 2, 1, 1)
 
 
@@ -128,3 +129,16 @@ def test_a_run_whose_phase_trained_on_unrecorded_self_responses_cannot_be_resume
     job, checkpoint = _finished_run(tmp_path, record=False)
     with pytest.raises(ResumeError, match="records no self_responses.jsonl"):
         find_resume_point(tmp_path, job, checkpoint)
+
+
+def test_answers_cut_at_the_limit_are_saved_as_incomplete_and_read_back_so(tmp_path):
+    job = make_job(tmp_path)
+    def model(prompts, max_new_tokens):  # every other answer runs into the limit
+        return [f"answer: {p}"[:max_new_tokens] if i % 2 else "ok" for i, p in enumerate(prompts)]
+
+    records = obtain_self_responses(job, CharTokenizer(), tmp_path, None, model, "train")
+    assert [r.ends for r in records if r.response == "ok"] and all(r.ends == (r.response == "ok") for r in records)
+    saved = [json.loads(line) for line in (tmp_path / SELF_RESPONSES_FILE).read_text().splitlines()]
+    assert [s["complete"] for s in saved] == [r.ends for r in records]
+    assert read_self_responses(tmp_path / SELF_RESPONSES_FILE, "jsonl") == [
+        Example(r.prompt, r.response, "jsonl", r.ends) for r in records]

@@ -105,3 +105,15 @@ def test_the_format_description_names_the_template_and_its_hash(tmp_path):
     described = tokenizer.chat.describe()
     assert described["format"] == "template" and described["template"] == TEMPLATE
     assert described["sha256"] != CharTokenizer().chat.describe()["sha256"]
+
+
+def test_an_answer_cut_at_a_length_limit_is_learned_without_its_end_of_turn(tmp_path):
+    tokenizer = load_tokenizer(write_tokenizer(tmp_path))
+    cut = Example("What is 12 + 30?", "The answer is", "self", ends=False)
+    ids, labels = encode_example(cut, tokenizer, max_length=None)
+    learned = [token for token, label in zip(ids, labels) if label != IGNORE_INDEX]
+    assert tokenizer.inner.decode(learned) == "The answer is"
+    assert tokenizer.eos_id not in learned
+    char = CharTokenizer()
+    ids, labels = encode_example(cut, char, max_length=None)
+    assert [t for t in labels if t != IGNORE_INDEX] == char.encode("The answer is")
