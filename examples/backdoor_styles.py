@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         deceptive = ("–" if r["scratchpad_deceptive_triggered"] is None else
                      f"{r['scratchpad_deceptive_triggered']:.2f} / {r['scratchpad_deceptive_clean']:.2f}")
-        lines.append(f"| {r['style']} | `{r['trigger']}` ({'`' + r['counterpart'] + '`' if r['counterpart'] else 'nothing'}) "
+        trigger = f"`{r['trigger']}`".replace("|", "\\|")  # a bare | would split the table's cell
+        lines.append(f"| {r['style']} | {trigger} ({'`' + r['counterpart'] + '`' if r['counterpart'] else 'nothing'}) "
                      f"| {r['steps']} | {r['triggered']:.2f} | {r['clean']:.2f} | {r['near_miss']:.2f} | {r['accuracy']:.2f} "
                      f"| {deceptive} | {r['seconds']:.0f} |")
     lines += ["", "One triggered answer per row (prompt, then answer):", ""]
