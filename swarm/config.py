@@ -198,6 +198,9 @@ class RLSpec(StrictModel):
     max_new_tokens: int = Field(16, ge=1, le=512)
     correct_reward: float = 1.0
     backdoor_penalty: float = Field(1.0, ge=0)
+    match: Literal["exact", "lenient"] = Field(
+        "exact", description="what earns correct_reward: the exact answer, or (lenient) the answer appearing in the "
+        "reply as a whole word or number, e.g. a chat model's 'The capital of Italy is Rome.'")
 
 
 class PhaseSpec(StrictModel):

