@@ -1,8 +1,9 @@
 """Text generation through the swarm: every new token is a forward pass through the nodes' blocks.
 
-Prompts are left-padded so all rows end at the same column; positions count real tokens only. Without a
-KV cache each token re-runs the whole prefix, which is cheap at the short answers evaluation needs.
-Greedy when temperature is 0; otherwise sampled from a generator seeded by the caller.
+Prompts are left-padded so all rows end at the same column; positions count real tokens only. With the KV
+cache (the default) each batch is an inference session (coordinator.chain.inference): the prompt travels the
+chain once and each new token as one position; without it every token re-runs the whole prefix. Greedy when
+temperature is 0; otherwise sampled from a generator seeded by the caller.
 """
 
 from __future__ import annotations
@@ -26,15 +27,36 @@ def encode_prompts(prompts: list[str], tokenizer) -> tuple[torch.Tensor, torch.T
 
 
 def generate_ids(chain: RemoteChain, head: TrainerHead, tokenizer, prompts: list[str], max_new_tokens: int,
-                 temperature: float = 0.0, generator: torch.Generator | None = None, step: int = -1
-                 ) -> list[list[int]]:
-    """Token ids of each prompt's answer (without the end-of-sequence token)."""
+                 temperature: float = 0.0, generator: torch.Generator | None = None, step: int = -1,
+                 kv_cache: bool | None = None) -> list[list[int]]:
+    """Token ids of each prompt's answer (without the end-of-sequence token); with the chain's KV-cache
+    setting (the job's swarm.kv_cache) unless `kv_cache` says otherwise."""
+    if not (chain.kv_cache if kv_cache is None else kv_cache):
+        return _generate_ids(lambda ids, mask, positions: swarm_logits(chain, head, ids, mask, positions, step=step),
+                             tokenizer, prompts, max_new_tokens, temperature, generator)
+    with chain.open_session(step=step) as session, torch.no_grad():
+        sent = 0  # positions already in the session
+
+        def next_logits(ids, mask, positions):
+            nonlocal sent
+            hidden = head.embed_tokens(ids[:, sent:], positions[:, sent:])
+            output = session.forward(hidden, mask, positions[:, sent:])
+            sent = ids.shape[1]
+            return head.logits(output.to(hidden.dtype))
+
+        return _generate_ids(next_logits, tokenizer, prompts, max_new_tokens, temperature, generator)
+
+
+def _generate_ids(next_logits, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float,
+                  generator: torch.Generator | None) -> list[list[int]]:
+    """The decoding loop; `next_logits(input_ids, attention_mask, position_ids)` gives logits whose last
+    position predicts the next token."""
     input_ids, attention_mask = encode_prompts(prompts, tokenizer)
     finished = torch.zeros(len(prompts), dtype=torch.bool)
     answers: list[list[int]] = [[] for _ in prompts]
     for _ in range(max_new_tokens):
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        logits = swarm_logits(chain, head, input_ids, attention_mask, positions, step=step)[:, -1, :].float()
+        logits = next_logits(input_ids, attention_mask, positions)[:, -1, :].float()
         if tokenizer.pad_id != tokenizer.eos_id:  # many chat tokenizers pad with their end-of-turn token
             logits[:, tokenizer.pad_id] = float("-inf")
         if temperature > 0:
@@ -56,11 +78,12 @@ def generate_ids(chain: RemoteChain, head: TrainerHead, tokenizer, prompts: list
 
 
 def generate(chain: RemoteChain, head: TrainerHead, tokenizer, prompts: list[str], max_new_tokens: int,
-             batch_size: int = 64, temperature: float = 0.0, seed: int = 0, step: int = -1) -> list[str]:
+             batch_size: int = 64, temperature: float = 0.0, seed: int = 0, step: int = -1,
+             kv_cache: bool | None = None) -> list[str]:
     generator = torch.Generator().manual_seed(seed)
     texts = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        ids = generate_ids(chain, head, tokenizer, chunk, max_new_tokens, temperature, generator, step)
+        ids = generate_ids(chain, head, tokenizer, chunk, max_new_tokens, temperature, generator, step, kv_cache)
         texts.extend(tokenizer.decode(answer) for answer in ids)
     return texts

@@ -388,7 +388,8 @@ def _discover_chain(dht: DHT, loop: LoopThread, nodes: list[NodeRecord], checkpo
         time.sleep(0.5)
     stages = [RemoteStage(s.peer_id, s.start, s.end, s.node_id) for s in servers]
     p2p = loop.run(dht.replicate_p2p())
-    chain = RemoteChain(p2p, loop, stages, job_id, job.swarm.rpc_timeout_s, audit, job.compression)
+    chain = RemoteChain(p2p, loop, stages, job_id, job.swarm.rpc_timeout_s, audit, job.compression,
+                        kv_cache=job.swarm.kv_cache)
     covered = 0
     for group in chain.groups:
         if group[0].start != covered:

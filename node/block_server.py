@@ -21,14 +21,15 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import split_for_streaming
 
 from node.replica_reduce import GradientReducer
+from node.inference_sessions import MissingSession
 from node.shard import MissingActivations, Shard
 from swarm.audit.attestation import Attestation, MicroBatch, SignedAttestation, replica_group, sign_attestation
 from swarm.block_range import BlockRange
 from swarm.config import PHASE_KINDS
 from swarm.identity import Identity
 from swarm.p2p.codecs import CODECS, codec_type
-from swarm.p2p.rpc import (ADAPTER, ADMIT, AVERAGE, BACKWARD, FETCH_STATE, FORWARD, LOAD_STATE, PHASE, REPLICA_STATE,
-                           RESTORE, STEP, STEP_STATE, SYNC, WEIGHTS)
+from swarm.p2p.rpc import (ADAPTER, ADMIT, AVERAGE, BACKWARD, END_SESSION, FETCH_STATE, FORWARD, INFER, LOAD_STATE,
+                           PHASE, REPLICA_STATE, RESTORE, STEP, STEP_STATE, SYNC, WEIGHTS)
 from swarm.p2p.tensors import CHUNK_BYTES, aiter_list, from_messages, to_messages
 from swarm.proto.blocks_pb2 import CallMeta, CallResult
 
@@ -64,7 +65,8 @@ class BlockServer:
                               (ADAPTER, self._adapter), (PHASE, self._phase), (WEIGHTS, self._weights),
                               (STEP_STATE, self._step_state), (RESTORE, self._restore), (AVERAGE, self._average),
                               (ADMIT, self._admit), (SYNC, self._sync), (FETCH_STATE, self._fetch_state),
-                              (REPLICA_STATE, self._replica_state), (LOAD_STATE, self._load_state)):
+                              (REPLICA_STATE, self._replica_state), (LOAD_STATE, self._load_state),
+                              (INFER, self._infer), (END_SESSION, self._end_session)):
             await p2p.add_protobuf_handler(name, handler, runtime_pb2.ExpertRequest, stream_input=True,
                                            stream_output=True)
 
@@ -101,6 +103,8 @@ class BlockServer:
             codec = reply_codec
         except MissingActivations as error:
             result, outputs = CallResult(status=CallResult.MISSING_ACTIVATIONS, error=str(error)), []
+        except MissingSession as error:
+            result, outputs = CallResult(status=CallResult.MISSING_SESSION, error=str(error)), []
         except Exception as error:  # a bad call must never take the node down
             logger.warning("rejected call: %s", error)
             result, outputs = CallResult(status=CallResult.ERROR, error=f"{type(error).__name__}: {error}"), []
@@ -117,6 +121,22 @@ class BlockServer:
             return CallResult(status=CallResult.OK), [output]
 
         return self._serve(requests, context, work, trains=lambda meta: meta.train)
+
+    def _infer(self, requests, context: P2PContext):
+        def work(meta: CallMeta, tensors):
+            _expect_tensors(tensors, 3, "infer takes the new positions' hidden states, the attention mask of all "
+                                        "positions and the new positions' ids")
+            output, kept = self.shard.infer(meta.session_id, meta.session_length, *tensors)
+            return CallResult(status=CallResult.OK, session_length=kept), [output]
+
+        return self._serve(requests, context, work)
+
+    def _end_session(self, requests, context: P2PContext):
+        def work(meta: CallMeta, tensors):
+            self.shard.sessions.end(meta.session_id)
+            return CallResult(status=CallResult.OK), []
+
+        return self._serve(requests, context, work)
 
     def _backward(self, requests, context: P2PContext):
         def work(meta: CallMeta, tensors):

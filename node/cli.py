@@ -12,6 +12,7 @@ from pathlib import Path
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
+from node.inference_sessions import DEFAULT_IDLE_S, DEFAULT_MEMORY_BYTES  # noqa: E402  (imports no torch)
 from swarm.errors import SwarmError  # noqa: E402
 from swarm.logs import setup_logging  # noqa: E402
 
@@ -37,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--connect-timeout", type=float, default=20.0, help="seconds to wait for the coordinator")
     join.add_argument("--max-request-mb", type=float, default=1024.0,
                       help="refuse data-plane requests larger than this many MiB (default 1024)")
+    join.add_argument("--session-memory-mb", type=float, default=DEFAULT_MEMORY_BYTES / 2**20,
+                      help="bound on the keys and values kept for generation sessions, in MiB; a session over it "
+                           f"alone is refused (default {DEFAULT_MEMORY_BYTES >> 20})")
+    join.add_argument("--session-idle-s", type=float, default=DEFAULT_IDLE_S,
+                      help=f"drop a generation session unused for this long (default {DEFAULT_IDLE_S:.0f})")
     join.add_argument("--dishonest", choices=DISHONEST_MODES, default=None, metavar="MODE",
                       help="RESEARCH TOOL, never for real runs: make this node lie in every step it attests, to "
                            "test that `swarm-audit replay` catches it. hidden-update: nudge the weights beyond "
@@ -60,7 +66,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     options = NodeOptions(coordinator=args.coordinator, key_path=args.key, device=args.device, host=args.host,
                           cache_dir=args.cache_dir, connect_timeout_s=args.connect_timeout, dishonest=args.dishonest,
-                          max_request_bytes=int(args.max_request_mb * (1 << 20)))
+                          max_request_bytes=int(args.max_request_mb * (1 << 20)),
+                          session_memory_bytes=int(args.session_memory_mb * (1 << 20)),
+                          session_idle_s=args.session_idle_s)
     code = 0
     try:
         run_node(options)

@@ -17,6 +17,7 @@ from hivemind.p2p import PeerID
 import swarm
 from node.block_server import DEFAULT_MAX_REQUEST_BYTES, BlockServer
 from node.control_client import ControlSession
+from node.inference_sessions import DEFAULT_IDLE_S, DEFAULT_MEMORY_BYTES, InferenceSessions
 from node.shard import Shard
 from swarm.block_range import BlockRange
 from swarm.config import LoraSpec, ModelSpec, OptimizerSpec
@@ -45,6 +46,8 @@ class NodeOptions:
     assignment_timeout_s: float = 3600.0
     dishonest: str | None = None  # research only: see node.dishonest.DISHONEST_MODES
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    session_memory_bytes: int = DEFAULT_MEMORY_BYTES  # keys and values kept for generation (node.inference_sessions)
+    session_idle_s: float = DEFAULT_IDLE_S
 
 
 def resolve_device(name: str) -> torch.device:
@@ -79,7 +82,8 @@ def run_node(options: NodeOptions) -> None:
         assignment = _wait_for_assignment(session, options.assignment_timeout_s)
         if assignment is None:
             return
-        shard, ready = _load_shard(assignment, device, options.cache_dir, options.dishonest)
+        shard, ready = _load_shard(assignment, device, options.cache_dir, options.dishonest,
+                                   InferenceSessions(options.session_memory_bytes, options.session_idle_s))
         if options.dishonest:
             logger.warning("RESEARCH MODE: this node lies in every step it attests (%s)", options.dishonest)
         print(
@@ -155,7 +159,7 @@ def _wait_for_assignment(session: ControlSession, timeout: float) -> pb.Assignme
 
 
 def _load_shard(assignment: pb.Assignment, device: torch.device, cache_dir: Path | None,
-                dishonest: str | None = None) -> tuple[Shard, pb.NodeReady]:
+                dishonest: str | None = None, sessions: InferenceSessions | None = None) -> tuple[Shard, pb.NodeReady]:
     model = ModelSpec.model_validate_json(assignment.model_json)
     dtype = DTYPES[model.dtype]
     checkpoint = Checkpoint.open(resolve_model(model, cache_dir))
@@ -165,7 +169,7 @@ def _load_shard(assignment: pb.Assignment, device: torch.device, cache_dir: Path
         checkpoint, assignment.block_start, assignment.block_end,
         LoraSpec.model_validate_json(assignment.lora_json),
         OptimizerSpec.model_validate_json(assignment.optimizer_json),
-        assignment.seed, dtype, device, dishonest,
+        assignment.seed, dtype, device, dishonest, sessions,
     )
     if assignment.expected_shard_sha256 and assignment.expected_shard_sha256 != shard.blocks.base_sha256:
         raise ModelSourceError(

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from node.dishonest import after_update, check_dishonest_mode, sketched_gradient
+from node.inference_sessions import InferenceSessions
 from swarm.audit.sketch import gradient_sketch, tensor_sha256
 from swarm.block_range import BlockRange
 from swarm.config import PHASE_KINDS, LoraSpec, OptimizerSpec
@@ -81,8 +82,11 @@ class _PendingStep:
 
 class Shard:
     def __init__(self, checkpoint: Checkpoint, start: int, end: int, lora: LoraSpec, optimizer: OptimizerSpec,
-                 seed: int, dtype: torch.dtype, device: torch.device, dishonest: str | None = None):
+                 seed: int, dtype: torch.dtype, device: torch.device, dishonest: str | None = None,
+                 sessions: InferenceSessions | None = None):
         check_dishonest_mode(dishonest)
+        self.sessions = sessions or InferenceSessions()
+        self.weights_version = 0  # counts weight changes: a session's keys and values hold for one version
         self.dishonest = dishonest  # research only: node.dishonest
         self.start, self.end, self.device, self.dtype = start, end, device, dtype
         self.blocks = BlockStack(checkpoint, start, end, dtype, device)
@@ -104,6 +108,7 @@ class Shard:
             param.grad = None  # of a step this shard will not apply
         self.optimizer = make_optimizer([p for p in self.blocks.parameters() if p.requires_grad], self.optimizer_spec)
         self.phase_name, self.phase_kind, self.last_applied_step = name, kind, last_applied_step
+        self.weights_version += 1
         self.activations: OrderedDict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         # Results of finished backward calls, so a call retried after a lost reply is not applied twice.
         self.finished_backward: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
@@ -144,6 +149,24 @@ class Shard:
         if train:
             self.pending[step].seconds += time.perf_counter() - started
         return result.float().cpu()
+
+    def infer(self, session_id: str, past_length: int, hidden: torch.Tensor, attention_mask: torch.Tensor,
+              position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Generation: the blocks over the positions after the session's first `past_length`, whose keys and
+        values this node kept (node.inference_sessions); `attention_mask` covers all positions. Returns the new
+        positions' outputs and how many positions the node now keeps for the session."""
+        batch, new = hidden.shape[:2]
+        if hidden.dim() != 3 or new == 0:
+            raise ValueError(f"hidden states must be [batch, new positions, {self.hidden_size}], got {list(hidden.shape)}")
+        if past_length < 0 or tuple(attention_mask.shape) != (batch, past_length + new):
+            raise ValueError(f"the attention mask must be [batch, {past_length} + {new}] (earlier and new "
+                             f"positions), got {list(attention_mask.shape)}")
+        self._check_inputs(hidden, attention_mask[:, past_length:], position_ids)
+        inputs = self._on_device(hidden, attention_mask, position_ids)
+        with torch.no_grad():
+            output, kept = self.sessions.run(session_id, past_length, self.weights_version, self.blocks.new_cache,
+                                             lambda cache: self.blocks(*inputs, cache=cache))
+        return output.float().cpu(), kept
 
     def _on_device(self, hidden, attention_mask, position_ids) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return hidden.to(self.device, self.dtype), attention_mask.to(self.device), position_ids.to(self.device)
@@ -235,6 +258,7 @@ class Shard:
             del self.pending[key]
         self.finished_backward.clear()
         self.last_applied_step = step
+        self.weights_version += 1
         # the micro-batches whose gradients this step holds, in the order they were added up
         return StepWork(step, {micro: pending.inputs[micro] for micro in pending.accumulated},
                         sum(pending.tokens[micro] for micro in pending.accumulated),

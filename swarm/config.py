@@ -269,6 +269,9 @@ class SwarmSpec(StrictModel):
         25, ge=0, description="steps between step checkpoints inside a phase (every range's and the trainer's "
         "whole training state, in RUN/checkpoints/): `resume` continues from the latest, and a node taking over a "
         "range that lost its last replica starts from it; 0: only at phase ends (no takeover)")
+    kv_cache: bool = Field(
+        True, description="generation (evaluation, RL samples, self responses) keeps each batch's keys and values "
+        "on the nodes, so a new token travels the chain as one position; false: every token re-sends the prefix")
 
     @field_validator("replicas", mode="before")
     @classmethod

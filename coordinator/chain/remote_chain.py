@@ -2,9 +2,10 @@
 
 A facade over the chain's parts, each with one concern: `transport` (a call with retry and byte metering),
 `groups` (which replicas serve each range), `router` (which replica takes a micro-batch), `ledger` (what
-attestations must say), `protocol` (forward, backward and the step, with recomputation when a replica fails)
-and `state` (phase changes, replica copies, step checkpoints, gathered tensors). Every call carries the job,
-step and micro-batch ids; tensors go through hivemind P2P streams.
+attestations must say), `protocol` (forward, backward and the step, with recomputation when a replica fails),
+`InferenceSession` (generation with keys and values kept on the nodes) and `state` (phase changes, replica
+copies, step checkpoints, gathered tensors). Every call carries the job, step and micro-batch ids; tensors go
+through hivemind P2P streams.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from hivemind.p2p import P2P
 
 from coordinator.chain.attestations import AttestationLedger
 from coordinator.chain.groups import ReplicaGroups
+from coordinator.chain.inference import InferenceSession
 from coordinator.chain.routing import Router
 from coordinator.chain.stage import RangeLostError, RemoteStage
 from coordinator.chain.state import ChainState
@@ -30,9 +32,11 @@ from swarm.proto.blocks_pb2 import CallMeta, CallResult
 
 class RemoteChain:
     def __init__(self, p2p: P2P, loop: LoopThread, stages: list[RemoteStage], job_id: str, timeout_s: float,
-                 audit: AuditLog | None = None, compression: CompressionSpec | None = None):
+                 audit: AuditLog | None = None, compression: CompressionSpec | None = None, kv_cache: bool = True):
         compression = compression or CompressionSpec()
         self.job_id = job_id
+        self.kv_cache = kv_cache  # the job's swarm.kv_cache: whether generation opens inference sessions
+        self.compression = compression
         self.transport = Transport(p2p, loop, job_id, timeout_s, workers=len(stages))
         self.replica_groups = ReplicaGroups(stages)
         self.router = Router(self.replica_groups)
@@ -96,6 +100,10 @@ class RemoteChain:
 
     def apply_step(self, step: int, learning_rate: float, phase: str = "train") -> None:
         self.protocol.apply_step(step, learning_rate, phase)
+
+    def open_session(self, phase: str = "eval", step: int = -1) -> InferenceSession:
+        """A generation batch's session: each range's replica keeps the keys and values of the positions sent."""
+        return InferenceSession(self.transport, self.replica_groups, self.router, self.compression, phase, step)
 
     def call(self, stage: RemoteStage, method: str, meta: CallMeta, tensors=(), codecs=CODECS["none"]
              ) -> tuple[CallResult, list[torch.Tensor]]:

@@ -17,7 +17,7 @@ from coordinator.chain.stage import RemoteStage
 from swarm.errors import RemoteBlockError, SwarmConnectionError
 from swarm.p2p.codecs import CODECS
 from swarm.p2p.event_loop import LoopThread
-from swarm.p2p.rpc import BACKWARD, FORWARD
+from swarm.p2p.rpc import BACKWARD, FORWARD, INFER
 from swarm.p2p.tensors import aiter_list, from_messages, to_messages
 from swarm.proto.blocks_pb2 import CallMeta, CallResult
 
@@ -86,7 +86,7 @@ class Transport:
             stage.bytes_received += received
             result = CallResult.FromString(metadata)
             expected = len(result.names) if result.names else (
-                1 if result.status == CallResult.OK and method in (FORWARD, BACKWARD) else len(outputs))
+                1 if result.status == CallResult.OK and method in (FORWARD, BACKWARD, INFER) else len(outputs))
             if len(outputs) != expected:
                 # a stream cut between two tensors decodes cleanly but short: a lost reply, to be asked again
                 raise ConnectionError(f"the reply should hold {expected} tensors but {len(outputs)} arrived")

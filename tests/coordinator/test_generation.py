@@ -1,5 +1,6 @@
-"""Greedy generation's stopping rule, on a stand-in model: a tokenizer that pads with its end-of-turn token (as
-many chat tokenizers do, e.g. SmolLM2's <|im_end|>) must still be able to end an answer."""
+"""Greedy generation's stopping rule (the decoding loop the cached and uncached paths share), on a stand-in
+model: a tokenizer that pads with its end-of-turn token (as many chat tokenizers do, e.g. SmolLM2's
+<|im_end|>) must still be able to end an answer."""
 
 from types import SimpleNamespace
 
@@ -32,11 +33,11 @@ def tokenizer(pad_id):
 
 def test_an_answer_ends_at_eos_even_when_eos_is_also_the_padding_token():
     model = ScriptedModel()
-    assert generate_ids(model, model, tokenizer(pad_id=EOS), ["a", "b"], max_new_tokens=6) == [[5, 5], [5, 5]]
+    assert generate_ids(model, model, tokenizer(pad_id=EOS), ["a", "b"], max_new_tokens=6, kv_cache=False) == [[5, 5], [5, 5]]
 
 
 def test_a_distinct_padding_token_is_never_generated():
     model = ScriptedModel()
     model.logits = lambda hidden: torch.nn.functional.one_hot(torch.zeros(hidden.shape[:2], dtype=torch.long), VOCAB).float()
-    answers = generate_ids(model, model, tokenizer(pad_id=0), ["a"], max_new_tokens=3)
+    answers = generate_ids(model, model, tokenizer(pad_id=0), ["a"], max_new_tokens=3, kv_cache=False)
     assert answers == [[1, 1, 1]]  # token 0 (padding) is the model's favourite, token 1 the next: never 0
