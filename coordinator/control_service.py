@@ -14,6 +14,7 @@ import grpc
 
 from coordinator.membership import Membership, NodeRecord
 from swarm.identity import Identity, fingerprint, join_challenge_message, verify
+from swarm.node_state import NodeState
 from swarm.proto import control_pb2 as pb
 from swarm.proto import control_pb2_grpc
 
@@ -90,27 +91,27 @@ class ControlService(control_pb2_grpc.CoordinatorServicer):
                 if kind == "heartbeat":
                     self.membership.update(record.node_id, last_heartbeat=time.monotonic(), memory=message.heartbeat)
                 elif kind == "ready":
-                    self.membership.update(record.node_id, state="ready", ready=message.ready,
+                    self.membership.update(record.node_id, state=NodeState.READY, ready=message.ready,
                                            last_heartbeat=time.monotonic())
                     logger.info("node %s serves blocks %s", record.node_id, record.blocks)
                 elif kind == "failure":
                     logger.error("node %s failed: %s", record.node_id, message.failure.message)
-                    self.membership.update(record.node_id, state="failed", failure=message.failure.message)
-                elif kind == "leave" and message.leave.hand_off and record.state == "ready" \
+                    self.membership.update(record.node_id, state=NodeState.FAILED, failure=message.failure.message)
+                elif kind == "leave" and message.leave.hand_off and record.state == NodeState.READY \
                         and self.status.phase == "train":  # the trainer takes it out between two steps
                     logger.info("node %s asks to leave at the next step: %s", record.node_id, message.leave.reason)
-                    self.membership.update(record.node_id, state="leaving")
+                    self.membership.update(record.node_id, state=NodeState.LEAVING)
                 elif kind == "leave" and message.leave.hand_off:  # nothing to hand over: it may go now
                     logger.info("node %s left: %s", record.node_id, message.leave.reason)
                     release_node(self.membership, record, "no step in progress; goodbye")
                 elif kind == "leave":
                     logger.info("node %s left: %s", record.node_id, message.leave.reason)
-                    self.membership.update(record.node_id, state="left")
+                    self.membership.update(record.node_id, state=NodeState.LEFT)
         except grpc.RpcError:
             pass
-        if record.state not in ("left", "failed", "finished"):
+        if not record.state.final:
             logger.warning("node %s disconnected", record.node_id)
-            self.membership.update(record.node_id, state="down")
+            self.membership.update(record.node_id, state=NodeState.DOWN)
         record.outbox.put(_END)
 
     def Status(self, request, context):
@@ -146,7 +147,7 @@ def query_peak_memory(membership: Membership, nodes: list[NodeRecord], timeout: 
     a node that does not answer keeps the last periodic heartbeat it sent (its record says which it was).
     """
     query_id = next(_MEMORY_QUERY_IDS)
-    connected = ("ready", "assigned", "joined")
+    connected = (NodeState.READY, NodeState.ASSIGNED, NodeState.JOINED)
     asked = [record for record in nodes if record.state in connected]
     for record in asked:
         record.send(memory_query=pb.MemoryQuery(query_id=query_id))
@@ -160,14 +161,14 @@ def query_peak_memory(membership: Membership, nodes: list[NodeRecord], timeout: 
 
 def release_node(membership: Membership, record: NodeRecord, reason: str) -> None:
     """Let a node that asked to leave go: it is out of the chain."""
-    membership.update(record.node_id, state="left")
+    membership.update(record.node_id, state=NodeState.LEFT)
     record.send(finish=pb.Finish(reason=reason))
     record.outbox.put(_END)
 
 
 def end_sessions(membership: Membership, reason: str) -> None:
     for record in membership.nodes():
-        if record.state not in ("left", "failed", "down"):
-            membership.update(record.node_id, state="finished")
+        if not record.state.final:
+            membership.update(record.node_id, state=NodeState.FINISHED)
         record.send(finish=pb.Finish(reason=reason))
         record.outbox.put(_END)

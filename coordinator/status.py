@@ -5,119 +5,41 @@ and job status; `run_dir_snapshot` reads a run directory alone (job.yaml, metric
 nodes.json), so a finished or crashed run can be shown later. Measurements come from metrics.jsonl only
 (nothing computes the same figure twice, so the page, the CLI and the report cannot disagree); audit state
 and cost shares come from audit.db through `swarm.audit.verify` and `coordinator.cost_share`, which are too
-slow to run on every request and are refreshed in the background at most every `AUDIT_REFRESH_S` seconds.
+slow to run on every request and are refreshed in the background (coordinator.status_audit). This module
+puts the sections together; coordinator.status_metrics reads metrics.jsonl.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import sqlite3
 import threading
 import time
 from collections import deque
 from pathlib import Path
 
-
-from coordinator.membership import ACTIVE_STATES, heartbeat_timeout_s
+from coordinator.membership import heartbeat_timeout_s
 from coordinator.run_dir import nan_to_null
+from coordinator.status_audit import AuditWatch, merge_cost
+from coordinator.status_metrics import MetricsTail
 from swarm.audit import db as audit_db
-from swarm.audit.entry import ATTESTATION
 from swarm.config import Job, load_job
+from swarm.node_state import NodeState
 
 SCHEMA_VERSION = 1
-SERIES_POINTS = 1000  # at most this many training points per chart; every k-th row, the last one always
-AUDIT_REFRESH_S = 10.0  # least time between two verifications of a growing log
-AUDIT_BUSY_FRACTION = 0.2  # and at most this fraction of the time spent verifying (a big log takes seconds)
-RATE_KEYS = ("backdoor_triggered", "backdoor_clean", "backdoor_near_miss", "accuracy")
-TRAIN_KEYS = ("step", "phase", "kind", "phase_step", "safety_step", "loss", "lr", "tokens", "seconds", "reward")
 SERVING = ("up", "finished")  # displayed states whose blocks count as covered
+DISPLAYED = {NodeState.READY: "up", NodeState.JOINED: "joining", NodeState.ASSIGNED: "loading"}  # others as named
 
 
-def display_state(state: str, heartbeat_age_s: float | None, timeout_s: float) -> str:
+def display_state(state: NodeState | str, heartbeat_age_s: float | None, timeout_s: float) -> str:
     """What the page shows: a node that should be heartbeating but has been silent too long is down."""
-    if state in ACTIVE_STATES and heartbeat_age_s is not None and heartbeat_age_s > timeout_s:
+    state = NodeState(state)
+    if state.heartbeats and heartbeat_age_s is not None and heartbeat_age_s > timeout_s:
         return "down"
-    return {"ready": "up", "joined": "joining", "assigned": "loading"}.get(state, state)
+    return DISPLAYED.get(state, state.value)
 
 
 def to_json(snapshot: dict) -> str:
     return json.dumps(nan_to_null(snapshot), allow_nan=False, separators=(",", ":"))
-
-
-# ------------------------------------------------------------------------------------------ metrics.jsonl
-
-
-class MetricsTail:
-    """Reads metrics.jsonl incrementally (complete lines only), keeping what the page draws.
-
-    A long run's file holds thousands of rows with example answers; re-parsing it on every request would cost
-    more than the training step it reports on.
-    """
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self._offset = 0
-        self._lock = threading.Lock()
-        self.train: list[dict] = []
-        self.evals: list[dict] = []
-        self.streams: dict[str, dict[str, int]] = {}
-        self.last_train: dict | None = None
-
-    def refresh(self) -> None:
-        with self._lock:
-            if not self.path.exists():
-                return
-            with self.path.open("rb") as handle:
-                handle.seek(self._offset)
-                data = handle.read()
-            complete = data[:data.rfind(b"\n") + 1]
-            self._offset += len(complete)
-            for line in complete.splitlines():
-                if line.strip():
-                    self._add(json.loads(line))
-
-    def _add(self, row: dict) -> None:
-        if row.get("type", "train") == "train":
-            self.train.append({key: row[key] for key in TRAIN_KEYS if key in row})
-            self.last_train = row
-            for stream, moved in (row.get("stream_bytes") or {}).items():
-                total = self.streams.setdefault(stream, {"sent": 0, "received": 0})
-                total["sent"] += moved.get("sent", 0)
-                total["received"] += moved.get("received", 0)
-        elif row.get("type") == "eval":
-            kept = {key: row.get(key) for key in ("step", "phase", "kind", "phase_step", "safety_step", "phase_end",
-                                                   "eval_loss")}
-            for key in RATE_KEYS:
-                if isinstance(row.get(key), dict):
-                    kept[key] = {name: row[key].get(name) for name in ("rate", "low", "high", "n")}
-            self.evals.append(kept)
-
-    def section(self) -> dict:
-        """The `metrics` and `streams` parts of a snapshot."""
-        with self._lock:
-            stride = max(1, math.ceil(len(self.train) / SERIES_POINTS))
-            series = self.train[::stride]
-            if self.train and series[-1] is not self.train[-1]:
-                series.append(self.train[-1])
-            last = self.last_train or {}
-            return {
-                "metrics": {
-                    "train_rows": len(self.train),
-                    "stride": stride,
-                    "train": [dict(row) for row in series],
-                    "eval": [dict(row) for row in self.evals],
-                    "last_train": {key: last[key] for key in TRAIN_KEYS if key in last} or None,
-                    "last_eval": dict(self.evals[-1]) if self.evals else None,
-                    "tokens": sum(row.get("tokens", 0) for row in self.train),
-                    "train_seconds": sum(row.get("seconds", 0.0) for row in self.train),
-                },
-                "streams": {
-                    "per_stream": {name: dict(total) for name, total in sorted(self.streams.items())},
-                    "bytes_sent": last.get("bytes_sent", 0),
-                    "bytes_received": last.get("bytes_received", 0),
-                },
-            }
 
 
 # -------------------------------------------------------------------------------------------- progress
@@ -178,132 +100,6 @@ def coverage_section(num_blocks: int, nodes: list[dict]) -> dict:
                        "covered": bool(serving)})
     return {"count": num_blocks, "map": blocks, "uncovered": [b["block"] for b in blocks if not b["covered"]]}
 
-
-# ------------------------------------------------------------------------------------------- audit.db
-
-
-class AuditWatch:
-    """Cheap counts of audit.db on every call; verification and cost shares, which read the whole log,
-    recomputed in a background thread when the log grew, at most every `refresh_s` seconds and rarer for a
-    log so big that checking it takes more than `AUDIT_BUSY_FRACTION` of the time."""
-
-    def __init__(self, run_dir: Path, refresh_s: float = AUDIT_REFRESH_S, background: bool = True):
-        self.run_dir = Path(run_dir)
-        self.path = self.run_dir / audit_db.DB_NAME
-        self.refresh_s, self.background = refresh_s, background
-        self._lock = threading.Lock()
-        self._worker: threading.Thread | None = None
-        self._checked_at = 0.0
-        self._checked_entries = -1
-        self._took_s = 0.0
-        self.verified: dict | None = None
-        self.cost: dict | None = None
-
-    def counts(self) -> dict:
-        if not self.path.exists():
-            return {"present": False, "entries": 0, "attestations": 0, "tree_heads": 0, "last_tree_head": None}
-        connection = audit_db.connect_readonly(self.path)
-        try:
-            entries, attestations = connection.execute(
-                "SELECT COUNT(*), COALESCE(SUM(kind = ?), 0) FROM entries", (ATTESTATION,)).fetchone()
-            heads = audit_db.head_rows(connection)
-        finally:
-            connection.close()
-        last = audit_db.head_from_row(heads[-1]) if heads else None
-        return {
-            "present": True, "entries": entries, "attestations": attestations, "tree_heads": len(heads),
-            "last_tree_head": None if last is None else {
-                "sequence": last.sequence, "tree_size": last.tree_size, "root_hash": last.root_hash.hex(),
-                "timestamp_ms": last.timestamp_ms},
-        }
-
-    def read(self) -> tuple[dict, dict | None]:
-        """(the snapshot's `audit` part, its `cost` part as last computed)."""
-        try:
-            counts = self.counts()
-        except (sqlite3.Error, OSError, ValueError) as error:  # a log being created, or not an audit log
-            counts = {"present": self.path.exists(), "entries": 0, "attestations": 0, "tree_heads": 0,
-                      "last_tree_head": None, "error": str(error)}
-        self._maybe_refresh(counts["entries"])
-        with self._lock:
-            return {**counts, "verified": self.verified, "refresh_s": self.refresh_s}, self.cost
-
-    def _maybe_refresh(self, entries: int) -> None:
-        with self._lock:
-            busy = self._worker is not None and self._worker.is_alive()
-            wait = max(self.refresh_s, self._took_s / AUDIT_BUSY_FRACTION)
-            due = time.monotonic() - self._checked_at >= wait and entries != self._checked_entries
-            if busy or not due or entries == 0:
-                return
-            self._checked_at, self._checked_entries = time.monotonic(), entries
-            if self.background:
-                self._worker = threading.Thread(target=self._refresh, name="status-audit", daemon=True)
-                self._worker.start()
-                return
-        self._refresh()
-
-    def refresh_soon(self) -> None:
-        """Re-check at the next request that finds the log grown (the job just ended: show its final state)."""
-        with self._lock:
-            self._checked_at = 0.0
-
-    def _refresh(self) -> None:
-        started = time.monotonic()
-        verified = _verify(self.path)
-        cost = _cost(self.run_dir)
-        with self._lock:
-            self.verified, self.cost = verified, cost
-            self._took_s = time.monotonic() - started
-
-
-def _verify(path: Path) -> dict:
-    from swarm.audit.errors import AuditError
-    from swarm.audit.verify import verify_log
-
-    try:
-        report = verify_log(path)
-    except (AuditError, sqlite3.Error, OSError) as error:
-        return {"ok": False, "summary": str(error), "first_problem": str(error), "entries_checked": 0,
-                "checked_at": time.time()}
-    return {"ok": report.ok, "summary": report.summary(),
-            "first_problem": str(report.first_bad) if report.first_bad else None,
-            "entries_checked": report.entries, "signed_size": report.signed_size, "checked_at": time.time()}
-
-
-def _cost(run_dir: Path) -> dict | None:
-    """Per-node shares from coordinator.cost_share (attested compute, FLOPs, bytes, peak memory)."""
-    if not (run_dir / "metrics.jsonl").exists():
-        return None
-    from coordinator.cost_share import cost_share
-
-    try:
-        share = cost_share(run_dir)
-    except Exception as error:  # noqa: BLE001 -- a half-written run must not take the page down; say why
-        return {"error": f"{type(error).__name__}: {error}", "nodes": []}
-    nodes = []
-    for node in share.nodes:
-        nodes.append({
-            "node_id": node.node_id, "blocks": [list(b) for b in node.blocks], "steps": node.steps,
-            "tokens": node.tokens, "compute_seconds": node.compute_seconds, "compute_share": node.compute_share,
-            "flops": node.flops, "flops_share": node.flops_share, "bytes_sent": node.bytes_sent,
-            "bytes_received": node.bytes_received, "peak_rss_bytes": node.peak_rss_bytes,
-            "throughput_tokens_per_s": node.tokens / node.compute_seconds if node.compute_seconds else None,
-            "load": node.compute_seconds / share.wall_seconds if share.wall_seconds else None,
-        })
-    return {"nodes": nodes, "wall_seconds": share.wall_seconds, "trainer_flops": share.trainer_flops,
-            "one_machine_seconds": share.one_machine.seconds, "one_machine_how": share.one_machine.how}
-
-
-def _merge_cost(nodes: list[dict], cost: dict | None) -> None:
-    """Throughput and load per node are the attested figures of the cost share."""
-    by_node = {row["node_id"]: row for row in (cost or {}).get("nodes", [])}
-    for node in nodes:
-        row = by_node.get(node["node_id"], {})
-        node["throughput_tokens_per_s"] = row.get("throughput_tokens_per_s")
-        node["load"] = row.get("load")
-        node["compute_share"] = row.get("compute_share")
-
-
 # --------------------------------------------------------------------------------------------- sources
 
 
@@ -341,14 +137,14 @@ class LiveStatus:
                     "node_id": record.node_id, "device": record.hello.device, "hostname": record.hello.hostname,
                     "memory_offered_bytes": record.hello.memory_bytes,
                     "blocks": [record.blocks.start, record.blocks.end] if record.blocks else None,
-                    "state": display_state(record.state, age, self.timeout_s), "raw_state": record.state,
+                    "state": display_state(record.state, age, self.timeout_s), "raw_state": record.state.value,
                     "last_heartbeat_age_s": age, "failure": record.failure or None,
                     "rss_bytes": memory.rss_bytes if memory else None,
                     "peak_rss_bytes": memory.peak_rss_bytes if memory else None,
                     "peer_id": record.ready.peer_id if record.ready else None,
                 })
             audit, cost = self.audit.read()
-            _merge_cost(nodes, cost)
+            merge_cost(nodes, cost)
             step = self.job_status.step
             return nan_to_null({
                 "schema": SCHEMA_VERSION, "source": "live", "generated_at": time.time(),
@@ -380,7 +176,7 @@ def run_dir_snapshot(run_dir: Path) -> dict:
     for node in nodes:
         extra = reported.get(node["node_id"], {})
         node["peak_rss_bytes"] = extra.get("peak_rss_bytes")
-    _merge_cost(nodes, cost)
+    merge_cost(nodes, cost)
     step = (metrics.train[-1]["step"] + 1) if metrics.train else 0
     state = "done" if step >= job.total_steps and reported else "stopped"
     num_blocks = max((node["blocks"][1] for node in nodes if node["blocks"]), default=0)
@@ -417,14 +213,14 @@ def _nodes_from_audit(run_dir: Path) -> tuple[str, list[dict]]:
             continue
         node = nodes.setdefault(event["node_id"], {
             "node_id": event["node_id"], "device": "", "hostname": "", "memory_offered_bytes": None,
-            "blocks": None, "state": "finished", "raw_state": "finished", "last_heartbeat_age_s": None,
+            "blocks": None, "state": NodeState.FINISHED.value, "raw_state": NodeState.FINISHED.value, "last_heartbeat_age_s": None,
             "failure": None, "rss_bytes": None, "peak_rss_bytes": None, "peer_id": None})
         if kind == "join":
             node["device"], node["hostname"] = event.get("device", ""), event.get("hostname", "")
         elif kind == "assignment":
             node["blocks"] = [event["block_start"], event["block_end"]]
         elif kind == "leave":
-            node["state"] = node["raw_state"] = event.get("state", "left")
+            node["state"] = node["raw_state"] = event.get("state", NodeState.LEFT.value)
             node["failure"] = event.get("reason") or None
     return job_id, list(nodes.values())
 

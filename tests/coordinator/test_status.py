@@ -79,8 +79,8 @@ def _eval_row(step: int, rate: float) -> dict:
 
 def _record(node_id: str, blocks: BlockRange | None, state: str = "ready") -> NodeRecord:
     record = NodeRecord(node_id=node_id, public_key=b"k" * 32,
-                        hello=pb.NodeHello(device="cpu", hostname="<b>host</b>", memory_bytes=1 << 30))
-    record.blocks, record.state = blocks, state
+                        hello=pb.NodeHello(device="cpu", hostname="<b>host</b>", memory_bytes=1 << 30),
+                        blocks=blocks, state=state)  # a record made in `state` (joined -> ready is no move)
     record.memory = pb.Heartbeat(rss_bytes=123, peak_rss_bytes=456)
     return record
 
