@@ -62,8 +62,8 @@ def summarize(run_dir: Path) -> dict:
             "seconds": statistics.median(row["seconds"] for row in train[1:])}
 
 
-def run_loopback(job: Path, run_dir: Path, env: dict) -> None:
-    subprocess.run([sys.executable, "-m", "coordinator.cli", "run", str(job), "--local-nodes", str(NODES),
+def run_loopback(job: Path, run_dir: Path, env: dict, nodes: int = NODES) -> None:
+    subprocess.run([sys.executable, "-m", "coordinator.cli", "run", str(job), "--local-nodes", str(nodes),
                     "--run-dir", str(run_dir), "--node-threads", "1", "--no-progress"], cwd=REPO, env=env,
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, timeout=1800)
 
@@ -103,10 +103,10 @@ def run_namespaced(job: Path, run_dir: Path, env: dict, namespaces: list[str]) -
 
 
 @contextlib.contextmanager
-def capped_links(rate: str):
-    """NODES namespaces, each on a veth pair to this host, with `rate` each way; removed on exit."""
+def capped_links(rate: str, nodes: int = NODES):
+    """`nodes` namespaces, each on a veth pair to this host, with `rate` each way; removed on exit."""
     tag = f"ssb{os.getpid() % 10000}"
-    namespaces = [f"{tag}n{i}" for i in range(1, NODES + 1)]
+    namespaces = [f"{tag}n{i}" for i in range(1, nodes + 1)]
     forwarding = Path("/proc/sys/net/ipv4/ip_forward")
     forwarding_before = forwarding.read_text().strip()
     try:
@@ -132,6 +132,17 @@ def capped_links(rate: str):
         for namespace in namespaces:  # deleting a namespace deletes its end of the veth pair, and so both
             subprocess.run(["ip", "netns", "delete", namespace], capture_output=True)
         forwarding.write_text(forwarding_before + "\n")
+
+
+def usable_links(caps: list[str]):
+    """The caps to run, in order; one that needs network namespaces this machine cannot make is reported and
+    skipped."""
+    skip = None if caps == ["loopback"] else namespaces_unavailable()
+    for cap in caps:
+        if cap != "loopback" and skip:
+            print(f"{cap:<10}skipped: {skip}")
+        else:
+            yield cap
 
 
 def namespaces_unavailable() -> str | None:
@@ -163,11 +174,7 @@ def main() -> None:
           f"steps after the first; bytes = forward + backward streams, both directions, per step")
     print(f"{'link':<10}{'codec':<14}{'bytes/step':>12}{'x fewer':>9}{'final loss':>12}{'loss vs fp32':>14}"
           f"{'step s':>9}{'time vs fp32':>14}")
-    skip = None if caps == ["loopback"] else namespaces_unavailable()
-    for cap in caps:
-        if cap != "loopback" and skip:
-            print(f"{cap:<10}skipped: {skip}")
-            continue
+    for cap in usable_links(caps):
         results = {}
         for codec in codecs:
             name = f"bench-{cap}-{codec}"

@@ -229,7 +229,7 @@ def _train_one(context: PhaseContext, phase: PhaseSpec, phase_index: int, phase_
         context.swarm.admit_nodes(phase.name, phase.kind, context.progress.step - 1)
     head_before = _head_state(context.head) if phase_step in snapshot_steps and phase.kind == "pretrain" else {}
     result = train_step(context.chain, context.head, batch, context.progress.step, lr, job.training.micro_batches,
-                        phase.name, head_optimizer)
+                        phase.name, head_optimizer, job.training.pipeline)
     if phase_step in snapshot_steps:
         _save_snapshot(context, phase, phase_index, phase_step, batch, head_before)
     if is_safety:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from coordinator.chain import RemoteChain
+from coordinator.chain.schedule import StepAbandoned
 from swarm.data.batches import Batch
 from swarm.models.blocks import TrainerHead
 from swarm.training import position_ids_for, summed_lm_loss
@@ -29,23 +30,33 @@ class StepResult:
 
 
 def train_step(chain: RemoteChain, head: TrainerHead, batch: Batch, step: int, learning_rate: float,
-               micro_batches: int, phase: str = "train", head_optimizer: torch.optim.Optimizer | None = None
-               ) -> StepResult:
+               micro_batches: int, phase: str = "train", head_optimizer: torch.optim.Optimizer | None = None,
+               pipeline: bool = True) -> StepResult:
     """Forward and backward every micro-batch through the chain, then apply one optimizer step everywhere.
 
     The loss is the summed token cross-entropy over response tokens divided by the step's response-token
-    count, so micro-batching does not change the gradient. With replicas, as many micro-batches run at once
-    as the widest range has replicas; the head's own gradients (pretrain) are summed in micro-batch order
-    afterwards, so they do not depend on which micro-batch finished first.
+    count, so micro-batching does not change the gradient. Micro-batches run at once as the step's schedule
+    allows (coordinator.chain.schedule: one per range and replica lane when pipelined, one per lane if not),
+    each node taking their gradients in micro-batch order; the head's own gradients (pretrain) are summed in
+    micro-batch order afterwards, so they do not depend on which micro-batch finished first.
     """
     started = time.perf_counter()
     targets = max(1, batch.target_tokens)
     head_params = [p for group in head_optimizer.param_groups for p in group["params"]] if head_optimizer else []
 
+    micros = list(enumerate(batch.split(micro_batches)))
+    schedule = chain.schedule(len(micros), pipeline)
+
     def run(index_and_micro) -> tuple[float, list[list[torch.Tensor | None]]]:
-        micro_index, micro = index_and_micro
+        try:
+            return run_micro_batch(*index_and_micro)
+        except BaseException:
+            schedule.fail()  # no other micro-batch may wait for this one's turn
+            raise
+
+    def run_micro_batch(micro_index, micro) -> tuple[float, list[list[torch.Tensor | None]]]:
         position_ids = position_ids_for(micro.attention_mask)
-        route = chain.route()
+        route = schedule.route(micro_index, chain.route)
         try:
             with torch.set_grad_enabled(head_optimizer is not None):
                 hidden = head.embed_tokens(micro.input_ids, position_ids)
@@ -55,7 +66,7 @@ def train_step(chain: RemoteChain, head: TrainerHead, batch: Batch, step: int, l
             loss = summed_lm_loss(head.logits(output), micro.labels, micro.weights) / targets
             grads = torch.autograd.grad(loss, [output] + head_params, allow_unused=True)
             grad_input = chain.backward(grads[0], stage_inputs, micro.attention_mask, position_ids, step,
-                                        micro_index, phase=phase, route=route)
+                                        micro_index, phase=phase, route=route, schedule=schedule)
         finally:
             chain.release(route)
         head_grads = [list(grads[1:])]  # per head parameter: from the logits, then through the embedding
@@ -63,11 +74,13 @@ def train_step(chain: RemoteChain, head: TrainerHead, batch: Batch, step: int, l
             head_grads.append(torch.autograd.grad(hidden, head_params, grad_input.to(hidden.dtype), allow_unused=True))
         return loss.item(), head_grads
 
-    micros = list(enumerate(batch.split(micro_batches)))
-    workers = min(chain.replicas, len(micros))
-    if workers > 1:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="micro-batch") as pool:
-            results = list(pool.map(run, micros))
+    if schedule.workers > 1:
+        with ThreadPoolExecutor(max_workers=schedule.workers, thread_name_prefix="micro-batch") as pool:
+            futures = [pool.submit(run, micro) for micro in micros]
+        failures = [future.exception() for future in futures if future.exception() is not None]
+        if failures:  # the failure itself, not a micro-batch that stopped waiting because of it
+            raise next((error for error in failures if not isinstance(error, StepAbandoned)), failures[0])
+        results = [future.result() for future in futures]
     else:
         results = [run(micro) for micro in micros]
     total_loss = sum(loss for loss, _ in results)

@@ -123,6 +123,9 @@ class TrainingSpec(StrictModel):
     steps: int | None = Field(None, ge=1, description="steps of the single LoRA phase of a job without phases")
     batch_size: int = Field(8, ge=1)
     micro_batches: int = Field(1, ge=1, description="the batch is split into this many micro-batches")
+    pipeline: bool = Field(
+        True, description="micro-batches are in flight at several ranges at once (one per range and replica lane), "
+        "each node still adding their gradients up in micro-batch order; false: one at a time per lane")
 
     @model_validator(mode="after")
     def _micro_batches_divide_batch(self) -> TrainingSpec:

@@ -1,7 +1,8 @@
 """The trainer's view of the swarm: a chain of block ranges, each served by one or more replicas (peers).
 
 A facade over the chain's parts, each with one concern: `transport` (a call with retry and byte metering),
-`groups` (which replicas serve each range), `router` (which replica takes a micro-batch), `ledger` (what
+`groups` (which replicas serve each range), `router` (which replica takes a micro-batch), `StepSchedule` (how many micro-batches are in flight, and the
+order their gradients reach each replica), `ledger` (what
 attestations must say), `protocol` (forward, backward and the step, with recomputation when a replica fails),
 `InferenceSession` (generation with keys and values kept on the nodes) and `state` (phase changes, replica
 copies, step checkpoints, gathered tensors). Every call carries the job, step and micro-batch ids; tensors go
@@ -19,6 +20,7 @@ from coordinator.chain.attestations import AttestationLedger
 from coordinator.chain.groups import ReplicaGroups
 from coordinator.chain.inference import InferenceSession
 from coordinator.chain.routing import Router
+from coordinator.chain.schedule import StepSchedule
 from coordinator.chain.stage import RangeLostError, RemoteStage
 from coordinator.chain.state import ChainState
 from coordinator.chain.step_protocol import StepProtocol
@@ -95,8 +97,14 @@ class RemoteChain:
         return self.protocol.forward(hidden, attention_mask, position_ids, step, micro_batch, train, phase, route)
 
     def backward(self, grad, stage_inputs, attention_mask, position_ids, step: int, micro_batch: int,
-                 phase: str = "train", route: list[RemoteStage] | None = None) -> torch.Tensor:
-        return self.protocol.backward(grad, stage_inputs, attention_mask, position_ids, step, micro_batch, phase, route)
+                 phase: str = "train", route: list[RemoteStage] | None = None,
+                 schedule: StepSchedule | None = None) -> torch.Tensor:
+        return self.protocol.backward(grad, stage_inputs, attention_mask, position_ids, step, micro_batch, phase, route,
+                                      schedule)
+
+    def schedule(self, micro_batches: int, pipeline: bool = True) -> StepSchedule:
+        """A step's schedule (coordinator.chain.schedule): how many micro-batches go at once, in what order."""
+        return StepSchedule(micro_batches, len(self.replica_groups.ranges), self.replicas, pipeline)
 
     def apply_step(self, step: int, learning_rate: float, phase: str = "train") -> None:
         self.protocol.apply_step(step, learning_rate, phase)

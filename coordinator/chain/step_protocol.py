@@ -4,6 +4,7 @@ every replica applies the step. A replica that fails mid-step is dropped and its
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -14,6 +15,7 @@ import torch
 from coordinator.chain.attestations import AttestationLedger
 from coordinator.chain.groups import ReplicaGroups
 from coordinator.chain.routing import Router
+from coordinator.chain.schedule import StepSchedule
 from coordinator.chain.stage import RemoteStage
 from coordinator.chain.state import ChainState
 from coordinator.chain.transport import CALL_ATTEMPTS, Transport
@@ -95,28 +97,35 @@ class StepProtocol:
             return outputs[0]
 
     def backward(self, grad, stage_inputs, attention_mask, position_ids, step: int, micro_batch: int,
-                 phase: str = "train", route: list[RemoteStage] | None = None) -> torch.Tensor:
+                 phase: str = "train", route: list[RemoteStage] | None = None,
+                 schedule: StepSchedule | None = None) -> torch.Tensor:
         """Gradients back through the replicas the micro-batch's forward took (they hold its activations);
-        when one of them fails, another replica of its range recomputes from the inputs."""
+        when one of them fails, another replica of its range recomputes from the inputs. With a `schedule`,
+        each range takes the step's micro-batches' backward calls in micro-batch order."""
         route = route or [group[0] for group in self.groups.groups]
         record = self.records.get(step, {}).get(micro_batch)
         for index in reversed(range(len(route))):
             if record is not None:
                 record.grads[index] = grad
-            while True:
-                stage = route[index]
-                try:
-                    grad = self.backward_one(stage, grad, stage_inputs[index], attention_mask, position_ids, step,
-                                             micro_batch, phase)
-                    break
-                except SwarmConnectionError as error:
-                    route[index] = self._replace(index, stage, error, micro_batch, step)
-                    self.ledger.expect(route[index], step, micro_batch, stage_inputs[index], attention_mask)
+            with schedule.backward_turn(index, micro_batch) if schedule else contextlib.nullcontext():
+                grad = self._backward_at(index, route, grad, stage_inputs, attention_mask, position_ids, step,
+                                         micro_batch, phase)
         if record is not None:
             for index, group in enumerate(self.groups.groups):
                 if len(group) < 2:  # no other replica could take this share over: nothing to keep for it
                     record.inputs[index] = record.grads[index] = None
         return grad
+
+    def _backward_at(self, index: int, route: list[RemoteStage], grad, stage_inputs, attention_mask, position_ids,
+                     step: int, micro_batch: int, phase: str) -> torch.Tensor:
+        while True:
+            stage = route[index]
+            try:
+                return self.backward_one(stage, grad, stage_inputs[index], attention_mask, position_ids, step,
+                                         micro_batch, phase)
+            except SwarmConnectionError as error:
+                route[index] = self._replace(index, stage, error, micro_batch, step)
+                self.ledger.expect(route[index], step, micro_batch, stage_inputs[index], attention_mask)
 
     def backward_one(self, stage: RemoteStage, grad, hidden, attention_mask, position_ids, step: int,
                      micro_batch: int, phase: str) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The walking skeleton end to end: real node processes, real DHT/P2P, real gRPC, real checkpoints."""
+"""The walking skeleton end to end: real node processes, real DHT/P2P, real gRPC, real checkpoints; 3 ranges
+and 4 micro-batches, pipelined (the default), equal single-process peft."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ STEPS = 4
 def cli_run(tmp_path_factory):
     """One `swarm-coordinator run JOB --local-nodes 3`, as a user types it."""
     tmp = tmp_path_factory.mktemp("cli-run")
-    job_file = write_job(tmp, training={"steps": STEPS, "batch_size": 4, "micro_batches": 2})
+    job_file = write_job(tmp, training={"steps": STEPS, "batch_size": 8, "micro_batches": 4})  # pipelined: 3 at once
     run_dir = tmp / "run"
     with started_processes() as start:
         process = start("-m", "coordinator.cli", "run", str(job_file), "--local-nodes", "3", "--run-dir",
