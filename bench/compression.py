@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -102,10 +103,14 @@ def run_namespaced(job: Path, run_dir: Path, env: dict, namespaces: list[str]) -
                 process.wait()
 
 
+_LINK_SETS = itertools.count()
+
+
 @contextlib.contextmanager
 def capped_links(rate: str, nodes: int = NODES):
     """`nodes` namespaces, each on a veth pair to this host, with `rate` each way; removed on exit."""
-    tag = f"ssb{os.getpid() % 10000}"
+    # a fresh tag each time: a deleted namespace's veth pair can outlive the call for a moment
+    tag = f"ssb{os.getpid() % 1000}{next(_LINK_SETS)}"
     namespaces = [f"{tag}n{i}" for i in range(1, nodes + 1)]
     forwarding = Path("/proc/sys/net/ipv4/ip_forward")
     forwarding_before = forwarding.read_text().strip()

