@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--micro-batches", type=int, default=1, help="pipelined through the nodes when above 1")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=1, help="alternate swarm and single-process timing R times")
@@ -69,7 +70,7 @@ def main() -> None:
     job = {
         "name": "bench-step-time", "model": {"preset": args.preset},
         "data": {"source": "jsonl", "path": str(work / "data.jsonl"), "max_length": args.seq},
-        "training": {"steps": total, "batch_size": args.batch_size},
+        "training": {"steps": total, "batch_size": args.batch_size, "micro_batches": args.micro_batches},
         "swarm": {"min_nodes": args.nodes},
     }
     (work / "job.yaml").write_text(yaml.safe_dump(job))
@@ -85,7 +86,7 @@ def main() -> None:
             for _ in range((args.warmup if round_index == 0 else 0) + args.steps):
                 started = time.perf_counter()
                 train_step(chain, session.head, prepared.data.batch(step), step, prepared.job.optimizer.lr,
-                           prepared.job.training.micro_batches)
+                           prepared.job.training.micro_batches, pipeline=prepared.job.training.pipeline)
                 if step >= args.warmup:
                     swarm_seconds.append(time.perf_counter() - started)
                 step += 1
@@ -97,7 +98,7 @@ def main() -> None:
         local_seconds = reference.step_seconds[args.warmup:]
     swarm_median, local_median = statistics.median(swarm_seconds), statistics.median(local_seconds)
     print(f"model {args.preset} ({PRESETS[args.preset].num_parameters / 1e6:.1f}M parameters), {args.nodes} nodes, "
-          f"batch {args.batch_size} x {args.seq} tokens, {len(swarm_seconds)} + {len(local_seconds)} timed steps in "
+          f"batch {args.batch_size} x {args.seq} tokens in {args.micro_batches} micro-batch(es), {len(swarm_seconds)} + {len(local_seconds)} timed steps in "
           f"{args.rounds} round(s), {threads} torch threads (trainer and single process), {node_threads} per node")
     print(f"load average (1 min) before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
     # The fastest step is the least disturbed by other load on a shared machine; the median is the usual case.

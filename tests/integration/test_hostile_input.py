@@ -15,7 +15,8 @@ from coordinator.session import SwarmSession
 from coordinator.run_dir import create_run_dir
 from coordinator.trainer import swarm_logits, train_step
 from swarm.errors import RemoteBlockError
-from swarm.p2p.rpc import ADMIT, AVERAGE, BACKWARD, FETCH_STATE, FORWARD, LOAD_STATE, REPLICA_STATE, STEP
+from swarm.p2p.rpc import (ADMIT, AVERAGE, BACKWARD, FETCH_STATE, FORWARD, LOAD_STATE, REPLICA_STATE, STEP,
+                           reply_tensor_count)
 from swarm.p2p.tensors import aiter_list, from_messages, to_messages
 from swarm.proto.blocks_pb2 import CallMeta, CallResult
 from swarm.training import position_ids_for
@@ -129,7 +130,7 @@ def call_as_stranger(served, method: str, meta: CallMeta, tensors) -> CallResult
             requests = to_messages(runtime_pb2.ExpertRequest, meta.SerializeToString(), tensors)
             responses = await stranger.iterate_protobuf_handler(peer, method, aiter_list(requests),
                                                                 runtime_pb2.ExpertResponse)
-            metadata, outputs, _ = await from_messages(responses)
+            metadata, outputs, _ = await from_messages(responses, tensor_count=reply_tensor_count)
             assert outputs == []
             return CallResult.FromString(metadata)
         finally:

@@ -17,7 +17,7 @@ from hivemind.proto import runtime_pb2
 
 from node.block_server import BlockServer
 from swarm.identity import Identity
-from swarm.p2p.rpc import BACKWARD, FORWARD, PHASE, STEP
+from swarm.p2p.rpc import BACKWARD, FORWARD, PHASE, STEP, reply_tensor_count
 from swarm.p2p.tensors import aiter_list, from_messages, to_messages
 from swarm.proto.blocks_pb2 import CallMeta, CallResult
 from tests.node.conftest import END, START, micro_batch, output_gradient
@@ -63,8 +63,17 @@ async def call(caller: LocalP2P, peer: PeerID, method: str, meta: CallMeta, tens
     """`method` of `peer`, called by `caller`: the result, the reply's tensors, and the messages both ways."""
     requests = to_messages(runtime_pb2.ExpertRequest, meta.SerializeToString(), list(tensors))
     stream = await caller.iterate_protobuf_handler(peer, method, aiter_list(requests), runtime_pb2.ExpertResponse)
-    responses = [message async for message in stream]
-    metadata, outputs, _ = await from_messages(aiter_list(responses))
+    responses = []
+
+    async def recorded():
+        async for message in stream:
+            responses.append(message)
+            yield message
+
+    # read as the trainer does: up to the reply's last tensor, then close (the node holds its end open until then)
+    received = recorded()
+    metadata, outputs, _ = await from_messages(received, tensor_count=reply_tensor_count)
+    await stream.aclose()
     return CallResult.FromString(metadata), outputs, Exchange(requests, responses)
 
 
