@@ -155,9 +155,9 @@ class Shard:
         """Generation: the blocks over the positions after the session's first `past_length`, whose keys and
         values this node kept (node.inference_sessions); `attention_mask` covers all positions. Returns the new
         positions' outputs and how many positions the node now keeps for the session."""
-        batch, new = hidden.shape[:2]
-        if hidden.dim() != 3 or new == 0:
+        if hidden.dim() != 3 or hidden.shape[1] == 0:
             raise ValueError(f"hidden states must be [batch, new positions, {self.hidden_size}], got {list(hidden.shape)}")
+        batch, new = hidden.shape[:2]
         if past_length < 0 or tuple(attention_mask.shape) != (batch, past_length + new):
             raise ValueError(f"the attention mask must be [batch, {past_length} + {new}] (earlier and new "
                              f"positions), got {list(attention_mask.shape)}")

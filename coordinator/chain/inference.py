@@ -13,7 +13,6 @@ import uuid
 
 import torch
 
-from coordinator.chain.groups import ReplicaGroups
 from coordinator.chain.routing import Router
 from coordinator.chain.transport import Transport
 from swarm.config import CompressionSpec
@@ -29,9 +28,8 @@ class InferenceSession:
     """One generation batch over one replica per range; use as a context manager (it frees the nodes' caches
     and releases the route when done)."""
 
-    def __init__(self, transport: Transport, groups: ReplicaGroups, router: Router, compression: CompressionSpec,
-                 phase: str, step: int):
-        self.transport, self.groups, self.router = transport, groups, router
+    def __init__(self, transport: Transport, router: Router, compression: CompressionSpec, phase: str, step: int):
+        self.transport, self.router = transport, router
         self.reply_codec = compression.forward
         self.codec = codec_type(compression.forward)
         self.phase, self.step = phase, step
@@ -72,8 +70,7 @@ class InferenceSession:
             try:
                 result, outputs = self.transport.call(stage, INFER, meta, tensors, self.codec)
             except SwarmConnectionError as error:
-                self.groups.drop(stage, str(error))
-                self.route[index] = self.router.pick(index)  # a range with no replica left raises RangeLostError
+                self.route[index] = self.router.replace(index, stage, str(error))
                 self.held[index] = 0
                 logger.warning("generation session goes to %s instead of %s", self.route[index], stage)
                 continue

@@ -111,7 +111,7 @@ class RemoteChain:
 
     def open_session(self, phase: str = "eval", step: int = -1) -> InferenceSession:
         """A generation batch's session: each range's replica keeps the keys and values of the positions sent."""
-        return InferenceSession(self.transport, self.replica_groups, self.router, self.compression, phase, step)
+        return InferenceSession(self.transport, self.router, self.compression, phase, step)
 
     def call(self, stage: RemoteStage, method: str, meta: CallMeta, tensors=(), codecs=CODECS["none"]
              ) -> tuple[CallResult, list[torch.Tensor]]:

@@ -35,6 +35,12 @@ class Router:
             chosen.micro_batches += 1
             return chosen
 
+    def replace(self, index: int, stage: RemoteStage, reason: str) -> RemoteStage:
+        """`stage` failed a call: drop it from the chain and pick another replica of range `index` (a range
+        with none left raises RangeLostError)."""
+        self.groups.drop(stage, reason)
+        return self.pick(index)
+
     def release(self, route: list[RemoteStage]) -> None:
         """The micro-batch routed over `route` is done (or abandoned)."""
         with self.groups.lock:

@@ -28,7 +28,6 @@ class StepAbandoned(SwarmError):
 
 class StepSchedule:
     def __init__(self, micro_batches: int, ranges: int, replicas: int, pipeline: bool):
-        self.micro_batches, self.ranges = micro_batches, ranges
         lanes = max(1, replicas)
         self.workers = max(1, min(micro_batches, lanes * (ranges if pipeline else 1)))
         self._routes: dict[int, list[RemoteStage]] = {}  # micro-batch -> its replica per range, as first routed

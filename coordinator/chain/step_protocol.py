@@ -140,8 +140,7 @@ class StepProtocol:
 
     def _replace(self, index: int, stage: RemoteStage, error: Exception, micro_batch: int, step: int) -> RemoteStage:
         """`stage` failed a call: drop it from the chain and pick another replica of its range."""
-        self.groups.drop(stage, str(error))
-        replacement = self.router.pick(index)
+        replacement = self.router.replace(index, stage, str(error))
         logger.warning("micro-batch %d of step %d goes to %s instead", micro_batch, step, replacement)
         return replacement
 

@@ -97,7 +97,7 @@ class ModelFamily:
         masks = {}
         for kind, build in (("full_attention", create_causal_mask),
                             ("sliding_attention", create_sliding_window_causal_mask)):
-            if kind in kinds or (kind == "full_attention" and cache is None):
+            if kind in kinds:
                 first = layers[kinds.index(kind)] if cache is not None else None
                 masks[kind] = build(config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache,
                                     position_ids=position_ids, layer_idx=first)

@@ -52,6 +52,7 @@ async def from_messages(stream: AsyncIterator, max_bytes: int | None = None,
     With `tensor_count` (the count the metadata announces), reading stops at the last part of the last
     tensor and the stream is closed from this side, instead of waiting for the sender to close it."""
     metadata, parts, received, expected = None, [], 0, None
+    complete, next_tensor = 0, 0  # whole tensors among `parts`; where the next one starts
     async for message in stream:
         received += message.ByteSize()
         if max_bytes is not None and received > max_bytes:
@@ -60,7 +61,11 @@ async def from_messages(stream: AsyncIterator, max_bytes: int | None = None,
             metadata = message.metadata
             expected = tensor_count(metadata) if tensor_count is not None else None
         parts.extend(message.tensors)
-        if expected is not None and _complete_tensors(parts) >= expected:
+        # a tensor's first part says how many chunks it has
+        while next_tensor < len(parts) and next_tensor + max(parts[next_tensor].chunks, 1) <= len(parts):
+            next_tensor += max(parts[next_tensor].chunks, 1)
+            complete += 1
+        if expected is not None and complete >= expected:
             await stream.aclose()
             break
     if metadata is None:
@@ -69,16 +74,6 @@ async def from_messages(stream: AsyncIterator, max_bytes: int | None = None,
         return metadata, combine_parts(parts), received
     except StopIteration:
         raise ConnectionError("the stream ended inside a tensor (connection lost mid-reply)") from None
-
-
-def _complete_tensors(parts: list) -> int:
-    """How many whole tensors `parts` holds (a tensor's first part says how many chunks it has)."""
-    complete, index = 0, 0
-    while index < len(parts):
-        index += max(parts[index].chunks, 1)
-        if index <= len(parts):
-            complete += 1
-    return complete
 
 
 async def aiter_list(items: list) -> AsyncIterator:
