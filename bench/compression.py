@@ -77,17 +77,17 @@ def run_namespaced(job: Path, run_dir: Path, env: dict, namespaces: list[str]) -
         text=True, start_new_session=True)
     nodes = []
     try:
-        address = None
+        join_flags = None
         for line in coordinator.stdout:
-            found = re.search(r"join with: swarm-node join --coordinator (\S+)", line)
+            found = re.search(r"join with: swarm-node join (--coordinator \S+ --coordinator-key \S+)", line)
             if found:
-                address = found.group(1)
+                join_flags = found.group(1).split()
                 break
-        if address is None:
+        if join_flags is None:
             raise RuntimeError("the coordinator exited before printing its address")
         for index, namespace in enumerate(namespaces, start=1):
             nodes.append(subprocess.Popen(
-                ["ip", "netns", "exec", namespace, sys.executable, "-m", "node.cli", "join", "--coordinator", address,
+                ["ip", "netns", "exec", namespace, sys.executable, "-m", "node.cli", "join", *join_flags,
                  "--host", f"{SUBNET}.{index}.2", "--key", str(run_dir.parent / f"{namespace}.key"), "--threads", "1",
                  "--log-level", "WARNING"],
                 cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True))

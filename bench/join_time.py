@@ -60,7 +60,7 @@ def one_join(job_file: Path, run_dir: Path, threads: int) -> dict[str, float]:
         thread.start()
         log = open(run_dir / "node.log", "wb")
         started = time.perf_counter()
-        node = subprocess.Popen([sys.executable, "-m", "node.cli", "join", "--coordinator", session.address,
+        node = subprocess.Popen([sys.executable, "-m", "node.cli", "join", *session.join_flags,
                                  "--key", str(run_dir / "node.key"), "--device", "cpu", "--threads", str(threads)],
                                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
         log.close()

@@ -1,4 +1,5 @@
-"""The coordinator's gRPC service: node sessions (challenge-response join, heartbeats) and status queries."""
+"""The coordinator's gRPC service: node sessions (a join that authenticates both ways, heartbeats) and status
+queries, served over TLS only, with a certificate bound to the coordinator's key (swarm/control_tls.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from dataclasses import dataclass, field
 import grpc
 
 from coordinator.membership import Membership, NodeRecord
-from swarm.identity import Identity, fingerprint, join_challenge_message, verify
+from swarm.control_tls import CoordinatorCertificate, coordinator_certificate
+from swarm.identity import Identity, coordinator_proof_message, fingerprint, join_challenge_message, verify
 from swarm.node_state import NodeState
 from swarm.proto import control_pb2 as pb
 from swarm.proto import control_pb2_grpc
@@ -51,12 +53,16 @@ class ControlService(control_pb2_grpc.CoordinatorServicer):
             hello_message = next(request_iterator)
         except StopIteration:
             return
-        if hello_message.WhichOneof("kind") != "hello" or len(hello_message.hello.public_key) != 32:
-            yield pb.CoordinatorMessage(reject=pb.Reject(reason="a session must start with a hello carrying a 32-byte Ed25519 key"))
-            return
         hello = hello_message.hello
+        if hello_message.WhichOneof("kind") != "hello" or len(hello.public_key) != 32 or len(hello.nonce) != 32:
+            yield pb.CoordinatorMessage(reject=pb.Reject(
+                reason="a session must start with a hello carrying a 32-byte Ed25519 key and a 32-byte nonce "
+                       "(a swarm-node older than this coordinator sends no nonce: update it)"))
+            return
         nonce = os.urandom(32)
-        yield pb.CoordinatorMessage(challenge=pb.Challenge(nonce=nonce, coordinator_public_key=self.identity.public_key))
+        yield pb.CoordinatorMessage(challenge=pb.Challenge(
+            nonce=nonce, coordinator_public_key=self.identity.public_key,
+            signature=self.prove_identity(hello.nonce, hello.public_key)))
         proof = next(request_iterator, None)
         message = join_challenge_message(nonce, self.identity.public_key)
         if proof is None or proof.WhichOneof("kind") != "proof" or not verify(hello.public_key, proof.proof.signature, message):
@@ -83,6 +89,10 @@ class ControlService(control_pb2_grpc.CoordinatorServicer):
             if outgoing is _END:
                 return
             yield outgoing
+
+    def prove_identity(self, node_nonce: bytes, node_public_key: bytes) -> bytes:
+        """Our key's signature over the joining node's nonce: what its pin checks before it answers."""
+        return self.identity.sign(coordinator_proof_message(node_nonce, node_public_key))
 
     def _read_node(self, record: NodeRecord, request_iterator) -> None:
         try:
@@ -129,11 +139,16 @@ class ControlService(control_pb2_grpc.CoordinatorServicer):
         return reply
 
 
-def start_control_server(service: ControlService, host: str, port: int) -> tuple[grpc.Server, int]:
+def start_control_server(service: ControlService, host: str, port: int,
+                         certificate: CoordinatorCertificate | None = None) -> tuple[grpc.Server, int]:
+    """Serve `service` on a TLS port only (a plaintext client gets no service), by default with a fresh
+    certificate bound to the service's identity."""
+    certificate = certificate or coordinator_certificate(service.identity)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="grpc"),
                          options=[("grpc.max_receive_message_length", 64 << 20)])
     control_pb2_grpc.add_CoordinatorServicer_to_server(service, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    credentials = grpc.ssl_server_credentials([(certificate.key_pem, certificate.certificate_pem)])
+    bound = server.add_secure_port(f"{host}:{port}", credentials)
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
     server.start()

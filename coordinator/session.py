@@ -63,6 +63,7 @@ class SwarmSession:
         self.nodes: list[NodeRecord] = []  # the nodes serving the chain
         self.joining: list[NodeRecord] = []  # assigned mid-job, loading their blocks; not yet in the chain
         self.address = ""
+        self.trainer_peer_id = ""  # the DHT peer the trainer calls from; welcomes name it, join events record it
         self.live = LiveStatus(self.membership, self.status, self.job, run_dir)
         self.status_page: StatusServer | None = None
 
@@ -82,6 +83,7 @@ class SwarmSession:
                 phases=[phase.name for phase in self.job.phase_list],
             )
         self.dht = DHT(start=True, host_maddrs=[f"/ip4/{options.host}/tcp/0"])
+        self.trainer_peer_id = self.dht.peer_id.to_base58()
         self.loop = LoopThread()
         service = ControlService(self.identity, self.membership, self.status,
                                  [str(a) for a in self.dht.get_visible_maddrs()], self.job.swarm.heartbeat_interval_s,
@@ -90,21 +92,31 @@ class SwarmSession:
         self.address = f"{options.host}:{port}"
         print(f"coordinator {self.identity.fingerprint} for job {self.job_id} listening on {self.address}", flush=True)
         print(f"run directory: {self.run_dir}", flush=True)
-        print(f"join with: swarm-node join --coordinator {self.address}", flush=True)
+        print(f"join with: {self.join_command}", flush=True)
         self.live.address = self.address
         if options.status_port is not None:
             self.status_page = StatusServer(self.live.snapshot, options.status_host, options.status_port).start()
             print(f"status page: {self.status_page.url}", flush=True)
         if options.local_nodes:
-            self.local = LocalNodes(options.local_nodes, self.address, self.run_dir, options.cache_dir,
+            self.local = LocalNodes(options.local_nodes, self.join_flags, self.run_dir, options.cache_dir,
                                     options.node_threads)
         return self
 
+    @property
+    def join_flags(self) -> list[str]:
+        """`swarm-node join`'s flags for this coordinator: its address and the key nodes pin."""
+        return ["--coordinator", self.address, "--coordinator-key", self.identity.pin]
+
+    @property
+    def join_command(self) -> str:
+        return " ".join(["swarm-node", "join", *self.join_flags])
+
     def gather(self) -> RemoteChain:
         self.status.phase = "waiting for nodes"
-        self.nodes = _wait_for_nodes(self.membership, self.job, self.local, self.address)
+        self.nodes = _wait_for_nodes(self.membership, self.job, self.local, self.address, self.identity.fingerprint)
         self.status.phase = "loading blocks"
-        _assign_blocks(self.nodes, self.checkpoint, self.job, self.job_id, self.model_id, self.audit)
+        _assign_blocks(self.nodes, self.checkpoint, self.job, self.job_id, self.model_id, self.audit,
+                       self.trainer_peer_id)
         _wait_until_ready(self.membership, self.nodes, self.job, self.local)
         self.chain = _discover_chain(self.dht, self.loop, self.nodes, self.checkpoint, self.job, self.job_id,
                                      self.model_id, self.audit)
@@ -161,7 +173,8 @@ class SwarmSession:
                 continue
             blocks = min(wanted, key=lambda b: (wanted[b], b.start))
             wanted[blocks] += 1
-            _assign(record, blocks, self.checkpoint, self.job, self.job_id, self.model_id, self.audit)
+            _assign(record, blocks, self.checkpoint, self.job, self.job_id, self.model_id, self.audit,
+                    trainer_peer_id=self.trainer_peer_id)
             self.joining.append(record)
             wanted = self._ranges_wanting_replicas()
         for record in list(self.joining):
@@ -205,7 +218,8 @@ class SwarmSession:
                                            timeout=1.0)
                 return False
             record = free[0]
-            _assign(record, blocks, self.checkpoint, self.job, self.job_id, self.model_id, self.audit)
+            _assign(record, blocks, self.checkpoint, self.job, self.job_id, self.model_id, self.audit,
+                    trainer_peer_id=self.trainer_peer_id)
             self.joining.append(record)
         while record.state != "ready":
             if record.state in ("failed", "down", "left", "leaving") or time.monotonic() > deadline:
@@ -288,19 +302,20 @@ def _check_local_nodes(local: LocalNodes | None) -> None:
         raise SwarmError(f"local node {index} exited with code {code}; its log ends with:\n{local.log_tail(index)}")
 
 
-def _wait_for_nodes(membership: Membership, job: Job, local: LocalNodes | None, address: str) -> list[NodeRecord]:
+def _wait_for_nodes(membership: Membership, job: Job, local: LocalNodes | None, address: str,
+                    coordinator_key: str = "") -> list[NodeRecord]:
     """Wait for `swarm.min_nodes` joined nodes. The join timeout is the time other volunteers get: its clock
     starts once the local nodes this coordinator started have joined (their start-up, seconds of imports on a
     cold cache, is not theirs to wait for); a local node that exits or never joins is an error of its own."""
     needed = job.swarm.min_nodes
+    join = f"swarm-node join --coordinator {address}" + (f" --coordinator-key {coordinator_key}" if coordinator_key else "")
     if local is not None:
         _wait_for_joined(membership, min(local.count, needed), LOCAL_NODE_START_TIMEOUT_S, local, lambda joined: (
             f"the local nodes started with --local-nodes did not join within {LOCAL_NODE_START_TIMEOUT_S:.0f} s; "
             f"their logs are in {local.logs_dir}"))
     _wait_for_joined(membership, needed, job.swarm.join_timeout_s, local, lambda joined: (
         f"only {joined} of the {needed} nodes the job needs (swarm.min_nodes) joined within "
-        f"{job.swarm.join_timeout_s:.0f} s (swarm.join_timeout_s); start more with: "
-        f"swarm-node join --coordinator {address}"))
+        f"{job.swarm.join_timeout_s:.0f} s (swarm.join_timeout_s); start more with: {join}"))
     return membership.nodes("joined")
 
 
@@ -316,7 +331,7 @@ def _wait_for_joined(membership: Membership, count: int, timeout_s: float, local
 
 
 def _assign_blocks(nodes: list[NodeRecord], checkpoint: Checkpoint, job: Job, job_id: str, model_id: str,
-                   audit: AuditLog) -> None:
+                   audit: AuditLog, trainer_peer_id: str) -> None:
     """Send each node its range (coordinator.scheduler.place_replicas); the audit log gets the node's key
     (`join`) and its range before the node does. Nodes left without a range stay joined, as spares."""
     ranges = place_replicas(checkpoint.num_blocks, len(nodes), job.swarm.replicas, job.swarm.stages,
@@ -327,7 +342,7 @@ def _assign_blocks(nodes: list[NodeRecord], checkpoint: Checkpoint, job: Job, jo
         logger.info("nodes %s stay on standby", ", ".join(record.node_id for record in spares))
     expected = {blocks: _expected_shard_sha256(checkpoint, job, blocks) for blocks in set(ranges) - {None}}
     for record, blocks in zip(nodes, [blocks for blocks in ranges if blocks is not None]):
-        _assign(record, blocks, checkpoint, job, job_id, model_id, audit, expected[blocks])
+        _assign(record, blocks, checkpoint, job, job_id, model_id, audit, expected[blocks], trainer_peer_id)
 
 
 def _expected_shard_sha256(checkpoint: Checkpoint, job: Job, blocks: BlockRange) -> str:
@@ -339,13 +354,14 @@ def _expected_shard_sha256(checkpoint: Checkpoint, job: Job, blocks: BlockRange)
 
 
 def _assign(record: NodeRecord, blocks: BlockRange, checkpoint: Checkpoint, job: Job, job_id: str, model_id: str,
-            audit: AuditLog, expected: str | None = None) -> None:
-    """Send `record` its range; `expected`: the range's shard hash when the caller has it already."""
+            audit: AuditLog, expected: str | None = None, trainer_peer_id: str = "") -> None:
+    """Send `record` its range; `expected`: the range's shard hash when the caller has it already. The node's
+    `join` event records the trainer peer its welcome named (the only peer it serves on the data plane)."""
     expected = _expected_shard_sha256(checkpoint, job, blocks) if expected is None else expected
     record.blocks = blocks
     record.state = "assigned"
     audit.register_node(record.public_key, hostname=record.hello.hostname, device=record.hello.device,
-                        version=record.hello.version)
+                        version=record.hello.version, trainer_peer_id=trainer_peer_id)
     audit.append_event("assignment", node_id=record.node_id, block_start=blocks.start, block_end=blocks.end,
                        replica_group=replica_group(blocks.start, blocks.end))
     record.send(assignment=pb.Assignment(

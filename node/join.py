@@ -1,4 +1,5 @@
-"""`swarm-node join`: authenticate, join the DHT, load the assigned blocks, serve them until the job ends."""
+"""`swarm-node join`: authenticate (both ways), join the DHT, load the assigned blocks, serve them until the job
+ends."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from hivemind.p2p import PeerID
 import swarm
 from node.block_server import DEFAULT_MAX_REQUEST_BYTES, BlockServer
 from node.control_client import ControlSession
+from node.coordinator_trust import CoordinatorTrust
 from node.inference_sessions import DEFAULT_IDLE_S, DEFAULT_MEMORY_BYTES, InferenceSessions
 from node.shard import Shard
 from swarm.block_range import BlockRange
@@ -37,7 +39,7 @@ HAND_OFF_WAIT_S = 60.0  # how long a node asked to stop serves on, waiting to be
 
 @dataclass
 class NodeOptions:
-    coordinator: str
+    coordinator: CoordinatorTrust  # its address and the key it must prove (node.coordinator_trust)
     key_path: Path
     device: str = "cpu"
     host: str = "127.0.0.1"
@@ -63,13 +65,17 @@ def run_node(options: NodeOptions) -> None:
     identity = Identity.load_or_create(options.key_path)
     print(f"node identity {identity.fingerprint} (key {options.key_path})", flush=True)
     session = ControlSession(options.coordinator, options.connect_timeout_s)
+    hello = pb.NodeHello(public_key=identity.public_key, device=str(device), memory_bytes=device_memory_bytes(device),
+                         version=swarm.__version__, hostname=socket.gethostname())
+    try:
+        # Outside the try below: a coordinator that did not prove its key is told nothing, not even a failure.
+        welcome = session.authenticate(identity, hello, options.connect_timeout_s)
+    except BaseException:
+        session.close(drain_timeout=0)
+        raise
     dht = loop = server = None
     stop_heartbeats = threading.Event()
     try:
-        hello = pb.NodeHello(public_key=identity.public_key, device=str(device),
-                             memory_bytes=device_memory_bytes(device), version=swarm.__version__,
-                             hostname=socket.gethostname())
-        welcome = session.authenticate(identity, hello, options.connect_timeout_s)
         logger.info("joined job %s as %s; starting the DHT", welcome.job_id, welcome.node_id)
         # Assigned before its process starts, so a Ctrl-C during the start still reaches dht.shutdown() below
         # (otherwise the forked DHT process outlives the node).

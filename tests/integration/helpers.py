@@ -52,6 +52,15 @@ def read_until(process: CliProcess, pattern: str, timeout: float) -> tuple[re.Ma
     raise AssertionError(f"no line matching {pattern!r} within {timeout} s; output:\n{''.join(process.seen)}")
 
 
+JOIN_LINE = r"join with: swarm-node join (--coordinator \S+ --coordinator-key [0-9a-f]{32})"
+
+
+def join_flags(coordinator: CliProcess, timeout: float = 60) -> list[str]:
+    """The flags of the join command `swarm-coordinator run` printed: its address and the key to pin."""
+    match, _ = read_until(coordinator, JOIN_LINE, timeout)
+    return match.group(1).split()
+
+
 def finish(process: CliProcess, timeout: float) -> tuple[int, str]:
     """Wait for the process to exit; return its code and all of its output."""
     try:
@@ -152,11 +161,10 @@ def start_swarm(start, job_file, run_dir, keys_dir, nodes: int) -> tuple[Watcher
     and the nodes by node id."""
     coordinator = start("-m", "coordinator.cli", "run", str(job_file), "--run-dir", str(run_dir),
                         "--no-progress", "--no-baseline")
-    match, _ = read_until(coordinator, r"join with: swarm-node join --coordinator (\S+)", timeout=60)
+    flags = join_flags(coordinator)
     started = {}
     for index in range(nodes):
-        node = start("-m", "node.cli", "join", "--coordinator", match.group(1), "--key",
-                     str(keys_dir / f"node{index}.key"), "--threads", "1")
+        node = start("-m", "node.cli", "join", *flags, "--key", str(keys_dir / f"node{index}.key"), "--threads", "1")
         identity, _ = read_until(node, r"node identity (\w+)", timeout=60)
         started[identity.group(1)] = node
     watcher = Watcher(coordinator)

@@ -11,7 +11,7 @@ import pytest
 from swarm.audit.query import REPLAY_FILE
 from swarm.identity import Identity
 from tests.conftest import started_processes, write_job
-from tests.integration.helpers import finish, read_until, swarm_audit
+from tests.integration.helpers import finish, join_flags, swarm_audit
 
 PHASES = [
     {"kind": "pretrain", "steps": 3, "lr": 0.01, "loss_on": "all"},
@@ -33,10 +33,10 @@ def mixed_run(tmp_path_factory):
     with started_processes() as start:
         coordinator = start("-m", "coordinator.cli", "run", str(job_file), "--local-nodes", "1", "--run-dir",
                             str(run_dir), "--node-threads", "1", "--no-progress", "--no-baseline")
-        match, _ = read_until(coordinator, r"join with: swarm-node join --coordinator (\S+)", timeout=60)
+        flags = join_flags(coordinator)
         for mode in LIARS:
-            start("-m", "node.cli", "join", "--coordinator", match.group(1), "--key", str(tmp / f"{mode}.key"),
-                  "--threads", "1", "--dishonest", mode)
+            start("-m", "node.cli", "join", *flags, "--key", str(tmp / f"{mode}.key"), "--threads", "1",
+                  "--dishonest", mode)
         code, output = finish(coordinator, timeout=400)
     assert code == 0, output
     return run_dir, {Identity.load_or_create(tmp / f"{mode}.key").fingerprint: mode for mode in LIARS}

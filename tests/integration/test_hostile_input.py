@@ -35,7 +35,7 @@ def served(tmp_path_factory):
     prepared = prepare_job(options)
     create_run_dir(options.runs_root, prepared.job.name, job_file, options.run_dir)
     with started_processes() as start, SwarmSession(prepared, options.run_dir, options) as session:
-        node = start("-m", "node.cli", "join", "--coordinator", session.address, "--key", str(tmp / "node.key"),
+        node = start("-m", "node.cli", "join", *session.join_flags, "--key", str(tmp / "node.key"),
                      "--threads", "1", "--max-request-mb", str(MAX_REQUEST_MB))
         session.gather()
         batch = prepared.data.batch(0)

@@ -19,7 +19,7 @@ from swarm.models.checkpoint import resolve_model
 from swarm.reference import train_reference
 from tests.conftest import started_processes, write_job
 from tests.integration.conftest import MICRO_BATCHES, REPLICAS, STAGES, STEPS
-from tests.integration.helpers import finish, read_until
+from tests.integration.helpers import finish, join_flags, read_until
 
 # Measured: 8-bit activations, gradients and averaging move this job's losses (about 4.7) by at most 0.009.
 LOSS_TOLERANCE_8BIT = 0.08
@@ -136,10 +136,9 @@ def joined_run(tmp_path_factory):
     with started_processes() as start:
         coordinator = start("-m", "coordinator.cli", "run", str(job_file), "--local-nodes", "2", "--run-dir",
                             str(tmp / "run"), "--node-threads", "1", "--no-progress", "--no-baseline")
-        match, _ = read_until(coordinator, r"join with: swarm-node join --coordinator (\S+)", timeout=60)
+        flags = join_flags(coordinator)
         read_until(coordinator, r"chain: ", timeout=120)
-        late = start("-m", "node.cli", "join", "--coordinator", match.group(1), "--key", str(tmp / "late.key"),
-                     "--threads", "1")
+        late = start("-m", "node.cli", "join", *flags, "--key", str(tmp / "late.key"), "--threads", "1")
         code, output = finish(coordinator, timeout=400)
         assert code == 0, output
         finish(late, timeout=60)
