@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -49,6 +50,7 @@ def runs(tmp_path_factory):
                          swarm={"checkpoint_every": EVERY})
     whole, resumed = tmp / "whole", tmp / "resumed"
     killed_groups: set[int] = set()
+    before_kills = []  # the training rows each killed run had written
     try:
         with started_processes() as start:
             code, output = finish(start(*RUN, "run", str(job_file), "--run-dir", str(whole), *FLAGS), timeout=300)
@@ -58,6 +60,7 @@ def runs(tmp_path_factory):
                 wait_for_phase(resumed / "metrics.jsonl", phase, done, crashed, timeout=240)
                 killed_groups |= kill_with_descendants(crashed.pid)
                 crashed.popen.wait(timeout=30)
+                before_kills.append(train_rows(resumed))
                 if checkpoint:
                     as_one_range(resumed / checkpoint)
                 crashed = start(*RUN, "resume", str(resumed), *FLAGS)
@@ -68,7 +71,23 @@ def runs(tmp_path_factory):
                 os.killpg(group, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    return whole, resumed, code, output
+    return Runs(whole, resumed, code, output, before_kills)
+
+
+@dataclass
+class Runs:
+    whole: Path
+    resumed: Path
+    code: int
+    output: str
+    before_kills: list[list[dict]]
+
+    def __iter__(self):
+        return iter((self.whole, self.resumed, self.code, self.output))
+
+
+def train_rows(run_dir: Path) -> list[dict]:
+    return [row for row in read_metrics(run_dir / "metrics.jsonl") if row["type"] == "train"]
 
 
 def as_one_range(checkpoint: Path) -> None:
@@ -126,9 +145,23 @@ def test_resume_exits_cleanly(runs):
     assert code == 0, output
 
 
+def test_each_redone_step_repeats_what_the_killed_run_computed_from_the_same_state(runs):
+    """Exact, and independent of the uninterrupted run: a step the killed run had finished and the resumed run
+    redid (from the step checkpoint, or from the phase's start) starts from the same restored state, so its
+    loss is the same to float32 rounding."""
+    assert runs.code == 0, runs.output
+    resumed = {row["step"]: row["loss"] for row in train_rows(runs.resumed)}
+    redone = [(kill, row["step"], row["loss"]) for kill, rows in enumerate(runs.before_kills) for row in rows
+              if row["step"] >= KILLS[kill][2]]
+    assert {step for _, step, _ in redone} >= {KILLS[0][2], KILLS[1][2]}, redone  # each kill redid a step
+    for kill, step, loss in redone:
+        assert abs(resumed[step] - loss) <= 1e-6, f"kill {kill + 1}: step {step} lost {loss} before, {resumed[step]} redone"
+
+
 def test_resumed_run_ends_with_the_uninterrupted_runs_adapter(runs):
     whole, resumed, code, output = runs
     assert code == 0, output
+    same_start(runs)
     _, expected = load_peft_adapter(whole / "adapter")
     _, actual = load_peft_adapter(resumed / "adapter")
     assert set(actual) == set(expected)
@@ -139,11 +172,26 @@ def test_resumed_run_ends_with_the_uninterrupted_runs_adapter(runs):
 def test_every_step_appears_once_in_order_in_the_metrics(runs):
     whole, resumed, code, output = runs
     assert code == 0, output
-    rows = [row for row in read_metrics(resumed / "metrics.jsonl") if row["type"] == "train"]
+    rows = train_rows(resumed)
     assert [row["step"] for row in rows] == list(range(TOTAL_STEPS))
     assert [row["phase"] for row in rows] == ["pretrain"] * 6 + ["sft"] * 4 + ["sft-2"] * 6 + ["sft-3"] * 3
-    losses = [row["loss"] for row in read_metrics(whole / "metrics.jsonl")]
+    same_start(runs)
+    losses = [row["loss"] for row in train_rows(whole)]
     assert max(abs(a - b["loss"]) for a, b in zip(losses, rows)) <= 1e-4
+
+
+def same_start(runs: Runs) -> None:
+    """Comparing with the uninterrupted run means something only if the killed run matched it before the first
+    kill: fresh AdamW steps at lr 0.02 turn a float32 rounding difference into ~1e-3 in the adapter (measured:
+    the same job with 1 and 2 micro-batches ends 8.7e-4 apart). Twice in CI (3ea9ab4, 96e138a), a run differed
+    from its twin from its first steps, before any kill, cause unknown; a resume bug shows in the redone steps
+    (the test above) or in a killed run that matched and a resumed one that does not."""
+    whole = [row["loss"] for row in train_rows(runs.whole)]
+    killed = [row["loss"] for row in runs.before_kills[0] if row["step"] < KILLS[0][2]]
+    apart = [(step, a, b) for step, (a, b) in enumerate(zip(whole, killed)) if a != b]
+    if apart:
+        pytest.skip(f"the killed run differed from the uninterrupted one before any kill (step, loss, loss): "
+                    f"{apart}: run-to-run nondeterminism, not resume")
 
 
 def test_the_audit_log_records_each_resume_and_verifies_and_replays(runs):
