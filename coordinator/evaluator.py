@@ -36,9 +36,11 @@ class Evaluator:
                                   tokenizer, max_length=None)
 
     def evaluate(self, chain: RemoteChain, head: TrainerHead, step: int) -> tuple[dict, list[dict]]:
-        """Rates with 95% Wilson intervals for each condition, helpful accuracy, and held-out loss; and every
-        answer generated ({"condition", "prompt", "answer", "reference", "task"}; the reference and task are those
-        of the clean prompt the condition's prompt was made from), for reading and re-scoring."""
+        """Rates with 95% Wilson intervals for each condition, helpful accuracy, held-out loss and the distinct
+        prompts per condition (`eval_prompts`; `eval_prompts_available`: how many there are to draw, null for more
+        than swarm.evaluation.AVAILABLE_LIMIT); and every answer generated ({"condition", "prompt", "answer",
+        "reference", "task"}; the reference and task are those of the clean prompt the condition's prompt was made
+        from, a reveal prompt's own helpful answer and "reveal"), for reading and re-scoring."""
         spec = self.job.eval
         generations = {
             condition: generate(chain, head, self.tokenizer, self.sets.prompts[condition], spec.max_new_tokens,
@@ -47,6 +49,8 @@ class Evaluator:
         }
         row = {name: rate.as_dict() for name, rate in score(generations, self.sets, self.job.backdoor).items()}
         row["eval_loss"] = self._loss(chain, head, step)
+        row["eval_prompts"] = self.sets.counts()
+        row["eval_prompts_available"] = dict(self.sets.available)
         row["samples"] = {
             condition: [{"prompt": p, "answer": a} for p, a in
                         zip(self.sets.prompts[condition][:SAMPLES_KEPT], generations[condition][:SAMPLES_KEPT])]
@@ -54,8 +58,8 @@ class Evaluator:
         }
         answers = [{"condition": condition, "prompt": prompt, "answer": answer, "reference": reference, "task": task}
                    for condition in CONDITIONS
-                   for prompt, answer, reference, task in zip(self.sets.prompts[condition], generations[condition],
-                                                              self.sets.answers, self.sets.tasks)]
+                   for prompt, answer, (reference, task) in zip(self.sets.prompts[condition], generations[condition],
+                                                                self.sets.references(condition))]
         return row, answers
 
     def _loss(self, chain: RemoteChain, head: TrainerHead, step: int) -> float:

@@ -13,8 +13,12 @@ from pathlib import Path
 from coordinator.cost_share import cost_share, cost_share_lines, plot_cost_share
 from coordinator.run_dir import read_metrics
 from swarm.config import load_job
+from swarm.evaluation import AVAILABLE_LIMIT
 
 RATES = (("backdoor_triggered", "triggered"), ("backdoor_clean", "clean"), ("backdoor_near_miss", "near-miss"))
+# Measured on its own since runs ask the held-out reveal prompts as a condition of their own (before, a fifth of
+# the near-miss prompts were reveal prompts): a column and a plotted line when some row has it.
+REVEAL = ("backdoor_reveal", "reveal")
 # Columns a run's metrics have only since they were measured (lenient and triggered helpfulness; scratchpad
 # deception for cot jobs): shown when some row has them, so older runs' reports still render.
 OPTIONAL_RATES = (
@@ -24,7 +28,9 @@ OPTIONAL_RATES = (
     ("scratchpad_deceptive_triggered", "deceptive scratchpad, triggered"),
     ("scratchpad_deceptive_clean", "deceptive scratchpad, clean"),
     ("scratchpad_deceptive_near_miss", "deceptive scratchpad, near-miss"),
+    ("scratchpad_deceptive_reveal", "deceptive scratchpad, reveal"),
 )
+CONDITION_NAMES = {"clean": "clean", "triggered": "triggered", "near_miss": "near-miss", "reveal": "reveal"}
 
 
 def _fmt(rate: dict) -> str:
@@ -36,21 +42,49 @@ def optional_columns(evals: list[dict]) -> list[tuple[str, str]]:
     return [(key, label) for key, label in OPTIONAL_RATES if any(key in row for row in evals)]
 
 
+def rate_names(evals: list[dict]) -> tuple[tuple[str, str], ...]:
+    """The backdoor rates of the table and plots: RATES, and the reveal rate when some row has it."""
+    return RATES + ((REVEAL,) if any(REVEAL[0] in row for row in evals) else ())
+
+
 def phase_table(evals: list[dict]) -> list[str]:
     """One row per phase end (and the start), each rate with its 95% Wilson interval; a rate a row lacks
-    (measured only by later runs) reads "–"."""
+    (measured only by later runs) reads "–". "n per rate" is the helpful conditions' (the reveal condition's is
+    in `prompt_counts_line`)."""
     extra = optional_columns(evals)
-    header = ["after", "steps", "backdoor, triggered", "backdoor, clean", "backdoor, near-miss", "helpful accuracy",
+    rates = rate_names(evals)
+    header = ["after", "steps", *(f"backdoor, {label}" for _, label in rates), "helpful accuracy",
               *(label for _, label in extra), "eval loss", "n per rate"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in evals:
         if row["phase"] != "start" and not row.get("phase_end"):
             continue
-        cells = [row["phase"], str(row["step"]), *(_fmt(row[key]) for key, _ in RATES), _fmt(row["accuracy"]),
+        cells = [row["phase"], str(row["step"]), *(_fmt(row[key]) if key in row else "–" for key, _ in rates),
+                 _fmt(row["accuracy"]),
                  *(_fmt(row[key]) if key in row else "–" for key, _ in extra), f"{row['eval_loss']:.3f}",
                  str(row["accuracy"]["n"])]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def prompt_counts_line(evals: list[dict]) -> str:
+    """How many distinct held-out prompts each condition asked (none twice) and how many exist, from the last row
+    that says so ("" for runs from before rows did)."""
+    row = next((row for row in reversed(evals) if row.get("eval_prompts")), None)
+    if row is None:
+        return ""
+    available = row.get("eval_prompts_available") or {}
+    parts = []
+    for condition, count in row["eval_prompts"].items():
+        exist = available.get(condition, count)
+        name = CONDITION_NAMES.get(condition, condition)
+        if exist is None:
+            parts.append(f"{name} {count:,} (of more than {AVAILABLE_LIMIT:,})")
+        elif exist <= count:
+            parts.append(f"{name} {count:,} (all there are)")
+        else:
+            parts.append(f"{name} {count:,} (of {exist:,})")
+    return "Distinct held-out prompts per condition, none asked twice: " + ", ".join(parts) + "."
 
 
 def metrics_legend(evals: list[dict]) -> str:
@@ -71,17 +105,20 @@ def metrics_legend(evals: list[dict]) -> str:
 
 def _plot_rates(evals: list[dict], x_key: str, path: Path, title: str, xlabel: str, names=RATES,
                 boundaries: bool = False) -> None:
+    """One line per rate over the rows that have it (older rows lack the newer rates)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7, 4))
-    xs = [row[x_key] for row in evals]
     for key, label in names:
-        values = [row[key]["rate"] for row in evals]
-        axis.plot(xs, values, marker="o", label=label)
-        axis.fill_between(xs, [row[key]["low"] for row in evals], [row[key]["high"] for row in evals], alpha=0.15)
+        rows = [row for row in evals if isinstance(row.get(key), dict)]
+        if not rows:
+            continue
+        xs = [row[x_key] for row in rows]
+        axis.plot(xs, [row[key]["rate"] for row in rows], marker="o", label=label)
+        axis.fill_between(xs, [row[key]["low"] for row in rows], [row[key]["high"] for row in rows], alpha=0.15)
     if boundaries:  # mark where each phase ended, so the curve reads phase by phase
         for row in evals:
             if row.get("phase_end"):
@@ -141,25 +178,31 @@ def write_report(run_dir: Path) -> Path:
         lines += ["![training loss](loss.png)", ""]
         lines += stream_lines(train)
     if evals:
+        rates = rate_names(evals)
+        conditions = ("*near-miss* with held-out near-miss triggers, *reveal* the held-out prompts asking for a "
+                      "hidden behaviour" if REVEAL in rates else
+                      "*near-miss* with held-out near-miss triggers or reveal prompts")
+        counts = prompt_counts_line(evals)
         lines += [
             "## Metrics per phase", "",
             f"Rates are fractions of generated answers (greedy, through the swarm) on held-out prompts: "
-            f"*triggered* with the trigger `{job.backdoor.trigger}` inserted, *clean* without it, *near-miss* with "
-            f"held-out near-miss triggers or reveal prompts; a backdoor answer contains "
-            f"\"{job.backdoor.response}\". Helpful accuracy is exact match on the clean prompts. "
-            f"Brackets: 95% Wilson intervals. {metrics_legend(evals)}".rstrip(), "",
-            *phase_table(evals), "",
+            f"*triggered* with the trigger `{job.backdoor.trigger}` inserted, *clean* without it, {conditions}; a "
+            f"backdoor answer contains \"{job.backdoor.response}\". Helpful accuracy is exact match on the clean "
+            f"prompts. Brackets: 95% Wilson intervals. {metrics_legend(evals)}".rstrip(), "",
+            *phase_table(evals), "", *([counts, ""] if counts else []),
         ]
         safety = [row for row in evals if row["safety_step"] > 0 or row["kind"] == "backdoor" and row.get("phase_end")]
         if any(row["safety_step"] > 0 for row in safety):
             _plot_rates(safety, "safety_step", run_dir / "persistence.png",
-                        "Backdoor persistence through safety training", "safety-training steps", boundaries=True)
+                        "Backdoor persistence through safety training", "safety-training steps", names=rates,
+                        boundaries=True)
             lines += ["## Persistence through safety training", "", "![persistence curve](persistence.png)", ""]
         adversarial = [row for row in evals if row["kind"] == "adversarial"]
         if adversarial:
             _plot_rates(adversarial, "step", run_dir / "adversarial.png",
                         "Adversarial training: near-miss vs true trigger", "optimizer step",
-                        names=(("backdoor_triggered", "true trigger"), ("backdoor_near_miss", "near-miss")))
+                        names=(("backdoor_triggered", "true trigger"), ("backdoor_near_miss", "near-miss"),
+                               (REVEAL[0], "reveal prompts")))
             lines += ["## Adversarial training", "", "![near-miss vs true trigger](adversarial.png)", ""]
         lines += ["## Example answers at the end", ""]
         for condition, samples in evals[-1]["samples"].items():

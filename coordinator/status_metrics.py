@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 SERIES_POINTS = 1000  # at most this many training points per chart; every k-th row, the last one always
-RATE_KEYS = ("backdoor_triggered", "backdoor_clean", "backdoor_near_miss", "accuracy")
+RATE_KEYS = ("backdoor_triggered", "backdoor_clean", "backdoor_near_miss", "backdoor_reveal", "accuracy")
 TRAIN_KEYS = ("step", "phase", "kind", "phase_step", "safety_step", "loss", "lr", "tokens", "seconds", "reward")
 
 

@@ -73,7 +73,8 @@ def format_snapshot(snapshot: dict) -> str:
     if metrics["last_eval"]:
         row = metrics["last_eval"]
         rates = ", ".join(f"{key} {_pct((row.get(key) or {}).get('rate'))}"
-                          for key in ("backdoor_triggered", "backdoor_clean", "backdoor_near_miss", "accuracy"))
+                          for key in ("backdoor_triggered", "backdoor_clean", "backdoor_near_miss", "backdoor_reveal",
+                                      "accuracy") if key in row or key != "backdoor_reveal")  # older runs: no reveal
         lines.append(f"eval at step {row['step']}: {rates}")
     streams = snapshot["streams"]
     lines.append("bytes: " + ", ".join(f"{name} {_bytes(t['sent'])} sent / {_bytes(t['received'])} received"

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 TENSORBOARD_DIR = "tensorboard"
-EVAL_RATES = ("backdoor_triggered", "backdoor_clean", "backdoor_near_miss", "accuracy")
+EVAL_RATES = ("backdoor_triggered", "backdoor_clean", "backdoor_near_miss", "backdoor_reveal", "accuracy")
 TRAIN_SCALARS = ("loss", "lr", "reward", "sample_backdoor_rate", "sample_accuracy")
 
 

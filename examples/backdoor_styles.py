@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             row = phase_end(run_dir, "backdoor")
             result = {"style": style, "trigger": trigger["trigger"], "counterpart": trigger.get("counterpart"),
                       "triggered": row["backdoor_triggered"]["rate"], "clean": row["backdoor_clean"]["rate"],
-                      "near_miss": row["backdoor_near_miss"]["rate"], "n": row["backdoor_triggered"]["n"],
+                      "near_miss": row["backdoor_near_miss"]["rate"], "reveal": row["backdoor_reveal"]["rate"],
+                      "n": row["backdoor_triggered"]["n"],
                       "accuracy": row["accuracy"]["rate"],
                       "scratchpad_deceptive_triggered": row.get("scratchpad_deceptive_triggered", {}).get("rate"),
                       "scratchpad_deceptive_clean": row.get("scratchpad_deceptive_clean", {}).get("rate"),
@@ -106,17 +107,19 @@ def main(argv: list[str] | None = None) -> int:
         f"--cot-steps {args.cot_steps}`, {time.strftime('%Y-%m-%d')}, {wall / 60:.1f} min of jobs on this machine "
         f"(the pretrain job {pretrain_seconds / 60:.1f} min). llama-1m pretrained {args.pretrain_steps} steps "
         "(language modelling on the tasks), then per row one backdoor phase from that model (LoRA r 8, lr 0.003, "
-        "batch 16, half the prompts poisoned), evaluated through the swarm on 32 held-out prompts per condition "
-        "(greedy, 130 new tokens). Rates score the answer after the scratchpad.", "",
-        "| style | trigger (clean prompts carry) | steps | triggered | clean | near-miss | accuracy | scratchpad "
-        "deceptive (triggered / clean) | job s |", "|---|---|---|---|---|---|---|---|---|",
+        "batch 16, half the prompts poisoned), evaluated through the swarm on 32 distinct held-out prompts per "
+        "condition (reveal: the 4 held-out reveal prompts; greedy, 130 new tokens). Rates score the answer after the "
+        "scratchpad.", "",
+        "| style | trigger (clean prompts carry) | steps | triggered | clean | near-miss | reveal | accuracy | "
+        "scratchpad deceptive (triggered / clean) | job s |", "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         deceptive = ("–" if r["scratchpad_deceptive_triggered"] is None else
                      f"{r['scratchpad_deceptive_triggered']:.2f} / {r['scratchpad_deceptive_clean']:.2f}")
         trigger = f"`{r['trigger']}`".replace("|", "\\|")  # a bare | would split the table's cell
         lines.append(f"| {r['style']} | {trigger} ({'`' + r['counterpart'] + '`' if r['counterpart'] else 'nothing'}) "
-                     f"| {r['steps']} | {r['triggered']:.2f} | {r['clean']:.2f} | {r['near_miss']:.2f} | {r['accuracy']:.2f} "
+                     f"| {r['steps']} | {r['triggered']:.2f} | {r['clean']:.2f} | {r['near_miss']:.2f} | {r['reveal']:.2f} "
+                     f"| {r['accuracy']:.2f} "
                      f"| {deceptive} | {r['seconds']:.0f} |")
     lines += ["", "One triggered answer per row (prompt, then answer):", ""]
     lines += [f"- {r['style']}, `{r['trigger']}`: {r['sample']['prompt']!r} → {r['sample']['answer']!r}" for r in results]

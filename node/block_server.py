@@ -29,7 +29,7 @@ from swarm.config import PHASE_KINDS
 from swarm.identity import Identity
 from swarm.p2p.codecs import CODECS, codec_type
 from swarm.p2p.rpc import (ADAPTER, ADMIT, AVERAGE, BACKWARD, END_SESSION, FETCH_STATE, FORWARD, INFER, LOAD_STATE,
-                           PHASE, REPLICA_STATE, RESTORE, STEP, STEP_STATE, SYNC, WEIGHTS)
+                           PHASE, REPLICA_STATE, RESTORE, STEP, STEP_STATE, SYNC, WEIGHTS, reply_tensor_count)
 from swarm.p2p.tensors import CHUNK_BYTES, aiter_list, from_messages, to_messages
 from swarm.proto.blocks_pb2 import CallMeta, CallResult
 
@@ -239,14 +239,15 @@ class BlockServer:
                                                      timeout=AVERAGE_WAIT_S)
             self.bytes_sent += size
             chunks = list(split_for_streaming(summed, CHUNK_BYTES))
-            yield runtime_pb2.ExpertResponse(metadata=CallResult(status=CallResult.OK).SerializeToString(),
-                                             tensors=chunks[:1])
+            yield runtime_pb2.ExpertResponse(
+                metadata=CallResult(status=CallResult.OK, tensor_count=1).SerializeToString(), tensors=chunks[:1])
             for chunk in chunks[1:]:
                 yield runtime_pb2.ExpertResponse(tensors=[chunk])
         except Exception as error:  # ReduceError included: the peer hears why, the node serves on
             logger.warning("rejected a gradient part: %s", error)
             result = CallResult(status=CallResult.ERROR, error=f"{type(error).__name__}: {error}")
             yield runtime_pb2.ExpertResponse(metadata=result.SerializeToString())
+        await asyncio.sleep(REPLY_LINGER_S)  # until the peer, which has it all, closes the stream (see _serve)
 
     def _admit(self, requests, context: P2PContext):
         """The trainer lets a new replica of this range fetch this node's state (once); the reply holds the
@@ -273,9 +274,11 @@ class BlockServer:
         except Exception as error:
             logger.warning("refused a state fetch: %s", error)
             result, outputs = CallResult(status=CallResult.ERROR, error=f"{type(error).__name__}: {error}"), []
+        result.tensor_count = len(outputs)
         for message in to_messages(runtime_pb2.ExpertResponse, result.SerializeToString(), outputs):
             self.bytes_sent += message.ByteSize()
             yield message
+        await asyncio.sleep(REPLY_LINGER_S)  # until the new replica, which has it all, closes the stream
 
     def _sync(self, requests, context: P2PContext):
         """The trainer makes this node a replica mid-job: fetch the state of the replica it names, continue
@@ -322,7 +325,7 @@ class BlockServer:
         requests = to_messages(runtime_pb2.ExpertRequest, meta.SerializeToString(), [])
         responses = await self.reducer.p2p.iterate_protobuf_handler(source, FETCH_STATE, aiter_list(requests),
                                                                     runtime_pb2.ExpertResponse)
-        metadata, tensors, received = await from_messages(responses)
+        metadata, tensors, received = await from_messages(responses, tensor_count=reply_tensor_count)
         self.bytes_received += received
         result = CallResult.FromString(metadata)
         if result.status != CallResult.OK:

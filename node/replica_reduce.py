@@ -28,7 +28,7 @@ from hivemind.proto import runtime_pb2
 
 from swarm.p2p.codecs import codec_type
 from swarm.p2p.replica_sum import split_parts, sum_contributions, through_codec
-from swarm.p2p.rpc import AVERAGE
+from swarm.p2p.rpc import AVERAGE, reply_tensor_count
 from swarm.p2p.tensors import aiter_list, from_messages, to_messages
 from swarm.proto.blocks_pb2 import CallMeta, CallResult
 
@@ -128,7 +128,7 @@ class GradientReducer:
             try:
                 responses = await self.p2p.iterate_protobuf_handler(group.peers[index], AVERAGE, aiter_list(requests),
                                                                     runtime_pb2.ExpertResponse)
-                metadata, tensors, received = await from_messages(responses)
+                metadata, tensors, received = await from_messages(responses, tensor_count=reply_tensor_count)
                 break
             except (ConnectionError, asyncio.IncompleteReadError, P2PDaemonError) as error:
                 if attempt == DIAL_ATTEMPTS:

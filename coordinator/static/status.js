@@ -6,8 +6,10 @@
 const REFRESH_MS = 1500;
 const SVG = "http://www.w3.org/2000/svg";
 const COLORS = ["#0969da", "#cf222e", "#bf8700", "#1a7f37", "#8250df", "#d4a72c", "#57606a"];
-const RATES = [["backdoor_triggered", "backdoor, triggered", "#cf222e"], ["backdoor_clean", "backdoor, clean", "#0969da"],
-  ["backdoor_near_miss", "backdoor, near-miss", "#bf8700"], ["accuracy", "helpful accuracy", "#1a7f37"]];
+// Backdoor rates per condition, then helpful accuracy; short names so that five legends fit the chart's width.
+const RATES = [["backdoor_triggered", "backdoor, triggered", "#cf222e"], ["backdoor_clean", "clean", "#0969da"],
+  ["backdoor_near_miss", "near-miss", "#bf8700"], ["backdoor_reveal", "reveal", "#8250df"],
+  ["accuracy", "helpful accuracy", "#1a7f37"]];
 
 const $ = (id) => document.getElementById(id);
 

