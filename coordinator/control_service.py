@@ -3,6 +3,7 @@ queries, served over TLS only, with a certificate bound to the coordinator's key
 
 from __future__ import annotations
 
+import collections
 import logging
 import itertools
 import os
@@ -16,13 +17,15 @@ import grpc
 from coordinator.membership import Membership, NodeRecord
 from swarm.control_tls import CoordinatorCertificate, coordinator_certificate
 from swarm.identity import Identity, coordinator_proof_message, fingerprint, join_challenge_message, verify
-from swarm.node_state import NodeState
+from swarm.node_state import NodeState, NodeStateError
 from swarm.proto import control_pb2 as pb
 from swarm.proto import control_pb2_grpc
 
 logger = logging.getLogger("swarm.coordinator")
 
 _END = object()
+HANDSHAKE_TIMEOUT_S = 30.0  # a joining node sends its hello and its proof within this, or its join is cancelled
+MAX_HANDSHAKES_PER_ADDRESS = 16
 _MEMORY_QUERY_IDS = itertools.count(1)
 
 
@@ -47,26 +50,12 @@ class ControlService(control_pb2_grpc.CoordinatorServicer):
         self.initial_peers = initial_peers
         self.heartbeat_interval_s = heartbeat_interval_s
         self.allowed = allowed
+        self._handshakes: collections.Counter[str] = collections.Counter()  # joins in progress, by address
+        self._handshakes_lock = threading.Lock()
 
     def Join(self, request_iterator, context):
-        try:
-            hello_message = next(request_iterator)
-        except StopIteration:
-            return
-        hello = hello_message.hello
-        if hello_message.WhichOneof("kind") != "hello" or len(hello.public_key) != 32 or len(hello.nonce) != 32:
-            yield pb.CoordinatorMessage(reject=pb.Reject(
-                reason="a session must start with a hello carrying a 32-byte Ed25519 key and a 32-byte nonce "
-                       "(a swarm-node older than this coordinator sends no nonce: update it)"))
-            return
-        nonce = os.urandom(32)
-        yield pb.CoordinatorMessage(challenge=pb.Challenge(
-            nonce=nonce, coordinator_public_key=self.identity.public_key,
-            signature=self.prove_identity(hello.nonce, hello.public_key)))
-        proof = next(request_iterator, None)
-        message = join_challenge_message(nonce, self.identity.public_key)
-        if proof is None or proof.WhichOneof("kind") != "proof" or not verify(hello.public_key, proof.proof.signature, message):
-            yield pb.CoordinatorMessage(reject=pb.Reject(reason="the join challenge was not signed by the hello's key"))
+        hello = yield from self._authenticate(request_iterator, context)
+        if hello is None:
             return
         node_id = fingerprint(hello.public_key)
         if self.allowed is not None and node_id not in self.allowed:
@@ -90,39 +79,96 @@ class ControlService(control_pb2_grpc.CoordinatorServicer):
                 return
             yield outgoing
 
+    def _authenticate(self, request_iterator, context):
+        """The join's handshake (hello, challenge, proof): yields the challenge or a rejection and returns
+        the hello of a node that proved its key, else None.
+
+        Every call holds one of the server's worker threads, so a caller that opens join streams and sends
+        nothing must not hold them all (64 such streams stopped every join and status query): a handshake
+        ends after HANDSHAKE_TIMEOUT_S, and one address has at most MAX_HANDSHAKES_PER_ADDRESS in progress."""
+        address = context.peer().rpartition(":")[0]  # "ipv4:HOST:PORT" less the port
+        with self._handshakes_lock:
+            if self._handshakes[address] >= MAX_HANDSHAKES_PER_ADDRESS:
+                yield pb.CoordinatorMessage(reject=pb.Reject(
+                    reason=f"{MAX_HANDSHAKES_PER_ADDRESS} joins from {address} are in progress already; try again"))
+                return None
+            self._handshakes[address] += 1
+        deadline = threading.Timer(HANDSHAKE_TIMEOUT_S, context.cancel)  # unblocks a read that never returns
+        deadline.start()
+        try:
+            hello_message = next(request_iterator, None)
+            if hello_message is None:
+                return None
+            hello = hello_message.hello
+            if hello_message.WhichOneof("kind") != "hello" or len(hello.public_key) != 32 or len(hello.nonce) != 32:
+                yield pb.CoordinatorMessage(reject=pb.Reject(
+                    reason="a session must start with a hello carrying a 32-byte Ed25519 key and a 32-byte nonce "
+                           "(a swarm-node older than this coordinator sends no nonce: update it)"))
+                return None
+            nonce = os.urandom(32)
+            yield pb.CoordinatorMessage(challenge=pb.Challenge(
+                nonce=nonce, coordinator_public_key=self.identity.public_key,
+                signature=self.prove_identity(hello.nonce, hello.public_key)))
+            proof = next(request_iterator, None)
+            message = join_challenge_message(nonce, self.identity.public_key)
+            if proof is None or proof.WhichOneof("kind") != "proof" \
+                    or not verify(hello.public_key, proof.proof.signature, message):
+                yield pb.CoordinatorMessage(reject=pb.Reject(reason="the join challenge was not signed by the hello's key"))
+                return None
+            return hello
+        finally:
+            deadline.cancel()
+            with self._handshakes_lock:
+                self._handshakes[address] -= 1
+                if not self._handshakes[address]:
+                    del self._handshakes[address]
+
     def prove_identity(self, node_nonce: bytes, node_public_key: bytes) -> bytes:
         """Our key's signature over the joining node's nonce: what its pin checks before it answers."""
         return self.identity.sign(coordinator_proof_message(node_nonce, node_public_key))
 
     def _read_node(self, record: NodeRecord, request_iterator) -> None:
+        """Apply a node's session messages until its stream ends; then its session ends, whatever ended it.
+
+        A message whose state move the node's record does not allow (`ready` before an assignment, `failure`
+        after it left) is ignored with a warning: one such message used to end this thread without ending the
+        session, leaving the record as it was and a server thread waiting forever."""
         try:
             for message in request_iterator:
-                kind = message.WhichOneof("kind")
-                if kind == "heartbeat":
-                    self.membership.update(record.node_id, last_heartbeat=time.monotonic(), memory=message.heartbeat)
-                elif kind == "ready":
-                    self.membership.update(record.node_id, state=NodeState.READY, ready=message.ready,
-                                           last_heartbeat=time.monotonic())
-                    logger.info("node %s serves blocks %s", record.node_id, record.blocks)
-                elif kind == "failure":
-                    logger.error("node %s failed: %s", record.node_id, message.failure.message)
-                    self.membership.update(record.node_id, state=NodeState.FAILED, failure=message.failure.message)
-                elif kind == "leave" and message.leave.hand_off and record.state == NodeState.READY \
-                        and self.status.phase == "train":  # the trainer takes it out between two steps
-                    logger.info("node %s asks to leave at the next step: %s", record.node_id, message.leave.reason)
-                    self.membership.update(record.node_id, state=NodeState.LEAVING)
-                elif kind == "leave" and message.leave.hand_off:  # nothing to hand over: it may go now
-                    logger.info("node %s left: %s", record.node_id, message.leave.reason)
-                    release_node(self.membership, record, "no step in progress; goodbye")
-                elif kind == "leave":
-                    logger.info("node %s left: %s", record.node_id, message.leave.reason)
-                    self.membership.update(record.node_id, state=NodeState.LEFT)
+                try:
+                    self._apply(record, message)
+                except NodeStateError as error:
+                    logger.warning("node %s sent %s out of turn, ignored: %s", record.node_id,
+                                   message.WhichOneof("kind"), error)
         except grpc.RpcError:
             pass
-        if not record.state.final:
-            logger.warning("node %s disconnected", record.node_id)
-            self.membership.update(record.node_id, state=NodeState.DOWN)
-        record.outbox.put(_END)
+        finally:
+            if not record.state.final:
+                logger.warning("node %s disconnected", record.node_id)
+                self.membership.update(record.node_id, state=NodeState.DOWN)
+            record.outbox.put(_END)
+
+    def _apply(self, record: NodeRecord, message: pb.NodeMessage) -> None:
+        kind = message.WhichOneof("kind")
+        if kind == "heartbeat":
+            self.membership.update(record.node_id, last_heartbeat=time.monotonic(), memory=message.heartbeat)
+        elif kind == "ready":
+            self.membership.update(record.node_id, state=NodeState.READY, ready=message.ready,
+                                   last_heartbeat=time.monotonic())
+            logger.info("node %s serves blocks %s", record.node_id, record.blocks)
+        elif kind == "failure":
+            logger.error("node %s failed: %s", record.node_id, message.failure.message)
+            self.membership.update(record.node_id, state=NodeState.FAILED, failure=message.failure.message)
+        elif kind == "leave" and message.leave.hand_off and record.state == NodeState.READY \
+                and self.status.phase == "train":  # the trainer takes it out between two steps
+            logger.info("node %s asks to leave at the next step: %s", record.node_id, message.leave.reason)
+            self.membership.update(record.node_id, state=NodeState.LEAVING)
+        elif kind == "leave" and message.leave.hand_off:  # nothing to hand over: it may go now
+            logger.info("node %s left: %s", record.node_id, message.leave.reason)
+            release_node(self.membership, record, "no step in progress; goodbye")
+        elif kind == "leave":
+            logger.info("node %s left: %s", record.node_id, message.leave.reason)
+            self.membership.update(record.node_id, state=NodeState.LEFT)
 
     def Status(self, request, context):
         now = time.monotonic()

@@ -12,6 +12,7 @@ which carries the attestation, cannot count itself). A retried step call gets th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_REQUEST_BYTES = 1 << 30
 AVERAGE_WAIT_S = 300.0  # how long a peer's gradient part waits for the other parts of its step
 REPLY_LINGER_S = 30.0  # at most this long a replied call's stream stays open for the trainer to close it
+REFUSAL_LINGER_S = 2.0  # at most this long a refused peer's stream stays open (see BlockServer._refuse)
 
 
 class BlockServer:
@@ -82,6 +84,11 @@ class BlockServer:
         `trains(meta)` says whether the call is part of training step `meta.step`, whose bytes it then counts.
         A call whose stream closes before its reply is out is logged, with how far it got.
         """
+        if self.trainer is not None and context.remote_id != self.trainer:
+            refusal = PermissionError(f"peer {context.remote_id} is not this job's trainer; its calls are refused")
+            async for message in self._refuse(requests, context, refusal):
+                yield message
+            return
         doing = "reading the request or computing"
         try:
             async for message in self._answer(requests, context, work, trains):
@@ -98,14 +105,32 @@ class BlockServer:
                                doing)
             raise
 
+    async def _refuse(self, requests: AsyncIterator, context: P2PContext, error: PermissionError
+                      ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """Answer a peer that may not make this call before reading its request, so that a stranger's stream
+        costs the node no memory and ends within REFUSAL_LINGER_S, even one whose request never ends (a
+        stranger holding 1,000 of them must not hold the node's memory or descriptors).
+
+        The stream stays open that long for the reply to get out (see _serve), reading and dropping what
+        the peer still sends: hivemind's reader, stalled by unread messages, would not notice it close."""
+        logger.warning("refused %s from %s: %s", context.handle_name, context.remote_id, error)
+        result = CallResult(status=CallResult.ERROR, error=f"{type(error).__name__}: {error}")
+        yield runtime_pb2.ExpertResponse(metadata=result.SerializeToString())
+
+        async def drop_the_rest() -> None:
+            async for _ in requests:
+                pass
+            await asyncio.sleep(REFUSAL_LINGER_S)  # until the peer, which has the reply, closes the stream
+
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(drop_the_rest(), REFUSAL_LINGER_S)
+
     async def _answer(self, requests: AsyncIterator, context: P2PContext, work, trains
                       ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         step_bytes, codec = None, CODECS["none"]  # the reply's codec stays `none` for a refused call
         try:
             # Read (up to the size limit) before refusing anything, so the caller gets the reply, not a reset.
             metadata, tensors, received = await from_messages(requests, self.max_request_bytes)
-            if self.trainer is not None and context.remote_id != self.trainer:
-                raise PermissionError(f"peer {context.remote_id} is not this job's trainer; its calls are refused")
             self.bytes_received += received
             meta = CallMeta.FromString(metadata)
             if meta.job_id != self.job_id:
@@ -263,10 +288,15 @@ class BlockServer:
 
     async def _fetch_state(self, requests, context: P2PContext):
         """An admitted new replica takes this node's whole state (Shard.replica_state), between steps."""
+        refusal = PermissionError(f"peer {context.remote_id} was not admitted as a replica of this range")
+        if context.remote_id not in self.admitted:
+            async for message in self._refuse(requests, context, refusal):
+                yield message
+            return
         try:
             metadata, _, received = await from_messages(requests, self.max_request_bytes)
-            if context.remote_id not in self.admitted:
-                raise PermissionError(f"peer {context.remote_id} was not admitted as a replica of this range")
+            if context.remote_id not in self.admitted:  # another stream of its took the state meanwhile
+                raise refusal
             self.admitted.discard(context.remote_id)
             self.bytes_received += received
             state = await asyncio.get_running_loop().run_in_executor(self.compute, self.shard.replica_state)

@@ -17,6 +17,7 @@ from node.coordinator_trust import CoordinatorTrust
 from swarm.control_tls import coordinator_certificate
 from swarm.errors import CoordinatorTrustError, SwarmError
 from swarm.identity import Identity, join_challenge_message
+from swarm.node_state import NodeState
 from swarm.proto import control_pb2 as pb
 from swarm.proto.control_pb2_grpc import CoordinatorStub
 
@@ -173,3 +174,20 @@ def test_trust_on_first_use_remembers_the_key_and_refuses_another_at_that_addres
             ControlSession(CoordinatorTrust(address, known_file=known), connect_timeout=10)
         assert membership.nodes() == []
     assert known.read_text().count(address) == 1
+
+
+def test_a_message_out_of_turn_is_ignored_and_the_session_still_ends_with_its_stream(coordinator):
+    """`ready` from a node never assigned a range is a move its record does not allow: it used to end the
+    session's reader thread, leaving the node `joined` and a server thread waiting on it forever."""
+    identity, address, membership = coordinator
+    node = Identity.generate()
+    session = ControlSession(pinned(address, identity), connect_timeout=10)
+    try:
+        session.authenticate(node, hello(node), 10)
+        session.send(ready=pb.NodeReady(peer_id="12D3KooWUnassigned"))
+        session.send(heartbeat=pb.Heartbeat(rss_bytes=1))
+        assert membership.wait_until(lambda m: m.nodes()[0].memory is not None, 10)  # still read after it
+        assert membership.state_of(node.fingerprint) == NodeState.JOINED
+    finally:
+        session.close()
+    assert membership.wait_until(lambda m: m.state_of(node.fingerprint) == NodeState.DOWN, 10)

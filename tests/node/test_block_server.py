@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
+from hivemind.p2p import P2PContext, PeerID
+from hivemind.proto import runtime_pb2
 
 from swarm.audit.attestation import MicroBatch, SignedAttestation, check_attestation
 from swarm.audit.sketch import tensor_sha256
@@ -208,5 +212,25 @@ def test_a_new_replica_copies_the_state_of_the_replica_that_admitted_it_once(mak
             assert new.shard.state_hashes() == source.shard.state_hashes()
             again, _, _ = await call(new_p2p, source_p2p.peer_id, FETCH_STATE, meta())
             assert again.status == CallResult.ERROR and "was not admitted" in again.error
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("method", [FORWARD, FETCH_STATE])
+def test_a_peer_that_may_not_call_is_refused_before_its_request_is_read(make_shard, generator, method):
+    """A stranger's stream costs the node nothing: it is answered at once, even one whose request never ends
+    (the node used to read, and keep, a stranger's request up to its size limit before refusing it)."""
+    async def never_ending():
+        yield runtime_pb2.ExpertRequest(metadata=meta().SerializeToString())
+        await asyncio.Event().wait()
+
+    async def scenario(network, trainer):
+        async with serving(make_shard(), network, "node", trainer) as (_, node):
+            context = P2PContext(handle_name=method, local_id=node.peer_id, remote_id=PeerID(b"stranger"))
+            replies = node.handlers[method](never_ending(), context)
+            reply = await asyncio.wait_for(anext(replies), timeout=5)
+            await replies.aclose()
+            result = CallResult.FromString(reply.metadata)
+            assert result.status == CallResult.ERROR and result.error.startswith("PermissionError: peer ")
 
     run(scenario)
