@@ -65,14 +65,16 @@ def _add_status_page_flags(parser: argparse.ArgumentParser) -> None:
 
 def _add_resume_parser(commands) -> None:
     resume = commands.add_parser(
-        "resume", help="continue a run whose coordinator died, from its latest checkpoint",
+        "resume", help="continue a run (or a sweep) whose coordinator died, from its latest checkpoint",
         description="Continue the run in RUN_DIR after its coordinator crashed or was killed. Phases that finished "
                     "(their result saved in RUN_DIR/phases/ and their end in the audit log) are kept; the phase that "
                     "was interrupted goes on from its latest step checkpoint (RUN_DIR/checkpoints/, every "
                     "swarm.checkpoint_every steps), or from its start when it has none yet; the steps after that "
                     "point are redone. The run keeps its job id, coordinator key and audit log, which "
-                    "records the resume. With the same seed the result equals that of an uninterrupted run.")
-    resume.add_argument("run_dir", type=Path, help="the run directory of the interrupted run")
+                    "records the resume. With the same seed the result equals that of an uninterrupted run. Given a "
+                    "sweep's directory, the sweep goes on: finished runs are kept, the interrupted one is resumed so, "
+                    "the rest run.")
+    resume.add_argument("run_dir", type=Path, help="the run directory of the interrupted run, or a sweep's")
     resume.add_argument("--local-nodes", type=int, default=0, metavar="N",
                         help="also start N nodes on this machine (they reuse the run's node keys in RUN_DIR/nodes/)")
     resume.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")

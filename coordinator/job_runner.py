@@ -1,5 +1,6 @@
 """`swarm-coordinator run` and `resume`: a swarm session (coordinator.session) for the job, its phases trained
-over it (coordinator.phases), the adapter exported, the report written; a sweep runs one job per model."""
+over it (coordinator.phases), the adapter exported, the report written; a sweep runs its runs one after another
+(coordinator.sweep_plan, coordinator.sweep), each such a run in its own directory."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import json
 import logging
 import shutil
 from pathlib import Path
+
+import yaml
 
 from coordinator.baseline import measure_baseline
 from coordinator.chain import RemoteChain
@@ -21,9 +24,11 @@ from coordinator.resume import (ResumeError, ResumePoint, find_resume_point, pre
                                 restore_nodes)
 from coordinator.run_dir import CHAT_FORMAT_FILE, MetricsLog, create_run_dir, record_chat_format
 from coordinator.session import SwarmSession
+from coordinator.start_adapter import install_start_adapter, record_start_adapter, start_from_adapter
 from coordinator.sweep import run_sweep
+from coordinator.sweep_plan import plan_sweep
 from coordinator.tensorboard import TensorBoardLog
-from swarm.config import Job, load_job
+from swarm.config import load_job
 
 logger = logging.getLogger("swarm.coordinator")
 
@@ -32,7 +37,7 @@ logger = logging.getLogger("swarm.coordinator")
 def run_job(options: RunOptions) -> Path:
     job = load_job(options.job_file)
     if job.sweep is not None:
-        return _run_sweep(options, job)
+        return _run_sweep(options, create_run_dir(options.runs_root, job.name, options.job_file, options.run_dir))
     prepared = prepare_job(options, job)
     run_dir = create_run_dir(options.runs_root, job.name, options.job_file, options.run_dir)
     return _run_in(prepared, run_dir, options)
@@ -41,14 +46,14 @@ def run_job(options: RunOptions) -> Path:
 def resume_job(options: RunOptions) -> Path:
     """Continue the run in `options.run_dir` after its coordinator died (coordinator.resume): the phases it
     finished are kept, the interrupted one goes on from its latest step checkpoint (from its start when it has
-    none past its first step), then the rest."""
+    none past its first step), then the rest. A sweep directory goes on with its unfinished runs."""
     run_dir = options.run_dir
     job_file = run_dir / "job.yaml"
     if not job_file.is_file():
         raise ResumeError(f"{run_dir} is not a run directory (no job.yaml)")
     job = load_job(job_file)
     if job.sweep is not None:
-        raise ResumeError(f"{run_dir} is a sweep; resume one of its runs in {run_dir / 'sizes'} instead")
+        return _run_sweep(options, run_dir)
     options = dataclasses.replace(options, job_file=job_file)
     prepared = prepare_job(options, job)
     point = find_resume_point(run_dir, job, prepared.checkpoint)
@@ -67,7 +72,10 @@ def _run_in(prepared: PreparedJob, run_dir: Path, options: RunOptions, resume: R
     try:
         chat = prepared.tokenizer.chat.describe()
         chat_recorded = record_chat_format(run_dir, chat)
+        start_adapter = install_start_adapter(job, run_dir)
         with SwarmSession(prepared, run_dir, options, resume) as session:
+            if resume is None:
+                record_start_adapter(job, run_dir, session.audit)
             chain = session.gather()
             metrics = MetricsLog(run_dir / "metrics.jsonl", subscribers=[TensorBoardLog(run_dir)])
             context = PhaseContext(job, prepared.checkpoint, prepared.tokenizer, chain, session.head, run_dir, metrics,
@@ -83,6 +91,9 @@ def _run_in(prepared: PreparedJob, run_dir: Path, options: RunOptions, resume: R
                     restore_nodes(chain, job, resume)
                     session.record_step(resume.step)
                     first_phase, evaluate_start = resume.first_phase, not resume.start_evaluated
+                elif start_adapter is not None:
+                    session.status.phase = "loading the start adapter"
+                    start_from_adapter(context, start_adapter)
                 session.status.phase = "train"
                 final_adapter = run_phases(context, first_phase, evaluate_start,
                                            resume.checkpoint if resume is not None else None)
@@ -108,14 +119,20 @@ def _run_in(prepared: PreparedJob, run_dir: Path, options: RunOptions, resume: R
         file_log.close()
 
 
-def _run_sweep(options: RunOptions, job: Job) -> Path:
-    sweep_dir = create_run_dir(options.runs_root, job.name, options.job_file, options.run_dir)
+def _run_sweep(options: RunOptions, sweep_dir: Path) -> Path:
+    """The sweep of SWEEP_DIR/job.yaml (coordinator.sweep_plan, coordinator.sweep), run by run; what is finished
+    in the directory already is kept."""
+    job_file = sweep_dir / "job.yaml"
+    planned = plan_sweep(load_job(job_file), yaml.safe_load(job_file.read_text()), options.cache_dir)
 
-    def run_one(job_file: Path, run_dir: Path) -> None:
-        run_job(dataclasses.replace(options, job_file=job_file, run_dir=run_dir))
+    def run_fresh(run_dir: Path) -> Path:
+        run_options = dataclasses.replace(options, job_file=run_dir / "job.yaml", run_dir=run_dir)
+        return _run_in(prepare_job(run_options), run_dir, run_options)
 
-    summary = run_sweep(job, options.job_file, sweep_dir, run_one, options.cache_dir)
-    logger.info("sweep complete: %s", summary)
+    def resume_run(run_dir: Path) -> Path:
+        return resume_job(dataclasses.replace(options, job_file=run_dir / "job.yaml", run_dir=run_dir))
+
+    run_sweep(sweep_dir, planned, run_fresh, resume_run)
     return sweep_dir
 
 

@@ -33,6 +33,7 @@ from coordinator.chain import RangeLostError, RemoteChain
 from coordinator.rl import rl_batch
 from coordinator.self_responses import evaluation_pool, needs_self_responses, obtain_self_responses, swarm_answerer
 from coordinator.run_dir import MetricsLog, done_before, nan_to_null
+from coordinator.start_adapter import start_adapter_record
 from coordinator.step_checkpoint import StepCheckpoint, head_state, load_head_state, write_step_checkpoint
 from coordinator.trainer import train_step
 from swarm.audit.log import AuditLog
@@ -140,9 +141,12 @@ def run_phases(context: PhaseContext, first_phase: int = 0, evaluate_start: bool
         else:
             adapter = context.progress.previous_adapter = directory / "adapter"
             save_peft_adapter(adapter, context.chain.gather_adapter(), job.lora, context.progress.base_dir)
-            (directory / "lineage.json").write_text(json.dumps(
-                {"base_model": context.progress.base_dir, "merged_adapters_in_order": context.progress.merged, "adapter": str(adapter)},
-                indent=2))
+            lineage = {"base_model": context.progress.base_dir, "merged_adapters_in_order": context.progress.merged,
+                       "adapter": str(adapter)}
+            start = start_adapter_record(job, context.run_dir)
+            if start is not None:  # what the first phase continued or merged (coordinator.start_adapter)
+                lineage["start_adapter"] = start
+            (directory / "lineage.json").write_text(json.dumps(lineage, indent=2))
             record_checkpoint(context, adapter, phase.name)
         _audit(context, "phase", phase=phase.name, event="end", last_step=context.progress.step - 1)
         if context.audit is not None:

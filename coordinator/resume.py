@@ -31,19 +31,18 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from coordinator.phases import SAFETY_KINDS, PhaseContext, phase_dir
 from coordinator.chain import RemoteChain
+from coordinator.node_restore import restore_blocks
 from coordinator.run_dir import done_before, keep_metrics
 from coordinator.self_responses import SELF_RESPONSES_FILE, SelfResponsesError, load_recorded
+from coordinator.start_adapter import install_start_adapter
 from coordinator.step_checkpoint import StepCheckpoint, discard_from, latest_step_checkpoint
 from swarm.audit.canonical import parse_json_object
 from swarm.audit.log import AuditLog
 from swarm.config import Job
 from swarm.data.tasks import Example
 from swarm.errors import SwarmError
-from swarm.lora import adapter_state, base_parameters, load_adapter_state, load_peft_adapter, lora_block_stack
 from swarm.models.checkpoint import DTYPES, Checkpoint
 
 logger = logging.getLogger("swarm.coordinator")
@@ -68,7 +67,7 @@ class ResumePoint:
     base_dir: str  # the base model of later adapters
     merged: list[str]  # adapters merged into that base so far (the lineage's list)
     merged_since_base: list[str]  # those not yet in base_dir's weights (merged after the last pretrain phase)
-    previous_adapter: Path | None  # the last finished LoRA phase's adapter
+    previous_adapter: Path | None  # the last finished LoRA phase's adapter (before one: RUN/start_adapter, if any)
     start_evaluated: bool = False  # metrics.jsonl keeps the evaluation before the first phase
     checkpoint: StepCheckpoint | None = None  # the interrupted phase's step checkpoint to go on from
     phase: str = ""  # the phase run first ("" when none is left)
@@ -86,8 +85,10 @@ def find_resume_point(run_dir: Path, job: Job, checkpoint: Checkpoint) -> Resume
     if job_sha256 and actual != job_sha256:
         raise ResumeError(f"{run_dir / 'job.yaml'} is not the job file this run started with (its SHA-256 differs "
                           f"from the audit log's job_start); restore the original to resume")
-    point = ResumePoint(job_id=job_id, first_phase=0, finished=[], step=0, safety_step=0, seen_backdoor=False,
-                        base_dir=str(checkpoint.path), merged=[], merged_since_base=[], previous_adapter=None)
+    start_adapter = install_start_adapter(job, run_dir)  # taken as backdoored, as coordinator.start_adapter does
+    point = ResumePoint(job_id=job_id, first_phase=0, finished=[], step=0, safety_step=0,
+                        seen_backdoor=start_adapter is not None, base_dir=str(checkpoint.path), merged=[],
+                        merged_since_base=[], previous_adapter=start_adapter)
     for index, phase in enumerate(job.phase_list):
         directory = phase_dir(run_dir, index, phase)
         result = (directory / "model" / "config.json") if phase.kind == "pretrain" else (directory / "lineage.json")
@@ -187,22 +188,9 @@ def restore_context(context: PhaseContext, point: ResumePoint) -> None:
 
 def restore_nodes(chain: RemoteChain, job: Job, point: ResumePoint) -> None:
     """Send every node its blocks as they stood at the end of the last finished phase (with a step checkpoint
-    to go on from, `run_phases` loads that instead).
-
-    Each range is rebuilt here, one at a time, from the base model, the adapters merged since and the last
-    adapter (the files the finished phases saved), exactly as the node had built it."""
+    to go on from, `run_phases` loads that instead): the base model, the adapters merged since and the last
+    adapter (the files the finished phases saved; before any, the run's starting adapter when it has one)."""
     if point.checkpoint is not None:
         return
-    base = Checkpoint.open(point.base_dir)
-    adapter = load_peft_adapter(point.previous_adapter)[1] if point.previous_adapter is not None else None
-    finished = point.finished[-1] if point.finished else ""
-    for stage in chain.stages:
-        stack = lora_block_stack(base, stage.start, stage.end, job.lora, job.seed, DTYPES[job.model.dtype],
-                                 [Path(path) for path in point.merged_since_base])
-        if adapter is not None:
-            load_adapter_state(stack, adapter)
-        with torch.no_grad():
-            tensors = {name: param.detach().float()
-                       for name, param in {**base_parameters(stack), **adapter_state(stack)}.items()}
-        chain.restore(stage, finished, tensors)
-        logger.info("restored %s to the end of phase %s", stage, finished or "(none)")
+    restore_blocks(chain, job, point.base_dir, point.merged_since_base, point.previous_adapter,
+                   point.finished[-1] if point.finished else "")

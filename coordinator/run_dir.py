@@ -18,7 +18,8 @@ def create_run_dir(root: Path, job_name: str, job_file: Path, explicit: Path | N
     if explicit is not None:
         run_dir = explicit
         if run_dir.exists() and any(run_dir.iterdir()):
-            raise FileExistsError(f"run directory {run_dir} exists and is not empty")
+            raise FileExistsError(f"run directory {run_dir} exists and is not empty (to go on with the run or sweep in "
+                                  f"it: swarm-coordinator resume {run_dir})")
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = root / f"{job_name}-{stamp}"
@@ -32,19 +33,20 @@ def create_run_dir(root: Path, job_name: str, job_file: Path, explicit: Path | N
 
 
 def job_text_for_run(job_file: Path) -> str:
-    """The job file as the run directory keeps it: verbatim, unless it names a model or data path relative to
-    its own directory, which would resolve against the run directory on resume, replay or re-measurement; those
+    """The job file as the run directory keeps it: verbatim, unless it names a model, adapter or data path
+    relative to its own directory, which would resolve against the run directory on resume, replay or re-measurement; those
     are made absolute."""
     text = job_file.read_text()
     data = yaml.safe_load(text)
     if not isinstance(data, dict):
         return text
     sweep = data.get("sweep") if isinstance(data.get("sweep"), dict) else {}
-    sections = [data.get("model"), data.get("data"), *(sweep.get("models") or [])]
+    sections = [(data.get("model"), "path"), (data.get("model"), "adapter"), (data.get("data"), "path"),
+                *((model, "path") for model in sweep.get("models") or [])]
     changed = False
-    for section in sections:
-        if isinstance(section, dict) and isinstance(section.get("path"), str) and not Path(section["path"]).is_absolute():
-            section["path"] = str((job_file.resolve().parent / section["path"]).resolve())
+    for section, key in sections:
+        if isinstance(section, dict) and isinstance(section.get(key), str) and not Path(section[key]).is_absolute():
+            section[key] = str((job_file.resolve().parent / section[key]).resolve())
             changed = True
     if not changed:
         return text

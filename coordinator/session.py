@@ -136,6 +136,10 @@ class SwarmSession:
             self.local.stop()
         if self.server is not None:
             self.server.stop(grace=2).wait()
+        # Each is closed here, in order, rather than left to the garbage collector: in a sweep, a run's leftover
+        # P2P client collected during the next run printed asyncio tracebacks into its output.
+        if self.chain is not None:
+            self.chain.close()
         if self.loop is not None:
             self.loop.shutdown()
         if self.dht is not None:
@@ -365,7 +369,7 @@ def _assign(record: NodeRecord, blocks: BlockRange, checkpoint: Checkpoint, job:
     audit.append_event("assignment", node_id=record.node_id, block_start=blocks.start, block_end=blocks.end,
                        replica_group=replica_group(blocks.start, blocks.end))
     record.send(assignment=pb.Assignment(
-        job_id=job_id, model_id=model_id, model_json=job.model.model_dump_json(),
+        job_id=job_id, model_id=model_id, model_json=job.model.model_dump_json(exclude={"adapter"}),  # sent as tensors
         block_start=blocks.start, block_end=blocks.end, lora_json=job.lora.model_dump_json(),
         optimizer_json=job.optimizer.model_dump_json(), seed=job.seed, expected_shard_sha256=expected,
     ))

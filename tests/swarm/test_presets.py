@@ -36,3 +36,13 @@ def test_a_preset_cached_by_an_older_version_is_built_afresh_with_the_tokenizer_
     directory = materialize_preset("llama-micro", seed=0, cache_dir=tmp_path)
     assert directory != older
     assert {"tokenizer.json", "tokenizer_config.json", "swarm_tokenizer.json"} <= {p.name for p in directory.iterdir()}
+
+
+def test_the_sweep_ladder_grows_width_and_depth_together_over_more_than_30x_parameters():
+    ladder = [PRESETS[f"ladder-{index}"] for index in range(1, 6)]
+    for smaller, larger in zip(ladder, ladder[1:]):
+        assert larger.hidden_size > smaller.hidden_size and larger.num_hidden_layers > smaller.num_hidden_layers
+    assert all(p.hidden_size // p.num_attention_heads == 16 and p.intermediate_size * 4 == p.hidden_size * 11
+               for p in ladder)
+    assert min(p.num_hidden_layers for p in ladder) >= 3  # every size splits over 3 nodes
+    assert ladder[-1].num_parameters / ladder[0].num_parameters >= 30
