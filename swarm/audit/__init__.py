@@ -4,7 +4,8 @@ with RFC 6962 Merkle tree heads, verification from the file alone, and the `swar
 Modules: `merkle` (tree hashing and proofs), `canonical` (the signed byte encoding), `attestation` (what a
 node signs per step), `sketch` (the gradient projection; imports torch, so it is not imported here),
 `entry` (record formats and hashes), `db` (the SQLite file), `log` (the writer), `verify`, `query`,
-`proof` (standalone inclusion proofs), `cli`.
+`proof` (standalone inclusion proofs), `data_manifest` (what a phase commits to train on, before it starts),
+`data_audit` and `data_regenerate` (`swarm-audit data`; the latter imports torch), `cli`.
 """
 
 from swarm.audit.attestation import (

@@ -88,6 +88,16 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, help="write here instead of stdout")
     export.set_defaults(command=_export)
 
+    data = commands.add_parser("data", help="regenerate each phase's batches, check them against its signed data "
+                                            "manifest, and say what it trained on; exit 1 naming mismatched steps")
+    data.add_argument("run_dir", metavar="RUN_DIR", type=Path)
+    data.add_argument("--phase", help="only this phase")
+    data.add_argument("--trigger", action="append", metavar="STR",
+                      help="a string to count in prompts and responses (repeatable; default: the job's trigger and "
+                           "backdoor response)")
+    data.add_argument("--cache-dir", type=Path, help="where built-in presets are materialized")
+    data.set_defaults(command=_data)
+
     replay = commands.add_parser("replay", help="re-execute sampled attested steps and compare with what nodes signed")
     replay.add_argument("run_dir", metavar="RUN_DIR", type=Path)
     replay.add_argument("--sample", type=float, required=True, metavar="F",
@@ -205,6 +215,14 @@ def _export(args: argparse.Namespace) -> int:
     if args.out:
         print(f"wrote {lines} records to {args.out}", file=sys.stderr)
     return EXIT_OK
+
+
+def _data(args: argparse.Namespace) -> int:
+    from swarm.audit.data_audit import audit_data, report_lines  # imports torch and transformers: only here
+
+    audit = audit_data(args.run_dir, phase=args.phase, strings=args.trigger, cache_dir=args.cache_dir)
+    print("\n".join(report_lines(audit)))
+    return EXIT_OK if audit.ok else EXIT_INVALID
 
 
 @contextlib.contextmanager

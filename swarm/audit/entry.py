@@ -51,6 +51,9 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "sync": ("node_id", "source_node", "step"),
     # A node took a step checkpoint's state of its range (phase `phase`, after step `step`): a takeover or resume.
     "load_state": ("node_id", "step", "phase", "weights_sha256", "optimizer_sha256"),
+    # Before a phase's first step: the Merkle root of every step's batch hash and the settings they are drawn from
+    # (swarm.audit.data_manifest); `committed` says what was known in advance (batches, or an rl phase's prompts).
+    "data_manifest": ("phase", "phase_index", "first_step", "steps", "committed", "batch_root", "settings"),
 }
 KINDS = (*EVENT_FIELDS, ATTESTATION)
 REDO_KINDS = ("resume", "rollback")  # events after which the steps from `from_step` on may be attested again

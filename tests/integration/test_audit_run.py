@@ -175,6 +175,19 @@ def test_the_chat_format_the_run_rendered_with_is_recorded_and_signed(run_dir):
     assert [(e["format"], e["sha256"]) for e in events(run_dir, "chat_format")] == [("builtin", recorded["sha256"])]
 
 
+def test_each_phase_signed_its_data_manifest_and_swarm_audit_data_holds_the_trainers_inputs_to_it(run_dir):
+    manifests = events(run_dir, "data_manifest")
+    starts = [e for e in events(run_dir, "phase") if e["event"] == "start"]
+    assert [(m["phase"], m["first_step"], m["steps"]) for m in manifests] == [("sft", 0, 3), ("sft-2", 3, 2)]
+    assert [m["first_step"] for m in manifests] == [e["first_step"] for e in starts]
+    result = swarm_audit("data", run_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # block 0's attested input hashes are the trainer's embeddings of the committed micro-batches, at every step
+    assert "attested inputs of block 0: 3 steps checked, all match\n" in result.stdout
+    assert "attested inputs of block 0: 2 steps checked, all match\n" in result.stdout
+    assert "data audit OK: the data of 2 phases match their signed manifests" in result.stdout
+
+
 def test_an_edited_attestation_in_the_finished_log_fails_verify_naming_that_entry(run_dir, tmp_path):
     tampered = tmp_path / "audit.db"
     with sqlite3.connect(f"file:{run_dir / 'audit.db'}?mode=ro", uri=True) as source:

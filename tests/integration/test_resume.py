@@ -208,6 +208,23 @@ def test_the_audit_log_records_each_resume_and_verifies_and_replays(runs):
     assert replayed.returncode == 0 and "replay OK" in replayed.stdout, replayed.stdout + replayed.stderr
 
 
+def test_each_phase_signed_the_uninterrupted_runs_data_manifest_once_and_the_data_audit_passes(runs):
+    whole, resumed, code, output = runs
+    assert code == 0, output
+
+    def manifests(run_dir: Path) -> list[tuple[str, str]]:
+        with AuditLog.open(run_dir / "audit.db") as log:
+            return [(event["phase"], event["batch_root"]) for event in (
+                parse_json_object(e.payload) for e in log.entries() if e.kind == "data_manifest")]
+
+    # the resumed phases found theirs signed and rebuilt it equal, rather than sign another
+    assert [phase for phase, _ in manifests(resumed)] == ["pretrain", "sft", "sft-2", "sft-3"]
+    assert manifests(resumed) == manifests(whole)
+    result = swarm_audit("data", resumed)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "data audit OK: the data of 4 phases match their signed manifests" in result.stdout
+
+
 def test_resuming_a_directory_that_is_not_a_run_is_a_one_line_error(tmp_path):
     result = subprocess.run([sys.executable, *RUN, "resume", str(tmp_path)], capture_output=True, text=True,
                             cwd=REPO, timeout=120)
