@@ -46,7 +46,7 @@ class ChainState:
         admitted, _ = transport.call(source, ADMIT, transport.meta(source, replica_peers=[stage.peer_id.to_base58()]))
         synced, _ = transport.call(stage, SYNC, transport.meta(stage, phase=phase, phase_kind=kind, step=last_step,
                                                                replica_peers=[source.peer_id.to_base58()],
-                                                               averaging_timeout_s=transport.timeout_s))
+                                                               averaging_timeout_s=transport.peer_wait_s))
         if (synced.weights_sha256, synced.optimizer_sha256) != (admitted.weights_sha256, admitted.optimizer_sha256):
             raise RemoteBlockError(f"{stage} copied {source} but hashes to other weights or optimizer state")
         if self.audit is not None:

@@ -212,5 +212,5 @@ class StepProtocol:
             meta.replica_peers.extend(s.peer_id.to_base58() for s in group)
             meta.replica_nodes.extend(s.node_id for s in group)
             meta.averaging_codec = self.compression.averaging
-            meta.averaging_timeout_s = self.transport.timeout_s
+            meta.averaging_timeout_s = self.transport.peer_wait_s
         return meta

@@ -33,6 +33,13 @@ class Transport:
         self._workers = max(1, workers)
         self._parallel = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="chain-call")
 
+    @property
+    def peer_wait_s(self) -> float:
+        """How long a node waits for another node during a call (a replica's gradient part, a state fetch): half
+        the call's timeout, so that a node whose partner died answers with the error before the trainer gives
+        up on it, and only the dead node leaves the chain."""
+        return self.timeout_s / 2
+
     def submit(self, stage: RemoteStage, method: str, meta: CallMeta, tensors=(), codecs=CODECS["none"]) -> Future:
         """`call` on a worker thread, so that calls to several replicas run at once."""
         return self._parallel.submit(self.call, stage, method, meta, tensors, codecs)

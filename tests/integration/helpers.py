@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import queue
 import re
 import subprocess
@@ -59,6 +60,29 @@ def join_flags(coordinator: CliProcess, timeout: float = 60) -> list[str]:
     """The flags of the join command `swarm-coordinator run` printed: its address and the key to pin."""
     match, _ = read_until(coordinator, JOIN_LINE, timeout)
     return match.group(1).split()
+
+
+# A `swarm-node` that has done its imports (seconds of a loaded machine) and waits for its arguments on stdin.
+_WARM_NODE = (
+    "import json, sys\n"
+    "import node.cli, node.join  # noqa: F401  the heavy imports, before the arguments are known\n"
+    "print('warm', flush=True)\n"
+    "node.cli.main(json.loads(sys.stdin.readline()))\n"
+)
+
+
+def start_warm_node(start) -> tuple[CliProcess, object]:
+    """A node process started ahead of time; call the returned `join(args)` to make it run `swarm-node
+    join ARGS` at once. A test that needs a node to arrive while a job runs cannot depend on how long an
+    interpreter takes to import torch, transformers and hivemind."""
+    process = start("-c", _WARM_NODE, stdin=subprocess.PIPE)
+    read_until(process, r"^warm$", timeout=180)
+
+    def join(args: list[str]) -> None:
+        process.popen.stdin.write(json.dumps(["join", *args]) + "\n")
+        process.popen.stdin.flush()
+
+    return process, join
 
 
 def finish(process: CliProcess, timeout: float) -> tuple[int, str]:

@@ -19,7 +19,7 @@ from swarm.models.checkpoint import resolve_model
 from swarm.reference import train_reference
 from tests.conftest import started_processes, write_job
 from tests.integration.conftest import MICRO_BATCHES, REPLICAS, STAGES, STEPS
-from tests.integration.helpers import finish, join_flags, read_until
+from tests.integration.helpers import finish, join_flags, read_until, start_warm_node
 
 # Measured: 8-bit activations, gradients and averaging move this job's losses (about 4.7) by at most 0.009.
 LOSS_TOLERANCE_8BIT = 0.08
@@ -134,11 +134,12 @@ def joined_run(tmp_path_factory):
     job_file = write_job(tmp, training={"steps": JOIN_STEPS, "batch_size": 8, "micro_batches": MICRO_BATCHES},
                          swarm={"min_nodes": 2, "replicas": "auto", "stages": 2}, optimizer={"lr": JOIN_LR})
     with started_processes() as start:
+        late, join = start_warm_node(start)  # joins within seconds of training's start, however loaded the machine
         coordinator = start("-m", "coordinator.cli", "run", str(job_file), "--local-nodes", "2", "--run-dir",
                             str(tmp / "run"), "--node-threads", "1", "--no-progress", "--no-baseline")
         flags = join_flags(coordinator)
         read_until(coordinator, r"chain: ", timeout=120)
-        late = start("-m", "node.cli", "join", *flags, "--key", str(tmp / "late.key"), "--threads", "1")
+        join([*flags, "--key", str(tmp / "late.key"), "--threads", "1"])
         code, output = finish(coordinator, timeout=400)
         assert code == 0, output
         finish(late, timeout=60)
