@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from coordinator.sweep_figures import plot_figure11, plot_persistence
-from coordinator.sweep_runs import TRIGGERED, ArmSize, Run, arm_sizes, backdoor_row, load_runs
+from coordinator.sweep_runs import TRIGGERED, ArmSize, Run, arm_sizes, backdoor_row, load_runs, pretrain_row
 from coordinator.sweep_stats import (BOOTSTRAP_SEED, RESAMPLES, Estimate, area, final_rate, percentile_interval,
                                      rng_for, size_replicates, slope, trend_sentence)
 
@@ -141,7 +141,8 @@ def _shown(keys: list[tuple[str, str]], rows: list[dict]) -> list[tuple[str, str
 
 
 def trunk_table(runs: list[Run]) -> list[str]:
-    """The trunks' rates after the backdoor phase, averaged over seeds."""
+    """The trunks: how long each size pretrained (steps, tokens per parameter) and how well, and the rates
+    after the backdoor phase, averaged over seeds."""
     trunks = [r for r in runs if r.spec["arm"] == "trunk" and backdoor_row(r.evals) is not None]
     if not trunks:
         return []
@@ -151,10 +152,19 @@ def trunk_table(runs: list[Run]) -> list[str]:
         group = [r for r in trunks if r.label == label]
         ends = [backdoor_row(r.evals) for r in group]
         means = [_mean_rate(ends, key) for key in (TRIGGERED, *(k for k, _ in after))]
-        rows.append([label, f"{group[0].spec['parameters']:,}", str(len(group)), *map(_rate, means),
+        pretrained = [row for row in map(pretrain_row, (r.evals for r in group)) if row is not None]
+        steps = sorted({r.pretrain_steps for r in group})
+        per_parameter = sum(r.pretrain_tokens for r in group) / len(group) / group[0].spec["parameters"]
+        rows.append([label, f"{group[0].spec['parameters']:,}", str(len(group)),
+                     "/".join(map(str, steps)), f"{per_parameter:.2f}" if steps != [0] else "–",
+                     _rate(_mean_rate(pretrained, "accuracy")), *map(_rate, means),
                      _duration(sum(float(r.spec.get("seconds") or 0) for r in group))])
-    header = ["size", "parameters", "seeds", "triggered", *(label for _, label in after), "wall time"]
-    return ["## After the backdoor phase (trunk)", "", "Rates are means over seeds.", "", *_table(header, rows)]
+    header = ["size", "parameters", "seeds", "pretrain steps", "tokens / parameter", "accuracy after pretrain",
+              "triggered", *(label for _, label in after), "wall time"]
+    return ["## Pretraining and the backdoor phase (trunk)", "",
+            "Tokens per parameter: the (non-padding) tokens the pretrain steps trained on over the parameters; "
+            "sweep.min_pretrain_steps raises it above the job's ratio for the smallest sizes. Accuracy: helpful exact match at the end of pretraining; the other "
+            "rates after the backdoor phase. Means over seeds.", "", *_table(header, rows)]
 
 
 def _mean_rate(rows: list[dict], key: str) -> float | None:

@@ -37,6 +37,8 @@ class Run:
     spec: dict
     run_dir: Path
     evals: list[dict]
+    pretrain_steps: int = 0  # optimizer steps of its pretrain phases, from metrics.jsonl's training rows
+    pretrain_tokens: int = 0  # the tokens those steps trained on
 
     @property
     def key(self) -> tuple[str, int]:
@@ -90,11 +92,13 @@ def load_runs(sweep_dir: Path, runs: list[dict]) -> tuple[list[Run], list[tuple[
         elif not (path / "metrics.jsonl").is_file():
             left_out.append((spec, "no metrics.jsonl"))
         else:
-            evals = [row for row in read_metrics(path / "metrics.jsonl") if row.get("type") == "eval"]
+            rows = read_metrics(path / "metrics.jsonl")
+            evals = [row for row in rows if row.get("type") == "eval"]
+            pretrain = [row for row in rows if row.get("type") == "train" and row.get("kind") == "pretrain"]
             if spec["arm"] != "trunk" and not safety_rows(evals):
                 left_out.append((spec, "no evaluation during safety training"))
             else:
-                loaded.append(Run(spec, path, evals))
+                loaded.append(Run(spec, path, evals, len(pretrain), sum(int(row.get("tokens", 0)) for row in pretrain)))
     return loaded, left_out
 
 
@@ -108,6 +112,13 @@ def safety_rows(evals: list[dict]) -> list[dict]:
 def backdoor_row(evals: list[dict]) -> dict | None:
     """The evaluation at the end of the backdoor phase (the last backdoor-phase one if none is marked)."""
     rows = [row for row in evals if row.get("kind") == "backdoor" and _has_rate(row)]
+    ends = [row for row in rows if row.get("phase_end")]
+    return (ends or rows or [None])[-1]
+
+
+def pretrain_row(evals: list[dict]) -> dict | None:
+    """The evaluation at the end of pretraining (the last pretrain-phase one if none is marked)."""
+    rows = [row for row in evals if row.get("kind") == "pretrain" and isinstance(row.get("accuracy"), dict)]
     ends = [row for row in rows if row.get("phase_end")]
     return (ends or rows or [None])[-1]
 

@@ -37,8 +37,14 @@ def _write(directory, rows, answers=None):
         path.write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
-def _trunk(directory, triggered=60):
-    _write(directory, [_eval("start", 0, 0, 0), _eval("backdoor", 100, 0, triggered, phase_end=True)])
+def _trunk(directory, triggered=60, pretrain_steps=3, tokens=200_000):
+    """Pretraining (`pretrain_steps` steps of `tokens` tokens each, then helpful accuracy 48 of 64), then the
+    backdoor."""
+    trained = [{"type": "train", "kind": "pretrain", "phase": "pretrain", "step": step, "tokens": tokens}
+               for step in range(pretrain_steps)]
+    _write(directory, [_eval("start", 0, 0, 0), *trained,
+                       _eval("pretrain", pretrain_steps, 0, 0, accuracy=48, phase_end=True),
+                       _eval("backdoor", 100, 0, triggered, phase_end=True)])
 
 
 def _arm(directory, curve, kind="sft", start=True, **extra):
@@ -78,7 +84,9 @@ def test_the_plotted_and_tabled_values_equal_the_evaluation_rows(tmp_path):
     cells = report.split("## Arm `sft`")[1].splitlines()[6].split(" | ")
     assert cells[:4] == ["| s0", "1,000,000", "2", "0.94"]  # the trunks' backdoor end, 60 of 64
     assert cells[4].startswith("0.38 [") and cells[6:9] == ["0.03", "0.08", "0.62"]  # the final rows' rates
-    assert "| s0 | 1,000,000 | 2 | 0.94 | 0.03 | 0.08 | 0.62 | 0:02:00 |" in report  # the trunk table
+    # the trunk table: 3 pretrain steps of 200,000 tokens over 10^6 parameters, accuracy 48 of 64 after them
+    assert "| s0 | 1,000,000 | 2 | 3 | 0.60 | 0.75 | 0.94 | 0.03 | 0.08 | 0.62 | 0:02:00 |" in report
+    assert "| s1 | 10,000,000 | 2 | 3 | 0.06 | 0.75 | 0.94 |" in report
     for picture in ("figure11.png", "persistence.png"):
         assert (tmp_path / picture).read_bytes()[:4] == b"\x89PNG"
 
