@@ -88,6 +88,16 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, help="write here instead of stdout")
     export.set_defaults(command=_export)
 
+    probe = commands.add_parser("probe", help="defection probes on each phase's model: AUROC of held-out triggered "
+                                              "vs clean prompts, generic and supervised, per block boundary")
+    probe.add_argument("run_dir", metavar="RUN_DIR", type=Path)
+    probe.add_argument("--layer", type=int, metavar="L", help="block boundary the table reports (the residual stream "
+                                                              "after block L; default the middle one)")
+    probe.add_argument("--seed", type=int, default=0, help="draws the supervised probe's training prompts and the "
+                                                           "bootstrap resamples (default 0)")
+    probe.add_argument("--json", type=Path, metavar="OUT", help="also write the results here (RUN_DIR/probe.json always)")
+    probe.set_defaults(command=_probe)
+
     replay = commands.add_parser("replay", help="re-execute sampled attested steps and compare with what nodes signed")
     replay.add_argument("run_dir", metavar="RUN_DIR", type=Path)
     replay.add_argument("--sample", type=float, required=True, metavar="F",
@@ -150,6 +160,20 @@ def _who(args: argparse.Namespace) -> int:
     nodes = f"{len(rows)} node{'s' if len(rows) > 1 else ''}"
     seconds = sum(row.compute_seconds for row in rows)
     print(f"total: {nodes}, {total_steps} attested steps, {total_tokens} tokens, {seconds:.1f} compute seconds")
+    return EXIT_OK
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from swarm.logs import quiet_third_parties
+    from swarm.probe.run import probe_run, write_outputs  # imports torch and transformers: only here
+    from swarm.probe.summary import text_table
+
+    quiet_third_parties()
+    result = probe_run(args.run_dir, layer=args.layer, seed=args.seed,
+                       on_model=lambda name: print(f"probing {name} ...", file=sys.stderr, flush=True))
+    written = write_outputs(args.run_dir, result, args.json)
+    print(text_table(result))
+    print(f"wrote {', '.join(map(str, written))} ({result['seconds']:.0f} s)")
     return EXIT_OK
 
 
