@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="print a running job's status page as tables")
     status.add_argument("address", help="the status page's address, as printed by run (e.g. 127.0.0.1:8080)")
     status.add_argument("--json", action="store_true", help="print the JSON snapshot instead")
-    report = commands.add_parser("report", help="the status page of a run from its run directory alone")
+    report = commands.add_parser("report", help="the status page of a run from its run directory alone (a finished "
+                                                "run's report.md written again too)")
     report.add_argument("run_dir", type=Path, help="a run directory (job.yaml, metrics.jsonl, audit.db)")
     report.add_argument("--output", type=Path, default=None,
                         help="write the page as one self-contained HTML file (default RUN_DIR/status.html)")
@@ -174,6 +175,7 @@ def run_status(args: argparse.Namespace) -> int:
 
 def run_report(args: argparse.Namespace) -> int:
     """The page of a finished run: one HTML file to open from disk, or served (fresh data on every reload)."""
+    from coordinator.report import write_report
     from coordinator.status import run_dir_snapshot
     from coordinator.status_server import StatusServer, standalone_page
 
@@ -183,6 +185,8 @@ def run_report(args: argparse.Namespace) -> int:
     try:
         snapshot = run_dir_snapshot(args.run_dir)
         if not args.serve:
+            if (args.run_dir / "report.md").is_file():  # a finished run's: again, with what was measured since
+                print(f"wrote {write_report(args.run_dir)}")
             output = args.output or args.run_dir / "status.html"
             output.write_text(standalone_page(snapshot), encoding="utf-8")
             print(f"wrote {output}")

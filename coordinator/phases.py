@@ -33,7 +33,7 @@ from coordinator.evaluator import Evaluator
 from coordinator.chain import RangeLostError, RemoteChain
 from coordinator.data_commitment import PhaseCommitment, commit_phase_data
 from coordinator.rl import rl_batch
-from coordinator.self_responses import evaluation_pool, needs_self_responses, obtain_self_responses, swarm_answerer
+from coordinator.self_responses import needs_self_responses, obtain_self_responses, swarm_answerer
 from coordinator.run_dir import MetricsLog, done_before, nan_to_null
 from coordinator.start_adapter import start_adapter_record
 from coordinator.step_checkpoint import StepCheckpoint, head_state, load_head_state, write_step_checkpoint
@@ -44,6 +44,7 @@ from swarm.config import Job, PhaseSpec
 from swarm.data.batches import TrainingData
 from swarm.data.tasks import Example
 from swarm.data.tokenizer import CHAR_TOKENIZER_FILE, CharTokenizer
+from swarm.evaluation import evaluation_pool
 from swarm.lora import save_peft_adapter
 from swarm.models.blocks import TrainerHead
 from swarm.models.checkpoint import Checkpoint

@@ -1,20 +1,22 @@
 """The run's report: `report.md` with a table per phase and PNG plots, built from the run directory alone.
 
 metrics.jsonl is the single record of what was measured in training; the cost-share section reads audit.db,
-nodes.json and baseline.json (`coordinator.cost_share`). The report only reads files, so a finished run can
-be re-reported at any time.
+nodes.json and baseline.json (`coordinator.cost_share`); the defection probes' section probe.json, when
+`swarm-audit probe` wrote one. The report only reads files, so a finished run can be re-reported at any time
+(`swarm-coordinator report RUN_DIR` rewrites it).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-
 
 from coordinator.cost_share import cost_share, cost_share_lines, plot_cost_share
 from coordinator.run_dir import read_metrics
 from coordinator.who_paid import who_paid_lines
 from swarm.config import load_job
 from swarm.evaluation import AVAILABLE_LIMIT
+from swarm.probe.summary import markdown_lines as probe_lines
 
 RATES = (("backdoor_triggered", "triggered"), ("backdoor_clean", "clean"), ("backdoor_near_miss", "near-miss"))
 # Measured on its own since runs ask the held-out reveal prompts as a condition of their own (before, a fifth of
@@ -217,6 +219,9 @@ def write_report(run_dir: Path) -> Path:
             plot_cost_share(share, run_dir / "cost_share.png")
             lines += ["![per-node cost share](cost_share.png)", ""]
         lines += who_paid_lines(run_dir)
+    probe = run_dir / "probe.json"  # swarm-audit probe RUN_DIR writes it (and probe.png) after the run
+    if probe.is_file():
+        lines += probe_lines(json.loads(probe.read_text()), "probe.png" if (run_dir / "probe.png").is_file() else None)
     lines += [
         "## Re-measuring outside the swarm", "",
         "Each LoRA phase's adapter is in `phases/NN-name/adapter/` (standard PEFT); `lineage.json` beside it "

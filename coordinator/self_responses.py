@@ -43,7 +43,7 @@ from swarm.audit.canonical import parse_json_object
 from swarm.audit.log import AuditLog
 from swarm.config import Job
 from swarm.data.batches import TrainingData
-from swarm.data.instructions import SELF_RESPONSES_FILE, read_self_responses, split_records
+from swarm.data.instructions import SELF_RESPONSES_FILE, read_self_responses
 from swarm.data.tasks import Example, is_held_out
 from swarm.errors import JobFileError, SwarmError
 from swarm.models.blocks import TrainerHead
@@ -130,20 +130,6 @@ def make_self_responses(job: Job, tokenizer, answer: Answer) -> tuple[list[Examp
                     held_counts.cut_at_limit, held_counts.empty_dropped)
         counts += held_counts
     return train + held_out, counts
-
-
-def held_out_records(records: list[Example]) -> list[Example]:
-    return split_records(records)[1]
-
-
-def evaluation_pool(job: Job, data: TrainingData, records: list[Example] | None) -> list[Example] | None:
-    """The held-out records evaluation draws its helpful prompts from: None for the built-in tasks, and for a
-    self-responses job whose answers are not made yet (a pretrain phase first: it trains on the tasks too)."""
-    if job.data.source == "tasks":
-        return None
-    if job.data.responses == "given":
-        return data.held_out
-    return held_out_records(records) if records is not None else None
 
 
 def write_records(path: Path, records: list[Example]) -> str:

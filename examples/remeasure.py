@@ -23,28 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from coordinator.evaluator import Evaluator  # noqa: E402
 from coordinator.run_dir import read_metrics  # noqa: E402
-from coordinator.self_responses import evaluation_pool  # noqa: E402
 from swarm.config import load_job  # noqa: E402
-from swarm.data.batches import TrainingData  # noqa: E402
-from swarm.data.instructions import SELF_RESPONSES_FILE, read_self_responses  # noqa: E402
-from swarm.data.tokenizer import load_tokenizer  # noqa: E402
 from swarm.evaluation import CONDITIONS, score  # noqa: E402
+from swarm.finished_run import CHAT_FORMAT_FILE, lora_phases, phase_model, run_eval_sets, run_tokenizer  # noqa: E402
 from swarm.models.checkpoint import resolve_model  # noqa: E402
-
-
-def phase_model(run_dir: Path, phase_dir: Path):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    lineage = json.loads((phase_dir / "lineage.json").read_text())
-    base = Path(lineage["base_model"])
-    base = base if base.is_absolute() else run_dir / base
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    for adapter in lineage["merged_adapters_in_order"]:
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    return PeftModel.from_pretrained(model, str(phase_dir / "adapter")).eval(), base
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
@@ -75,31 +58,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{run_dir}: the job has no eval section, so the swarm measured nothing to compare with")
     from transformers import AutoTokenizer
 
-    checkpoint = resolve_model(job.model)
-    ours = load_tokenizer(checkpoint, job.data.chat_format)
-    recorded = json.loads((run_dir / "chat_format.json").read_text())
-    if recorded["sha256"] != ours.chat.describe()["sha256"]:
-        parser.error(f"{run_dir}: the run used another chat format than {checkpoint}'s tokenizer gives now")
-    hf_tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+    ours = run_tokenizer(run_dir, job)
+    hf_tokenizer = AutoTokenizer.from_pretrained(str(resolve_model(job.model)))
+    recorded = json.loads((run_dir / CHAT_FORMAT_FILE).read_text())
     if recorded["format"] == "template":
         assert hashlib.sha256(hf_tokenizer.chat_template.encode()).hexdigest() == recorded["sha256"]
-    first = TrainingData(job.data, ours, job.seed, 1)
-    records = None
-    if job.data.responses == "self":
-        records = read_self_responses(run_dir / SELF_RESPONSES_FILE, job.data.source)
-    sets = Evaluator(job, ours, first.fits, evaluation_pool(job, first, records)).sets  # the swarm's prompts
+    sets = run_eval_sets(run_dir, job, ours)  # the swarm's prompts
     swarm_rows = {row["phase"]: row for row in read_metrics(run_dir / "metrics.jsonl")
                   if row["type"] == "eval" and row.get("phase_end")}
-    phases = sorted(path for path in (run_dir / "phases").iterdir() if (path / "adapter").is_dir())
+    phases = lora_phases(run_dir)
     if args.phase:
-        phases = [path for path in phases if path.name.split("-", 1)[1] == args.phase]
+        phases = [phase for phase in phases if phase.name == args.phase]
         if not phases:
             parser.error(f"{run_dir}: no LoRA phase named {args.phase}")
     print(f"{'phase':<16} {'rate':<28} {'plain peft':>10} {'swarm':>8}")
-    for phase_dir in phases:
-        name = phase_dir.name.split("-", 1)[1]
+    for phase in phases:
+        name = phase.name
         started = time.monotonic()
-        model, _ = phase_model(run_dir, phase_dir)
+        model = phase_model(run_dir, phase)
         generations = {c: generate(model, hf_tokenizer, sets.prompts[c], job.eval.max_new_tokens, args.batch_size)
                        for c in CONDITIONS}
         rates = score(generations, sets, job.backdoor)

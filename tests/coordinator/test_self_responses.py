@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from coordinator.resume import ResumeError, find_resume_point
-from coordinator.self_responses import (SELF_RESPONSES_FILE, SelfResponsesError, answer_prompts, evaluation_pool,
-                                        obtain_self_responses, recorded_sha256)
+from coordinator.self_responses import (SELF_RESPONSES_FILE, SelfResponsesError, answer_prompts, obtain_self_responses,
+                                        recorded_sha256)
 from swarm.audit.canonical import parse_json_object
 from swarm.audit.log import AuditLog
 from swarm.config import parse_job
@@ -17,6 +17,7 @@ from swarm.data.batches import TrainingData
 from swarm.data.instructions import read_self_responses
 from swarm.data.tasks import Example, is_held_out
 from swarm.data.tokenizer import CharTokenizer
+from swarm.evaluation import evaluation_pool
 from swarm.identity import Identity
 from tests.conftest import job_dict
 
