@@ -21,7 +21,7 @@ def run_replicated(tmp, compression: dict | None = None, dishonest: str | None =
     """(job, run directory); with `dishonest`, the last node joins with `swarm-node join --dishonest`."""
     sections = {"compression": compression} if compression else {}
     job_file = write_job(tmp, training={"steps": STEPS, "batch_size": 8, "micro_batches": MICRO_BATCHES},
-                         swarm={"min_nodes": STAGES * REPLICAS, "replicas": REPLICAS, "join_timeout_s": 120},
+                         swarm={"min_nodes": STAGES * REPLICAS, "replicas": REPLICAS},
                          audit={"snapshots_per_phase": SNAPSHOTS}, **sections)
     local = STAGES * REPLICAS - (1 if dishonest else 0)
     with started_processes() as start:

@@ -28,7 +28,7 @@ def mixed_run(tmp_path_factory):
     """A 3-node run: one honest local node and, joined separately, one node per `--dishonest` mode."""
     tmp = tmp_path_factory.mktemp("replay")
     job_file = write_job(tmp, training={"steps": None, "batch_size": 4, "micro_batches": 2}, phases=PHASES,
-                         audit={"snapshots_per_phase": 2}, swarm={"min_nodes": 3, "join_timeout_s": 120})
+                         audit={"snapshots_per_phase": 2}, swarm={"min_nodes": 3})
     run_dir = tmp / "run"
     with started_processes() as start:
         coordinator = start("-m", "coordinator.cli", "run", str(job_file), "--local-nodes", "1", "--run-dir",
