@@ -182,20 +182,23 @@ class Shard:
         if key in self.finished_backward:
             return self.finished_backward[key]
         started = time.perf_counter()
-        cached = self.activations.pop(key, None)
+        # Every check before anything changes: a refused backward must leave the cached activations and the
+        # step's recorded inputs as they were (the fuzz tests hold the node to that).
+        if not torch.isfinite(grad_output).all():
+            raise ValueError("gradient contains NaN or inf")
+        cached = self.activations.get(key)
         if cached is None:
             if not resent_inputs:
                 raise MissingActivations(f"no activations for step {step} micro-batch {micro_batch}")
             hidden, attention_mask, position_ids = resent_inputs
             self._check_inputs(hidden, attention_mask, position_ids)
+            _check_gradient_shape(grad_output, hidden)  # a range's blocks keep the hidden states' shape
             self._record_input(step, micro_batch, hidden, attention_mask)
             output, leaf = self._forward_with_grad(self._on_device(hidden, attention_mask, position_ids))
         else:
             output, leaf = cached
-        if grad_output.shape != output.shape:
-            raise ValueError(f"gradient shape {list(grad_output.shape)} differs from output shape {list(output.shape)}")
-        if not torch.isfinite(grad_output).all():
-            raise ValueError("gradient contains NaN or inf")
+            _check_gradient_shape(grad_output, output)
+            del self.activations[key]
         output.backward(grad_output.to(self.device, output.dtype))
         pending = self.pending.setdefault(step, _PendingStep())
         pending.seconds += time.perf_counter() - started
@@ -378,3 +381,8 @@ def _weights_sha256(parameters: dict[str, torch.nn.Parameter]) -> str:
 
 def _optimizer_part(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key: value for key, value in state.items() if not key.startswith(WEIGHTS_PREFIX)}
+
+
+def _check_gradient_shape(grad_output: torch.Tensor, output: torch.Tensor) -> None:
+    if grad_output.shape != output.shape:
+        raise ValueError(f"gradient shape {list(grad_output.shape)} differs from output shape {list(output.shape)}")

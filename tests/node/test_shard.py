@@ -301,3 +301,26 @@ def test_a_failed_group_sum_changes_nothing_and_the_step_can_be_tried_again(make
         shard.apply_step(0, 0.01, reduce=unreachable)
     assert shard.state_hashes() == hashes and shard.last_applied_step == -1
     assert shard.apply_step(0, 0.01, reduce=lambda flat: flat).micro_batches.keys() == {0}
+
+
+@pytest.mark.parametrize("resent", [False, True], ids=["cached", "resent inputs"])
+def test_a_refused_backward_changes_nothing_and_the_same_call_with_a_good_gradient_then_works(make_shard, generator,
+                                                                                              resent):
+    """NaN and wrongly shaped gradients are refused before the cached activations are taken or the resent
+    inputs recorded (the fuzz tests found both changed by a refused call)."""
+    refused, plain = make_shard(), make_shard()
+    inputs, grad = micro_batch(generator), output_gradient(generator)
+    for shard in (refused, plain):
+        shard.forward(0, 0, True, *inputs)
+        if resent:
+            shard.activations.clear()  # as after a restart: the trainer sends the inputs with the backward
+    bad = [grad.clone().index_fill_(1, torch.tensor([0]), float("nan")), grad[:, :-1]]
+    for gradient in bad:
+        with pytest.raises(ValueError, match="NaN or inf|gradient shape"):
+            refused.backward(0, 0, gradient, list(inputs) if resent else None)
+        assert set(refused.activations) == set(plain.activations)
+        assert {s: (p.inputs, p.tokens, p.accumulated) for s, p in refused.pending.items()} == \
+            {s: (p.inputs, p.tokens, p.accumulated) for s, p in plain.pending.items()}
+    expected = plain.backward(0, 0, grad, list(inputs) if resent else None)
+    assert torch.equal(refused.backward(0, 0, grad, list(inputs) if resent else None), expected)
+    assert refused.apply_step(0, 0.01).weights_sha256_after == plain.apply_step(0, 0.01).weights_sha256_after
