@@ -263,10 +263,16 @@ def node(tmp_path_factory):
         node_loop.shutdown()
 
 
+# Each refused call logs a warning (hivemind a traceback for a broken frame, grpc one for every message it
+# cannot decode, the control service a line per join): thousands of them are noise.
+DATA_PLANE_LOGGERS = ("node.block_server", "node.replica_reduce", "hivemind")
+CONTROL_PLANE_LOGGERS = ("grpc._common", "grpc._server", "swarm.coordinator")
+
+
 @contextlib.contextmanager
-def _quieted():
-    """Each refused call logs a warning (hivemind a traceback for a broken frame): thousands of them are noise."""
-    loggers = [logging.getLogger(name) for name in ("node.block_server", "node.replica_reduce", "hivemind")]
+def _quieted(names=DATA_PLANE_LOGGERS):
+    """The named loggers at CRITICAL while the fuzzing runs, then as they were."""
+    loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.CRITICAL)
@@ -532,23 +538,9 @@ def coordinator():
         certificate = fetch_certificate(address, timeout=10)
         channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=certificate),
                                       options=[("grpc.ssl_target_name_override", TLS_SERVER_NAME)])
-        with channel, _quieted_control():
+        with channel, _quieted(CONTROL_PLANE_LOGGERS):
             yield Coordinator(identity, address, membership, channel.stream_stream(JOIN_METHOD),
                               channel.unary_unary(STATUS_METHOD))
-
-
-@contextlib.contextmanager
-def _quieted_control():
-    """grpc logs a traceback for every message it cannot decode, the service a line per join."""
-    loggers = [logging.getLogger(name) for name in ("grpc._common", "grpc._server", "swarm.coordinator")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
 
 
 def hello_of(node: Identity) -> pb.NodeHello:
