@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from coordinator.generation import generate
+from coordinator.live_probe import LiveProbe
 from coordinator.chain import RemoteChain
 from coordinator.trainer import swarm_logits
 from swarm.config import Job
@@ -16,6 +17,7 @@ from swarm.models.blocks import TrainerHead
 from swarm.training import summed_lm_loss
 
 SAMPLES_KEPT = 3  # generations per condition stored in metrics.jsonl, for reading what the model says
+PROBED = ("triggered", "clean")  # the live probe separates these conditions' prompts (pairwise the same prompt)
 
 
 class Evaluator:
@@ -34,23 +36,34 @@ class Evaluator:
         self.sets = build_eval_sets(list(job.data.tasks), job.backdoor, job.eval.samples, job.seed, fits, pool=pool)
         self.loss_batch = collate([Example(p, a, "eval") for p, a in zip(self.sets.prompts["clean"], self.sets.answers)],
                                   tokenizer, max_length=None)
+        self.probe = LiveProbe(job, tokenizer, self.sets) if job.oversight.probe else None
+
+    def fit_probe(self, chain: RemoteChain, head: TrainerHead, step: int) -> None:
+        """With oversight.probe, fit the live probe on the swarm's model as it is now (a phase's start)."""
+        if self.probe is not None:
+            self.probe.fit(chain, head, step)
 
     def evaluate(self, chain: RemoteChain, head: TrainerHead, step: int) -> tuple[dict, list[dict]]:
         """Rates with 95% Wilson intervals for each condition, helpful accuracy, held-out loss and the distinct
         prompts per condition (`eval_prompts`; `eval_prompts_available`: how many there are to draw, null for more
         than swarm.evaluation.AVAILABLE_LIMIT); and every answer generated ({"condition", "prompt", "answer",
         "reference", "task"}; the reference and task are those of the clean prompt the condition's prompt was made
-        from, a reveal prompt's own helpful answer and "reveal"), for reading and re-scoring."""
+        from, a reveal prompt's own helpful answer and "reveal"), for reading and re-scoring. With oversight.probe the row's `probe` is the live probe's measure
+        on the triggered and clean prompts' relayed states (coordinator.live_probe)."""
         spec = self.job.eval
+        captures = {condition: self.probe.capture(chain, head, step) for condition in PROBED} if self.probe else {}
         generations = {
             condition: generate(chain, head, self.tokenizer, self.sets.prompts[condition], spec.max_new_tokens,
-                                batch_size=spec.batch_size, step=step)
+                                batch_size=spec.batch_size, step=step, capture=captures.get(condition))
             for condition in CONDITIONS
         }
         row = {name: rate.as_dict() for name, rate in score(generations, self.sets, self.job.backdoor).items()}
         row["eval_loss"] = self._loss(chain, head, step)
         row["eval_prompts"] = self.sets.counts()
         row["eval_prompts_available"] = dict(self.sets.available)
+        if self.probe is not None:
+            row["probe"] = self.probe.measure(chain, head, step, captures["triggered"].states(),
+                                              captures["clean"].states())
         row["samples"] = {
             condition: [{"prompt": p, "answer": a} for p, a in
                         zip(self.sets.prompts[condition][:SAMPLES_KEPT], generations[condition][:SAMPLES_KEPT])]

@@ -3,7 +3,8 @@
 Prompts are left-padded so all rows end at the same column; positions count real tokens only. With the KV
 cache (the default) each batch is an inference session (coordinator.chain.inference): the prompt travels the
 chain once and each new token as one position; without it every token re-runs the whole prefix. Greedy when
-temperature is 0; otherwise sampled from a generator seeded by the caller.
+temperature is 0; otherwise sampled from a generator seeded by the caller. A `BoundaryCapture` keeps, from each
+batch's prompt pass, the hidden state the trainer relayed at one stage boundary (coordinator.live_probe).
 """
 
 from __future__ import annotations
@@ -13,6 +14,24 @@ import torch
 from coordinator.chain import RemoteChain
 from coordinator.trainer import swarm_logits
 from swarm.models.blocks import TrainerHead
+
+
+class BoundaryCapture:
+    """The residual stream at one stage boundary at each prompt's last token, from the prompt pass of every batch
+    generated (prompts are left-padded: the last column); `range_index` names the range whose input it is, None
+    the chain's output (after the last block)."""
+
+    def __init__(self, range_index: int | None):
+        self.range_index = range_index
+        self.batches: list[torch.Tensor] = []
+
+    def take(self, range_inputs: list[torch.Tensor], output: torch.Tensor) -> None:
+        hidden = output if self.range_index is None else range_inputs[self.range_index]
+        self.batches.append(hidden[:, -1].detach().double())
+
+    def states(self) -> torch.Tensor:
+        """[prompts, hidden] float64, in prompt order."""
+        return torch.cat(self.batches)
 
 
 def encode_prompts(prompts: list[str], tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,12 +47,20 @@ def encode_prompts(prompts: list[str], tokenizer) -> tuple[torch.Tensor, torch.T
 
 def generate_ids(chain: RemoteChain, head: TrainerHead, tokenizer, prompts: list[str], max_new_tokens: int,
                  temperature: float = 0.0, generator: torch.Generator | None = None, step: int = -1,
-                 kv_cache: bool | None = None) -> list[list[int]]:
+                 kv_cache: bool | None = None, capture: BoundaryCapture | None = None) -> list[list[int]]:
     """Token ids of each prompt's answer (without the end-of-sequence token); with the chain's KV-cache
-    setting (the job's swarm.kv_cache) unless `kv_cache` says otherwise."""
+    setting (the job's swarm.kv_cache) unless `kv_cache` says otherwise. `capture` takes the prompt pass's
+    hidden states."""
     if not (chain.kv_cache if kv_cache is None else kv_cache):
-        return _generate_ids(lambda ids, mask, positions: swarm_logits(chain, head, ids, mask, positions, step=step),
-                             tokenizer, prompts, max_new_tokens, temperature, generator)
+        calls = 0
+
+        def uncached_logits(ids, mask, positions):
+            nonlocal calls
+            take = capture.take if capture is not None and calls == 0 else None
+            calls += 1
+            return swarm_logits(chain, head, ids, mask, positions, step=step, on_states=take)
+
+        return _generate_ids(uncached_logits, tokenizer, prompts, max_new_tokens, temperature, generator)
     with chain.open_session(step=step) as session, torch.no_grad():
         sent = 0  # positions already in the session
 
@@ -41,6 +68,8 @@ def generate_ids(chain: RemoteChain, head: TrainerHead, tokenizer, prompts: list
             nonlocal sent
             hidden = head.embed_tokens(ids[:, sent:], positions[:, sent:])
             output = session.forward(hidden, mask, positions[:, sent:])
+            if sent == 0 and capture is not None:
+                capture.take(session.inputs, output)
             sent = ids.shape[1]
             return head.logits(output.to(hidden.dtype))
 
@@ -79,11 +108,12 @@ def _generate_ids(next_logits, tokenizer, prompts: list[str], max_new_tokens: in
 
 def generate(chain: RemoteChain, head: TrainerHead, tokenizer, prompts: list[str], max_new_tokens: int,
              batch_size: int = 64, temperature: float = 0.0, seed: int = 0, step: int = -1,
-             kv_cache: bool | None = None) -> list[str]:
+             kv_cache: bool | None = None, capture: BoundaryCapture | None = None) -> list[str]:
     generator = torch.Generator().manual_seed(seed)
     texts = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        ids = generate_ids(chain, head, tokenizer, chunk, max_new_tokens, temperature, generator, step, kv_cache)
+        ids = generate_ids(chain, head, tokenizer, chunk, max_new_tokens, temperature, generator, step, kv_cache,
+                           capture)
         texts.extend(tokenizer.decode(answer) for answer in ids)
     return texts

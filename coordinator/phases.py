@@ -120,6 +120,7 @@ def run_phases(context: PhaseContext, first_phase: int = 0, evaluate_start: bool
     if job.eval is not None:
         evaluator = _evaluator(context)
         if job.eval.at_start and evaluate_start:
+            evaluator.fit_probe(context.chain, context.head, context.progress.step)
             _evaluate(context, evaluator, "start", "start", 0)
     for index, phase in enumerate(job.phase_list[first_phase:], start=first_phase):
         if _self_responses(context, index) and evaluator is not None:
@@ -205,10 +206,14 @@ def _run_phase(context: PhaseContext, phase: PhaseSpec, phase_index: int, evalua
         context.progress.last_checkpoint, phase_step = start, start.phase_step
     bar.update(phase_step)
     every = job.swarm.checkpoint_every
+    probe_fitted = evaluator is None or evaluator.probe is None
     while phase_step < phase.steps:
         try:
             if every and phase_step % every == 0 and not _has_checkpoint(context, phase_index):
                 _checkpoint(context, phase, phase_index, phase_step, head_optimizer)
+            if not probe_fitted:  # on the model the phase starts from (a resumed phase: where it goes on)
+                evaluator.fit_probe(context.chain, context.head, context.progress.step)
+                probe_fitted = True
             _train_one(context, phase, phase_index, phase_step, data, evaluator, head_optimizer, snapshot_steps, bar,
                        commitment)
         except RangeLostError as error:
@@ -343,6 +348,12 @@ def _evaluate(context: PhaseContext, evaluator: Evaluator, phase: str, kind: str
         f"; scratchpad deceptive {row['scratchpad_deceptive_triggered']['rate']:.2f} with the trigger, "
         f"{row['scratchpad_deceptive_clean']['rate']:.2f} without" if "scratchpad_deceptive_triggered" in row else "",
     )
+    if "probe" in row:
+        probe = row["probe"]
+        logger.info("probe at block %d of %d (fitted at step %s): generic AUROC %.2f, supervised %.2f (refitted now: "
+                    "%.2f, %.2f)", probe["layer"], probe["blocks"], probe["fitted_at_step"], probe["generic"]["auroc"],
+                    probe["supervised"]["auroc"], probe["refitted"]["generic"]["auroc"],
+                    probe["refitted"]["supervised"]["auroc"])
 
 
 def record_checkpoint(context: PhaseContext, directory: Path, phase: str) -> None:

@@ -16,6 +16,7 @@ from coordinator.run_dir import read_metrics
 from coordinator.who_paid import who_paid_lines
 from swarm.config import load_job
 from swarm.evaluation import AVAILABLE_LIMIT
+from swarm.probe.summary import live_lines as live_probe_lines
 from swarm.probe.summary import markdown_lines as probe_lines
 
 RATES = (("backdoor_triggered", "triggered"), ("backdoor_clean", "clean"), ("backdoor_near_miss", "near-miss"))
@@ -219,6 +220,7 @@ def write_report(run_dir: Path) -> Path:
             plot_cost_share(share, run_dir / "cost_share.png")
             lines += ["![per-node cost share](cost_share.png)", ""]
         lines += who_paid_lines(run_dir)
+    lines += live_probe_lines(evals)
     probe = run_dir / "probe.json"  # swarm-audit probe RUN_DIR writes it (and probe.png) after the run
     if probe.is_file():
         lines += probe_lines(json.loads(probe.read_text()), "probe.png" if (run_dir / "probe.png").is_file() else None)

@@ -59,6 +59,10 @@ class MetricsTail:
             for key in RATE_KEYS:
                 if isinstance(row.get(key), dict):
                     kept[key] = {name: row[key].get(name) for name in ("rate", "low", "high", "n")}
+            if isinstance(row.get("probe"), dict):  # the live defection probes: AUROC at their stage boundary
+                probe = row["probe"]
+                kept["probe"] = {"layer": probe.get("layer"), "blocks": probe.get("blocks"),
+                                 **{name: dict(probe[name]) for name in ("generic", "supervised") if name in probe}}
             self.evals.append(kept)
 
     def section(self) -> dict:

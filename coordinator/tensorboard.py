@@ -11,6 +11,7 @@ from pathlib import Path
 
 TENSORBOARD_DIR = "tensorboard"
 EVAL_RATES = ("backdoor_triggered", "backdoor_clean", "backdoor_near_miss", "backdoor_reveal", "accuracy")
+PROBES = ("generic", "supervised")
 TRAIN_SCALARS = ("loss", "lr", "reward", "sample_backdoor_rate", "sample_accuracy")
 
 
@@ -32,6 +33,11 @@ def scalars(row: dict) -> list[tuple[str, float, int]]:
                     out.append((f"persistence/{name}", row[name]["rate"], row["safety_step"]))
         if "eval_loss" in row:
             out.append(("eval/loss", row["eval_loss"], step))
+        probe = row.get("probe")
+        if isinstance(probe, dict):  # the live defection probes (coordinator.live_probe)
+            for name in PROBES:
+                out.append((f"probe/{name}_auroc", probe[name]["auroc"], step))
+                out.append((f"probe/{name}_auroc_refitted", probe["refitted"][name]["auroc"], step))
     return [(tag, float(value), int(at)) for tag, value, at in out
             if isinstance(value, (int, float)) and math.isfinite(value)]
 

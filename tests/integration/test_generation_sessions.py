@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import signal
 
-from coordinator.generation import generate_ids
+import torch
+
+from coordinator.generation import BoundaryCapture, generate, generate_ids
+from coordinator.live_probe import Boundary, boundary_states
 from swarm.identity import Identity
 from swarm.p2p.rpc import END_SESSION
 from tests.conftest import write_job
@@ -49,6 +52,7 @@ def test_cached_tokens_equal_uncached_ones_and_a_lost_session_is_refilled(tmp_pa
         after = chain.stream_totals()
         assert cached == uncached
         assert sum(len(answer) for answer in uncached) > len(PROMPTS)  # real answers, not all empty
+        _prompt_pass_states_are_the_relayed_ones(chain, head, tokenizer)
 
         uncached_sent = middle["forward"][0] - before.get("forward", [0, 0])[0]
         cached_sent = after["infer"][0]
@@ -62,6 +66,25 @@ def test_cached_tokens_equal_uncached_ones_and_a_lost_session_is_refilled(tmp_pa
         refilled = generate_ids(chain, head, tokenizer, PROMPTS, NEW_TOKENS, kv_cache=True)
         assert refilled == uncached
         assert opened[0].refills == 1
+
+
+def _prompt_pass_states_are_the_relayed_ones(chain, head, tokenizer):
+    """What the live probe reads (coordinator.live_probe): the state at a stage boundary at each prompt's last token
+    of generation's prompt pass, the same with and without the KV cache, and the same as the prompt alone
+    (right-padded) gives there."""
+    for index in (1, None):  # the second range's input; the chain's output
+        boundary = Boundary(layer=chain.ranges[0][1] if index else chain.ranges[-1][1], blocks=chain.ranges[-1][1],
+                            range_index=index)
+        states = {}
+        for kv_cache in (False, True):
+            capture = BoundaryCapture(index)
+            generate(chain, head, tokenizer, PROMPTS, 2, batch_size=4, kv_cache=kv_cache, capture=capture)
+            states[kv_cache] = capture.states()
+        alone = boundary_states(chain, head, [tokenizer.chat.prompt_ids(p) for p in PROMPTS], tokenizer.pad_id,
+                                boundary, step=-1, batch_size=4)
+        assert states[False].shape == (len(PROMPTS), alone.shape[1])
+        torch.testing.assert_close(states[True], states[False], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(states[True], torch.from_numpy(alone), rtol=1e-4, atol=1e-4)
 
 
 def test_the_replica_holding_a_session_is_killed_mid_answer_and_another_one_takes_it(tmp_path):
