@@ -4,6 +4,9 @@ recomputes from the run directory with plain transformers + peft, no node involv
 
 from __future__ import annotations
 
+import re
+import shutil
+
 import pytest
 
 from coordinator.run_dir import read_metrics
@@ -71,3 +74,22 @@ def test_the_live_probe_equals_the_offline_probe_on_the_same_models_and_prompts(
             measured, recomputed = live["refitted"][name], offline[phase][name]
             for key in ("auroc", "low", "high"):
                 assert measured[key] == pytest.approx(recomputed[key], abs=2e-3), (phase, name, measured, recomputed)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="headless Chromium not installed")
+def test_the_status_page_and_tensorboard_show_the_probe(probed_run, processes):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.integration.test_status_page import dump_dom
+
+    last = _evaluations(probed_run)[-1]
+    events = EventAccumulator(str(probed_run / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("probe/generic_auroc")][-1] == (
+        last["step"], pytest.approx(last["probe"]["generic"]["auroc"], rel=1e-6))
+    code, output = finish(processes("-m", "coordinator.cli", "report", str(probed_run)), timeout=120)
+    assert code == 0, output
+    dom = dump_dom((probed_run / "status.html").as_uri())
+    shown = re.search(r'id="probe-note" data-value="([^"]+)">AUROC at block (\d+) of 6', dom)
+    assert shown is not None, dom[-3000:]
+    assert float(shown.group(1)) == last["probe"]["generic"]["auroc"] and int(shown.group(2)) == last["probe"]["layer"]
