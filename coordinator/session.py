@@ -30,6 +30,7 @@ from swarm.errors import JoinTimeoutError, SwarmError
 from swarm.identity import Identity
 from swarm.models.blocks import TrainerHead
 from swarm.models.checkpoint import DTYPES, Checkpoint, tensors_sha256
+from swarm.node_state import GONE, GONE_OR_LEAVING, NodeState
 from swarm.p2p.announce import find_replicas
 from swarm.p2p.event_loop import LoopThread
 from swarm.proto import control_pb2 as pb
@@ -159,12 +160,12 @@ class SwarmSession:
         records = {record.node_id: record for record in self.nodes + self.joining}
         for stage in list(self.chain.stages):
             state = self.membership.state_of(stage.node_id)
-            if state in ("down", "left", "failed"):
+            if state in GONE:
                 self.chain.drop(stage, f"its node is {state}")
-            elif state == "leaving" and len(self._group_of(stage)) > 1:
+            elif state is NodeState.LEAVING and len(self._group_of(stage)) > 1:
                 self.chain.drop(stage, "it left, handing its range over at a step boundary")
                 release_node(self.membership, records[stage.node_id], "taken out of the chain; goodbye")
-        for record in [r for r in self.joining if r.state == "leaving"]:
+        for record in [r for r in self.joining if r.state is NodeState.LEAVING]:
             self.joining.remove(record)
             release_node(self.membership, record, "left before serving")
         for index, group in enumerate(self.chain.groups):
@@ -172,7 +173,7 @@ class SwarmSession:
                 raise self.chain.lost(index)
         wanted = self._ranges_wanting_replicas()
         known = {record.node_id for record in self.nodes + self.joining}
-        for record in self.membership.nodes("joined"):
+        for record in self.membership.nodes(NodeState.JOINED):
             if not wanted or record.node_id in known:
                 continue
             blocks = min(wanted, key=lambda b: (wanted[b], b.start))
@@ -182,10 +183,10 @@ class SwarmSession:
             self.joining.append(record)
             wanted = self._ranges_wanting_replicas()
         for record in list(self.joining):
-            if record.state in ("failed", "down", "left"):
+            if record.state in GONE:
                 logger.warning("node %s dropped out before serving blocks %s", record.node_id, record.blocks)
                 self.joining.remove(record)
-            elif record.state == "ready":
+            elif record.state is NodeState.READY:
                 self._add_to_chain(record, phase, kind, last_step)
 
     def recover(self, error: RangeLostError) -> None:
@@ -211,26 +212,26 @@ class SwarmSession:
     def _fill_range(self, blocks: BlockRange, deadline: float) -> bool:
         """One try at putting a node on `blocks`, a range with no replica; False: not yet (no node free, or
         the one chosen dropped out)."""
-        for record in [r for r in self.joining if r.state in ("failed", "down", "left", "leaving")]:
+        for record in [r for r in self.joining if r.state in GONE_OR_LEAVING]:
             self.joining.remove(record)
         record = next((r for r in self.joining if r.blocks == blocks), None)
         if record is None:
             known = {r.node_id for r in self.nodes + self.joining}
-            free = [r for r in self.membership.nodes("joined") if r.node_id not in known]
+            free = [r for r in self.membership.nodes(NodeState.JOINED) if r.node_id not in known]
             if not free:
-                self.membership.wait_until(lambda m: any(r.node_id not in known for r in m.nodes("joined")),
+                self.membership.wait_until(lambda m: any(r.node_id not in known for r in m.nodes(NodeState.JOINED)),
                                            timeout=1.0)
                 return False
             record = free[0]
             _assign(record, blocks, self.checkpoint, self.job, self.job_id, self.model_id, self.audit,
                     trainer_peer_id=self.trainer_peer_id)
             self.joining.append(record)
-        while record.state != "ready":
-            if record.state in ("failed", "down", "left", "leaving") or time.monotonic() > deadline:
+        while record.state is not NodeState.READY:
+            if record.state in GONE_OR_LEAVING or time.monotonic() > deadline:
                 logger.warning("node %s did not take over blocks %s (%s)", record.node_id, blocks,
                                record.failure or record.state)
                 return False
-            self.membership.wait_until(lambda m: record.state != "assigned", timeout=0.5)
+            self.membership.wait_until(lambda m: record.state is not NodeState.ASSIGNED, timeout=0.5)
         while (stage := self._announced(record)) is None:
             if time.monotonic() > deadline:
                 return False
@@ -251,7 +252,7 @@ class SwarmSession:
         """A replica taken out of the chain after a failure: if its node still runs (a call timed out, say), it
         is told to stop rather than wait for calls that will not come (a dead one just goes down)."""
         record = next((r for r in self.nodes if r.node_id == stage.node_id), None)
-        if record is not None and record.state == "ready":
+        if record is not None and record.state is NodeState.READY:
             record.send(finish=pb.Finish(reason=f"taken out of the chain: {reason}"))
 
     def _group_of(self, stage: RemoteStage) -> list[RemoteStage]:
@@ -260,7 +261,7 @@ class SwarmSession:
     def _ranges_wanting_replicas(self) -> dict[BlockRange, int]:
         """Ranges that take another replica, with how many they have or are getting: with `replicas: auto`
         every range; with R replicas, those with fewer than R."""
-        counts = {BlockRange(g[0].start, g[0].end): sum(self.membership.state_of(s.node_id) != "leaving" for s in g)
+        counts = {BlockRange(g[0].start, g[0].end): sum(self.membership.state_of(s.node_id) is not NodeState.LEAVING for s in g)
                   for g in self.chain.groups if g}
         for record in self.joining:
             counts[record.blocks] = counts.get(record.blocks, 0) + 1
@@ -320,7 +321,7 @@ def _wait_for_nodes(membership: Membership, job: Job, local: LocalNodes | None, 
     _wait_for_joined(membership, needed, job.swarm.join_timeout_s, local, lambda joined: (
         f"only {joined} of the {needed} nodes the job needs (swarm.min_nodes) joined within "
         f"{job.swarm.join_timeout_s:.0f} s (swarm.join_timeout_s); start more with: {join}"))
-    return membership.nodes("joined")
+    return membership.nodes(NodeState.JOINED)
 
 
 def _wait_for_joined(membership: Membership, count: int, timeout_s: float, local: LocalNodes | None,
@@ -328,10 +329,10 @@ def _wait_for_joined(membership: Membership, count: int, timeout_s: float, local
     """Until `count` nodes have joined; a local node that exits ends the wait at once, a timeout with
     JoinTimeoutError(message(nodes joined))."""
     deadline = time.monotonic() + timeout_s
-    while not membership.wait_until(lambda m: len(m.nodes("joined")) >= count, timeout=0.5):
+    while not membership.wait_until(lambda m: len(m.nodes(NodeState.JOINED)) >= count, timeout=0.5):
         _check_local_nodes(local)
         if time.monotonic() > deadline:
-            raise JoinTimeoutError(message(len(membership.nodes("joined"))))
+            raise JoinTimeoutError(message(len(membership.nodes(NodeState.JOINED))))
 
 
 def _assign_blocks(nodes: list[NodeRecord], checkpoint: Checkpoint, job: Job, job_id: str, model_id: str,
@@ -363,7 +364,7 @@ def _assign(record: NodeRecord, blocks: BlockRange, checkpoint: Checkpoint, job:
     `join` event records the trainer peer its welcome named (the only peer it serves on the data plane)."""
     expected = _expected_shard_sha256(checkpoint, job, blocks) if expected is None else expected
     record.blocks = blocks
-    record.state = "assigned"
+    record.state = NodeState.ASSIGNED
     audit.register_node(record.public_key, hostname=record.hello.hostname, device=record.hello.device,
                         version=record.hello.version, trainer_peer_id=trainer_peer_id)
     audit.append_event("assignment", node_id=record.node_id, block_start=blocks.start, block_end=blocks.end,
@@ -378,15 +379,16 @@ def _assign(record: NodeRecord, blocks: BlockRange, checkpoint: Checkpoint, job:
 
 def _wait_until_ready(membership: Membership, nodes: list[NodeRecord], job: Job, local: LocalNodes | None) -> None:
     deadline = time.monotonic() + job.swarm.join_timeout_s
-    while not membership.wait_until(lambda m: all(r.state == "ready" for r in nodes), timeout=0.5):
+    while not membership.wait_until(lambda m: all(r.state is NodeState.READY for r in nodes), timeout=0.5):
         for record in nodes:
-            if record.state == "failed":
+            state = record.state
+            if state is NodeState.FAILED:
                 raise SwarmError(f"node {record.node_id} could not serve blocks {record.blocks}: {record.failure}")
-            if record.state in ("down", "left"):
+            if state in GONE:
                 raise SwarmError(f"node {record.node_id} disconnected before serving blocks {record.blocks}")
         _check_local_nodes(local)
         if time.monotonic() > deadline:
-            waiting = [r.node_id for r in nodes if r.state != "ready"]
+            waiting = [r.node_id for r in nodes if r.state is not NodeState.READY]
             raise JoinTimeoutError(f"nodes {', '.join(waiting)} did not load their blocks within {job.swarm.join_timeout_s:.0f} s")
 
 
@@ -425,5 +427,5 @@ def _record_departures(audit: AuditLog, nodes: list[NodeRecord]) -> None:
     """A `leave` event for every registered node the control plane saw leave, fail or disconnect."""
     registered = audit.node_keys()
     for record in nodes:
-        if record.node_id in registered and record.state in ("left", "failed", "down"):
+        if record.node_id in registered and record.state in GONE:
             audit.append_event("leave", node_id=record.node_id, state=record.state, reason=record.failure)
