@@ -48,6 +48,7 @@ from swarm.evaluation import evaluation_pool
 from swarm.lora import save_peft_adapter
 from swarm.models.blocks import TrainerHead
 from swarm.models.checkpoint import Checkpoint
+from swarm.traffic import carried_between, per_stream_json
 from swarm.training import learning_rate, make_optimizer
 
 logger = logging.getLogger("swarm.coordinator")
@@ -253,7 +254,7 @@ def _train_one(context: PhaseContext, phase: PhaseSpec, phase_index: int, phase_
         "step": context.progress.step, "safety_step": context.progress.safety_step, "loss": result.loss, "tokens": result.tokens,
         "seconds": round(result.seconds, 6), "lr": lr, "bytes_sent": context.chain.bytes_sent,
         "bytes_received": context.chain.bytes_received,
-        "stream_bytes": _stream_delta(streams_before, context.chain.stream_totals()), **extra,
+        "stream_bytes": per_stream_json(carried_between(streams_before, context.chain.stream_totals())), **extra,
     })
     context.progress.step += 1
     if context.audit is not None and context.progress.step % job.audit.tree_head_every == 0:
@@ -358,16 +359,6 @@ def _record_file(context: PhaseContext, path: Path, **fields) -> None:
         digest = hashlib.file_digest(handle, "sha256").hexdigest()
     context.audit.append_event("checkpoint", path=str(path.relative_to(context.run_dir)), sha256=digest,
                                bytes=path.stat().st_size, **fields)
-
-
-def _stream_delta(before: dict[str, list[int]], after: dict[str, list[int]]) -> dict[str, dict[str, int]]:
-    """Bytes each stream carried during one step (RL sampling included), on the trainer's side of the wire."""
-    delta = {}
-    for stream, (sent, received) in sorted(after.items()):
-        earlier = before.get(stream, [0, 0])
-        if (sent, received) != tuple(earlier):
-            delta[stream] = {"sent": sent - earlier[0], "received": received - earlier[1]}
-    return delta
 
 
 def _head_state(head: TrainerHead) -> dict[str, torch.Tensor]:

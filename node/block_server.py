@@ -33,6 +33,7 @@ from swarm.p2p.rpc import (ADAPTER, ADMIT, AVERAGE, BACKWARD, END_SESSION, FETCH
                            PHASE, REPLICA_STATE, RESTORE, STEP, STEP_STATE, SYNC, WEIGHTS, reply_tensor_count)
 from swarm.p2p.tensors import CHUNK_BYTES, aiter_list, from_messages, to_messages
 from swarm.proto.blocks_pb2 import CallMeta, CallResult
+from swarm.traffic import Traffic
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +55,10 @@ class BlockServer:
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarm-compute")
         self.bytes_received = 0
         self.bytes_sent = 0
-        self.step_bytes: dict[int, list[int]] = {}  # step id -> [sent, received] by its training calls
+        self.step_bytes: dict[int, Traffic] = {}  # step id -> what its training calls moved
         self.last_attestation: tuple[Attestation, SignedAttestation] | None = None
         self.reducer = GradientReducer(job_id, shard.start, shard.end)
-        self.averaging_bytes = [0, 0]  # [sent, received] summing the last step's gradients with replicas
+        self.averaging_bytes = Traffic()  # what summing the last step's gradients with the replicas moved
         self.admitted: set[PeerID] = set()  # new replicas the trainer allowed to fetch this node's state once
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -141,8 +142,8 @@ class BlockServer:
                 )
             reply_codec = codec_type(meta.reply_codec or "none")
             if trains(meta):
-                step_bytes = self.step_bytes.setdefault(meta.step, [0, 0])
-                step_bytes[1] += received
+                step_bytes = self.step_bytes.setdefault(meta.step, Traffic())
+                step_bytes.add(received=received)
             loop = asyncio.get_running_loop()
             result, outputs = await loop.run_in_executor(self.compute, work, meta, tensors)
             codec = reply_codec
@@ -157,7 +158,7 @@ class BlockServer:
         for message in to_messages(runtime_pb2.ExpertResponse, result.SerializeToString(), outputs, codec):
             self.bytes_sent += message.ByteSize()
             if step_bytes is not None:
-                step_bytes[0] += message.ByteSize()
+                step_bytes.add(sent=message.ByteSize())
             yield message
 
     def _forward(self, requests, context: P2PContext):
@@ -203,8 +204,8 @@ class BlockServer:
                 attestation, signed = self.last_attestation = self._apply_and_attest(meta)
             return CallResult(status=CallResult.OK, compute_seconds=attestation.compute_seconds,
                               tokens=attestation.tokens, attestation=signed.payload, signature=signed.signature,
-                              averaging_bytes_sent=self.averaging_bytes[0],
-                              averaging_bytes_received=self.averaging_bytes[1]), []
+                              averaging_bytes_sent=self.averaging_bytes.sent,
+                              averaging_bytes_received=self.averaging_bytes.received), []
 
         return self._serve(requests, context, work, trains=lambda meta: True)
 
@@ -212,7 +213,7 @@ class BlockServer:
         shard = self.shard
         if shard.phase_name and meta.phase != shard.phase_name:
             raise ValueError(f"step {meta.step} is for phase {meta.phase!r}; this node is in {shard.phase_name!r}")
-        group, averaged = list(meta.replica_nodes), [0, 0]
+        group, averaged = list(meta.replica_nodes), Traffic()
         if len(meta.replica_peers) > 1:
             if len(group) != len(meta.replica_peers) or self.identity.fingerprint not in group:
                 raise ValueError("the replica group must name one node per peer, this node among them")
@@ -223,15 +224,14 @@ class BlockServer:
                 future = asyncio.run_coroutine_threadsafe(
                     self.reducer.reduce(meta.step, peers, meta.averaging_codec or "none", gradient, timeout), self.loop)
                 result = future.result()
-                averaged[0], averaged[1] = result.bytes_sent, result.bytes_received
+                averaged.sent, averaged.received = result.bytes_sent, result.bytes_received
                 return result.gradient
         else:
             group, reduce = [], None
         work = shard.apply_step(meta.step, meta.learning_rate, reduce)
         if work is None:
             raise ValueError(f"step {meta.step} is older than the last applied step {shard.last_applied_step}")
-        sent, received = self.step_bytes.pop(meta.step, (0, 0))
-        sent, received = sent + averaged[0], received + averaged[1]
+        moved = self.step_bytes.pop(meta.step, Traffic()) + averaged
         for step in [step for step in self.step_bytes if step < meta.step]:
             del self.step_bytes[step]
         attestation = Attestation(
@@ -241,7 +241,7 @@ class BlockServer:
             adapter_sha256_before=work.weights_sha256_before, adapter_sha256_after=work.weights_sha256_after,
             optimizer_sha256_before=work.optimizer_sha256_before, optimizer_sha256_after=work.optimizer_sha256_after,
             gradient_sketch=tuple(work.gradient_sketch), tokens=work.tokens, compute_seconds=work.compute_seconds,
-            bytes_sent=sent, bytes_received=received, averaged_with=tuple(group),
+            bytes_sent=moved.sent, bytes_received=moved.received, averaged_with=tuple(group),
             local_gradient_sketch=tuple(work.local_gradient_sketch),
         )
         self.averaging_bytes = averaged
