@@ -61,7 +61,8 @@ def take_over(context: PhaseContext, phase: PhaseSpec, phase_index: int, error: 
         logger.warning("%s; taking the range over from the checkpoint before step %d", error, checkpoint.step)
         context.swarm.recover(error)
         try:
-            context.chain.load_state(phase.name, phase.kind, checkpoint.last_step, checkpoint_states(context, checkpoint),
+            context.chain.load_state(phase.name, phase.kind, checkpoint.last_step,
+                                     checkpoint_states(context, checkpoint),
                                      str(checkpoint.path.relative_to(context.run_dir)))
             break
         except RangeLostError as again:  # another range went while rolling back

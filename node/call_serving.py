@@ -55,10 +55,13 @@ class CallServing:
         if meta.job_id != self.job_id:
             raise ValueError(f"unknown job id {meta.job_id!r}")
         if (meta.block_start, meta.block_end) != (self.blocks.start, self.blocks.end):
-            raise ValueError(f"this node serves blocks {self.blocks}, not {BlockRange(meta.block_start, meta.block_end)}")
+            raise ValueError(
+                f"this node serves blocks {self.blocks}, not {BlockRange(meta.block_start, meta.block_end)}"
+            )
 
     async def serve(self, requests: AsyncIterator, context: P2PContext, work: Work,
-                    trains: Callable[[CallMeta], bool] = lambda meta: False) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+                    trains: Callable[[CallMeta], bool] = lambda meta: False
+                    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """Check the caller is the job's trainer and the call belongs to this job and range, then run
         `work(meta, tensors)` on the compute thread.
 

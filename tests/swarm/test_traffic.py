@@ -34,7 +34,8 @@ def test_what_streams_carried_between_two_totals_leaves_out_those_that_carried_n
     before = {"forward": Traffic(10, 10), "step": Traffic(3, 3)}
     after = {"step": Traffic(3, 3), "forward": Traffic(25, 12), "backward": Traffic(4, 0)}
     carried = carried_between(before, after)
-    assert carried == {"backward": Traffic(4, 0), "forward": Traffic(15, 2)} and list(carried) == ["backward", "forward"]
+    assert carried == {"backward": Traffic(4, 0), "forward": Traffic(15, 2)}
+    assert list(carried) == ["backward", "forward"]
 
 
 def test_the_json_form_is_sent_then_received_and_reads_back_with_a_missing_direction_as_zero():
