@@ -34,6 +34,7 @@ from coordinator.prepared_job import RunOptions, prepare_job  # noqa: E402
 from coordinator.session import SwarmSession  # noqa: E402
 from coordinator.run_dir import create_run_dir  # noqa: E402
 from swarm.logs import setup_logging  # noqa: E402
+from swarm.node_state import NodeState  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -68,7 +69,7 @@ def one_join(job_file: Path, run_dir: Path, threads: int) -> dict[str, float]:
             records = session.membership.nodes()
             if records and "registered" not in times:
                 times["registered"] = time.perf_counter() - started
-            if records and records[0].state == "ready" and "ready" not in times:
+            if records and records[0].state is NodeState.READY and "ready" not in times:
                 times["ready"] = time.perf_counter() - started
             if node.poll() is not None or time.perf_counter() - started > 120:
                 raise SystemExit(f"the node did not join; its log:\n{(run_dir / 'node.log').read_text()[-2000:]}")

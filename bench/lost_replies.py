@@ -29,6 +29,7 @@ from coordinator.prepared_job import RunOptions, prepare_job  # noqa: E402
 from coordinator.run_dir import create_run_dir  # noqa: E402
 from coordinator.session import SwarmSession  # noqa: E402
 from swarm.logs import setup_logging  # noqa: E402
+from swarm.traffic import Traffic  # noqa: E402
 
 
 class LostReplies(logging.Handler):
@@ -72,11 +73,11 @@ def main() -> None:
             list(pool.map(forward, range(args.forwards)))
         seconds = time.perf_counter() - started
         calls = args.forwards * len(chain.ranges)
-        retried = chain.stream_totals().get("retried", [0, 0])
+        retried = chain.stream_totals().get("retried", Traffic())
     logs = "".join(path.read_text(errors="replace") for path in (run_dir / "nodes").glob("*.log"))
     retries = lost.count
     print(f"{calls} calls ({args.forwards} chain forwards from {args.threads} threads) in {seconds:.0f} s")
-    print(f"asked again after a lost reply: {retries} ({retried[0]} bytes re-sent); "
+    print(f"asked again after a lost reply: {retries} ({retried.sent} bytes re-sent); "
           f"closed before the reply on the nodes: {len(re.findall('the stream closed while', logs))}")
 
 

@@ -17,7 +17,8 @@ from coordinator.chain import RemoteChain
 from coordinator.control_service import query_peak_memory
 from coordinator.cost_share import BASELINE_FILE
 from coordinator.membership import NodeRecord
-from coordinator.phases import PhaseContext, record_checkpoint, run_phases
+from coordinator.phase_context import PhaseContext, record_checkpoint
+from coordinator.phases import run_phases
 from coordinator.prepared_job import PreparedJob, RunOptions, prepare_job
 from coordinator.report import write_report
 from coordinator.resume import (ResumeError, ResumePoint, find_resume_point, prepare_run_dir, restore_context,

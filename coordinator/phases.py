@@ -11,100 +11,46 @@ first step its data manifest is signed, and every batch is checked against it (c
 
 With `data.responses: self` the LoRA phases train on the model's own answers, made through the swarm (or reused
 from the run's audited file) right before the first LoRA phase: coordinator.self_responses.
+
+The loop runs with a `PhaseContext` (coordinator.phase_context); step checkpoints, and taking a lost range over
+from the latest one, are coordinator.takeover's.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import random
 import shutil
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from coordinator.evaluator import Evaluator
-from coordinator.chain import RangeLostError, RemoteChain
+from coordinator.chain import RangeLostError
 from coordinator.data_commitment import PhaseCommitment, commit_phase_data
+from coordinator.evaluator import Evaluator
+from coordinator.phase_context import PhaseContext, audit_event, phase_dir, record_checkpoint, record_file
 from coordinator.rl import rl_batch
+from coordinator.run_dir import nan_to_null
 from coordinator.self_responses import needs_self_responses, obtain_self_responses, swarm_answerer
-from coordinator.run_dir import MetricsLog, done_before, nan_to_null
 from coordinator.start_adapter import start_adapter_record
-from coordinator.step_checkpoint import StepCheckpoint, head_state, load_head_state, write_step_checkpoint
+from coordinator.step_checkpoint import StepCheckpoint, load_head_state
+from coordinator.takeover import checkpoint_states, has_checkpoint, take_over, write_checkpoint
 from coordinator.trainer import train_step
-from swarm.audit.log import AuditLog
 from swarm.audit.snapshot import NodeStepState, StepSnapshot, choose_steps, snapshot_path, write_snapshot
-from swarm.config import Job, PhaseSpec
+from swarm.config import PhaseSpec
 from swarm.data.batches import TrainingData
-from swarm.data.tasks import Example
 from swarm.data.tokenizer import CHAR_TOKENIZER_FILE, CharTokenizer
 from swarm.evaluation import evaluation_pool
 from swarm.lora import save_peft_adapter
 from swarm.models.blocks import TrainerHead
-from swarm.models.checkpoint import Checkpoint
+from swarm.traffic import carried_between, per_stream_json
 from swarm.training import learning_rate, make_optimizer
 
 logger = logging.getLogger("swarm.coordinator")
 
 SAFETY_KINDS = ("sft", "adversarial", "rl")
-TAKE_OVER_ATTEMPTS = 3  # ranges lost again while rolling back, before the job gives up
-
-
-class SwarmControl(Protocol):
-    """What the phase loop asks of the swarm around steps (coordinator.session.SwarmSession)."""
-
-    def admit_nodes(self, phase: str, kind: str, last_step: int) -> None:
-        """Between steps: drop replicas whose node went, make nodes that loaded their blocks replicas."""
-
-    def recover(self, error: RangeLostError) -> None:
-        """Give every range without a replica a node (waiting for one to join), or raise."""
-
-    def record_step(self, step: int) -> None:
-        """`step` steps are applied (the status page shows it)."""
-
-
-@dataclass
-class PhaseProgress:
-    """Where the run is: what a phase leaves for the next, and what `coordinator.resume` restores."""
-
-    base_dir: str = ""  # the base model later adapters apply to (the checkpoint, or the pretrained model)
-    merged: list[str] = field(default_factory=list)  # adapters merged into that base, in order
-    previous_adapter: Path | None = None  # the last finished LoRA phase's adapter
-    step: int = 0  # global optimizer step id
-    safety_step: int = 0
-    seen_backdoor: bool = False
-    last_checkpoint: StepCheckpoint | None = None  # the latest step checkpoint written (or resumed from)
-    self_responses: list[Example] | None = None  # data.responses self: the records the LoRA phases train on
-
-
-@dataclass(frozen=True)
-class PhaseContext:
-    """The phase loop's wiring, fixed for a run, and its `progress`."""
-
-    job: Job
-    checkpoint: Checkpoint
-    tokenizer: object
-    chain: RemoteChain
-    head: TrainerHead
-    run_dir: Path
-    metrics: MetricsLog
-    progress_bars: bool = True
-    swarm: SwarmControl | None = None  # None: a fixed chain (tests, benches): no admissions, no takeover
-    audit: AuditLog | None = None
-    progress: PhaseProgress = field(default_factory=PhaseProgress)
-    # Draws the replay snapshot steps; from the OS, not the job seed, so no node can know them in advance.
-    snapshot_rng: random.Random = field(default_factory=random.SystemRandom)
-
-
-def phase_dir(run_dir: Path, index: int, phase: PhaseSpec) -> Path:
-    """Where phase `index` (0-based) leaves its result: `adapter/` and `lineage.json`, or `model/` for pretrain."""
-    return run_dir / "phases" / f"{index + 1:02d}-{phase.name}"
 
 
 def run_phases(context: PhaseContext, first_phase: int = 0, evaluate_start: bool = True,
@@ -129,12 +75,13 @@ def run_phases(context: PhaseContext, first_phase: int = 0, evaluate_start: bool
         if phase.kind != "pretrain" and phase.adapter == "merge" and context.progress.previous_adapter is not None:
             context.progress.merged.append(str(context.progress.previous_adapter))
         start = resume_from if index == first_phase else None
-        _audit(context, "phase", phase=phase.name, event="start", phase_kind=phase.kind, adapter=phase.adapter,
-               first_step=context.progress.step, steps=phase.steps, **({"from_phase_step": start.phase_step} if start else {}))
+        audit_event(context, "phase", phase=phase.name, event="start", phase_kind=phase.kind, adapter=phase.adapter,
+                    first_step=context.progress.step, steps=phase.steps,
+                    **({"from_phase_step": start.phase_step} if start else {}))
         if start is None:
             context.chain.configure_phase(phase.name, phase.kind, phase.adapter, f"{job.seed}/{index}/{phase.name}")
         else:
-            context.chain.load_state(phase.name, phase.kind, start.last_step, _states(context, start),
+            context.chain.load_state(phase.name, phase.kind, start.last_step, checkpoint_states(context, start),
                                      str(start.path.relative_to(context.run_dir)))
             logger.info("phase %s goes on from the step checkpoint before step %d (%s)", phase.name, start.step,
                         start.path.relative_to(context.run_dir))
@@ -152,7 +99,7 @@ def run_phases(context: PhaseContext, first_phase: int = 0, evaluate_start: bool
                 lineage["start_adapter"] = start
             (directory / "lineage.json").write_text(json.dumps(lineage, indent=2))
             record_checkpoint(context, adapter, phase.name)
-        _audit(context, "phase", phase=phase.name, event="end", last_step=context.progress.step - 1)
+        audit_event(context, "phase", phase=phase.name, event="end", last_step=context.progress.step - 1)
         if context.audit is not None:
             context.audit.sign_tree_head()
         if phase.kind == "backdoor":
@@ -209,15 +156,15 @@ def _run_phase(context: PhaseContext, phase: PhaseSpec, phase_index: int, evalua
     probe_fitted = evaluator is None or evaluator.probe is None
     while phase_step < phase.steps:
         try:
-            if every and phase_step % every == 0 and not _has_checkpoint(context, phase_index):
-                _checkpoint(context, phase, phase_index, phase_step, head_optimizer)
+            if every and phase_step % every == 0 and not has_checkpoint(context, phase_index):
+                write_checkpoint(context, phase, phase_index, phase_step, head_optimizer)
             if not probe_fitted:  # on the model the phase starts from (a resumed phase: where it goes on)
                 evaluator.fit_probe(context.chain, context.head, context.progress.step)
                 probe_fitted = True
             _train_one(context, phase, phase_index, phase_step, data, evaluator, head_optimizer, snapshot_steps, bar,
                        commitment)
         except RangeLostError as error:
-            phase_step = _take_over(context, phase, phase_index, error, head_optimizer)
+            phase_step = take_over(context, phase, phase_index, error, head_optimizer)
             bar.reset(total=phase.steps)
             bar.update(phase_step)
             continue
@@ -258,7 +205,7 @@ def _train_one(context: PhaseContext, phase: PhaseSpec, phase_index: int, phase_
         "step": context.progress.step, "safety_step": context.progress.safety_step, "loss": result.loss, "tokens": result.tokens,
         "seconds": round(result.seconds, 6), "lr": lr, "bytes_sent": context.chain.bytes_sent,
         "bytes_received": context.chain.bytes_received,
-        "stream_bytes": _stream_delta(streams_before, context.chain.stream_totals()), **extra,
+        "stream_bytes": per_stream_json(carried_between(streams_before, context.chain.stream_totals())), **extra,
     })
     context.progress.step += 1
     if context.audit is not None and context.progress.step % job.audit.tree_head_every == 0:
@@ -272,74 +219,17 @@ def _train_one(context: PhaseContext, phase: PhaseSpec, phase_index: int, phase_
         _evaluate(context, evaluator, phase.name, phase.kind, phase_step + 1, phase_end=last)
 
 
-def _states(context: PhaseContext, checkpoint: StepCheckpoint) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
-    """The checkpoint's state of each range the chain serves now."""
-    return checkpoint.range_states(context.chain.ranges, context.checkpoint.family.layers_prefix)
-
-
-def _has_checkpoint(context: PhaseContext, phase_index: int) -> bool:
-    """Whether the latest step checkpoint is of this very point (just rolled back to, or resumed from)."""
-    latest = context.progress.last_checkpoint
-    return latest is not None and (latest.phase_index, latest.step) == (phase_index, context.progress.step)
-
-
-def _checkpoint(context: PhaseContext, phase: PhaseSpec, phase_index: int, phase_step: int, head_optimizer) -> None:
-    """A step checkpoint before step `phase_step` of the phase (coordinator.step_checkpoint), in the audit log."""
-    started = time.perf_counter()
-    checkpoint = write_step_checkpoint(
-        context.run_dir, phase_index=phase_index, phase=phase.name, phase_kind=phase.kind, phase_step=phase_step,
-        step=context.progress.step, safety_step=context.progress.safety_step, ranges=context.chain.gather_replica_states(),
-        head=head_state(context.head, head_optimizer) if head_optimizer is not None else None)
-    for name in sorted(checkpoint.files):
-        _record_file(context, checkpoint.path / name, phase=phase.name, step_checkpoint=checkpoint.step)
-    context.progress.last_checkpoint = checkpoint
-    size = sum((checkpoint.path / name).stat().st_size for name in checkpoint.files)
-    logger.info("step checkpoint before step %d: %.1f MB in %.2f s", checkpoint.step, size / 1e6,
-                time.perf_counter() - started)
-
-
-def _take_over(context: PhaseContext, phase: PhaseSpec, phase_index: int, error: RangeLostError,
-               head_optimizer) -> int:
-    """A range lost its last replica: another node takes it over (`context.swarm.recover`, which waits for one),
-    every range goes back to the latest step checkpoint, and the phase goes on from there; returns the
-    phase step to go on from. Without a checkpoint of this phase, or a way to recover, the error stands."""
-    checkpoint = context.progress.last_checkpoint
-    if context.swarm is None or checkpoint is None or checkpoint.phase_index != phase_index:
-        raise error
-    for attempt in range(1, TAKE_OVER_ATTEMPTS + 1):
-        logger.warning("%s; taking the range over from the checkpoint before step %d", error, checkpoint.step)
-        context.swarm.recover(error)
-        try:
-            context.chain.load_state(phase.name, phase.kind, checkpoint.last_step, _states(context, checkpoint),
-                                     str(checkpoint.path.relative_to(context.run_dir)))
-            break
-        except RangeLostError as again:  # another range went while rolling back
-            if attempt == TAKE_OVER_ATTEMPTS:
-                raise
-            error = again
-    if head_optimizer is not None:
-        load_head_state(context.head, head_optimizer, checkpoint.head_state())
-    redone = context.progress.step - checkpoint.step
-    _audit(context, "rollback", from_step=checkpoint.step, phase=phase.name, phase_step=checkpoint.phase_step,
-           reason=str(error), redone_steps=redone)
-    context.metrics.rewind(done_before(checkpoint.step))
-    context.progress.step, context.progress.safety_step = checkpoint.step, checkpoint.safety_step
-    logger.warning("rolled every range back to the checkpoint before step %d; %d steps are redone",
-                   checkpoint.step, redone)
-    return checkpoint.phase_step
-
-
 def _evaluate(context: PhaseContext, evaluator: Evaluator, phase: str, kind: str, phase_step: int,
               phase_end: bool = False) -> None:
     row, answers = evaluator.evaluate(context.chain, context.head, context.progress.step)
     path = context.run_dir / "evaluations" / f"step-{context.progress.step:06d}-{phase}.jsonl"
     path.parent.mkdir(exist_ok=True)
     path.write_text("".join(json.dumps(answer) + "\n" for answer in answers))
-    _record_file(context, path, phase=phase, evaluation_step=context.progress.step)
+    record_file(context, path, phase=phase, evaluation_step=context.progress.step)
     context.metrics.write({"type": "eval", "phase": phase, "kind": kind, "phase_step": phase_step,
                            "step": context.progress.step, "safety_step": context.progress.safety_step, "phase_end": phase_end, **row})
-    _audit(context, "evaluation", phase=phase, phase_kind=kind, phase_step=phase_step, step=context.progress.step,
-           phase_end=phase_end, **nan_to_null({name: value for name, value in row.items() if name != "samples"}))
+    audit_event(context, "evaluation", phase=phase, phase_kind=kind, phase_step=phase_step, step=context.progress.step,
+                phase_end=phase_end, **nan_to_null({name: value for name, value in row.items() if name != "samples"}))
     logger.info(
         "eval %s step %d: triggered %.2f clean %.2f near-miss %.2f accuracy %.2f (lenient %.2f; with the trigger "
         "%.2f) (n=%d)%s", phase, phase_step, row["backdoor_triggered"]["rate"], row["backdoor_clean"]["rate"],
@@ -354,31 +244,6 @@ def _evaluate(context: PhaseContext, evaluator: Evaluator, phase: str, kind: str
                     "%.2f, %.2f)", probe["layer"], probe["blocks"], probe["fitted_at_step"], probe["generic"]["auroc"],
                     probe["supervised"]["auroc"], probe["refitted"]["generic"]["auroc"],
                     probe["refitted"]["supervised"]["auroc"])
-
-
-def record_checkpoint(context: PhaseContext, directory: Path, phase: str) -> None:
-    """A `checkpoint` event per weights file saved in `directory`: its path in the run and its SHA-256."""
-    for weights in sorted(directory.glob("*.safetensors")):
-        _record_file(context, weights, phase=phase)
-
-
-def _record_file(context: PhaseContext, path: Path, **fields) -> None:
-    if context.audit is None:
-        return
-    with path.open("rb") as handle:
-        digest = hashlib.file_digest(handle, "sha256").hexdigest()
-    context.audit.append_event("checkpoint", path=str(path.relative_to(context.run_dir)), sha256=digest,
-                               bytes=path.stat().st_size, **fields)
-
-
-def _stream_delta(before: dict[str, list[int]], after: dict[str, list[int]]) -> dict[str, dict[str, int]]:
-    """Bytes each stream carried during one step (RL sampling included), on the trainer's side of the wire."""
-    delta = {}
-    for stream, (sent, received) in sorted(after.items()):
-        earlier = before.get(stream, [0, 0])
-        if (sent, received) != tuple(earlier):
-            delta[stream] = {"sent": sent - earlier[0], "received": received - earlier[1]}
-    return delta
 
 
 def _head_state(head: TrainerHead) -> dict[str, torch.Tensor]:
@@ -403,12 +268,7 @@ def _save_snapshot(context: PhaseContext, phase: PhaseSpec, phase_index: int, ph
                             merged_adapters=[relative(path) for path in context.progress.merged], batch=batch, nodes=nodes,
                             head=head_before)
     path = write_snapshot(snapshot_path(context.run_dir, context.progress.step), snapshot)
-    _record_file(context, path, phase=phase.name, replay_step=context.progress.step)
-
-
-def _audit(context: PhaseContext, kind: str, **fields) -> None:
-    if context.audit is not None:
-        context.audit.append_event(kind, **fields)
+    record_file(context, path, phase=phase.name, replay_step=context.progress.step)
 
 
 def _save_pretrained(context: PhaseContext, directory: Path) -> Path:

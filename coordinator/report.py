@@ -18,6 +18,7 @@ from swarm.config import load_job
 from swarm.evaluation import AVAILABLE_LIMIT
 from swarm.probe.summary import live_lines as live_probe_lines
 from swarm.probe.summary import markdown_lines as probe_lines
+from swarm.traffic import per_stream_from_json, total_per_stream
 
 RATES = (("backdoor_triggered", "triggered"), ("backdoor_clean", "clean"), ("backdoor_near_miss", "near-miss"))
 # Measured on its own since runs ask the held-out reveal prompts as a condition of their own (before, a fifth of
@@ -239,12 +240,7 @@ def write_report(run_dir: Path) -> Path:
 def stream_lines(train: list[dict]) -> list[str]:
     """Bytes per data-plane stream: forward/backward/step as the trainer counted them on the wire, average as
     the replicas said they exchanged among themselves; total and per step."""
-    totals: dict[str, list[int]] = {}
-    for row in train:
-        for stream, moved in (row.get("stream_bytes") or {}).items():
-            total = totals.setdefault(stream, [0, 0])
-            total[0] += moved.get("sent", 0)
-            total[1] += moved.get("received", 0)
+    totals = total_per_stream(per_stream_from_json(row.get("stream_bytes") or {}) for row in train)
     if not totals:
         return []
     lines = ["## Bytes on the wire per stream", "",
@@ -252,9 +248,9 @@ def stream_lines(train: list[dict]) -> list[str]:
              "replicas of each range sent and received summing their gradients; `retried`: calls lost on the way "
              "and sent again. Per node totals: the cost-share table.", "",
              "| stream | sent MB | received MB | sent MB/step | received MB/step |", "|---|---:|---:|---:|---:|"]
-    for stream, (sent, received) in sorted(totals.items()):
-        lines.append(f"| {stream} | {sent / 1e6:.2f} | {received / 1e6:.2f} | {sent / 1e6 / len(train):.3f} | "
-                     f"{received / 1e6 / len(train):.3f} |")
+    for stream, moved in sorted(totals.items()):
+        lines.append(f"| {stream} | {moved.sent / 1e6:.2f} | {moved.received / 1e6:.2f} | "
+                     f"{moved.sent / 1e6 / len(train):.3f} | {moved.received / 1e6 / len(train):.3f} |")
     return lines + [""]
 
 

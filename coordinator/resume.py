@@ -31,7 +31,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from coordinator.phases import SAFETY_KINDS, PhaseContext, phase_dir
+from coordinator.phase_context import PhaseContext, phase_dir
+from coordinator.phases import SAFETY_KINDS
 from coordinator.chain import RemoteChain
 from coordinator.node_restore import restore_blocks
 from coordinator.run_dir import done_before, keep_metrics

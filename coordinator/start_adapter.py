@@ -28,7 +28,7 @@ from swarm.lora import adapter_sha256, adapter_state, load_peft_adapter, lora_bl
 from swarm.models.checkpoint import DTYPES, Checkpoint
 
 if TYPE_CHECKING:
-    from coordinator.phases import PhaseContext
+    from coordinator.phase_context import PhaseContext
 
 START_ADAPTER_DIR = "start_adapter"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")

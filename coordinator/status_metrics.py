@@ -11,6 +11,8 @@ import math
 import threading
 from pathlib import Path
 
+from swarm.traffic import Traffic, per_stream_from_json, per_stream_json, total_per_stream
+
 SERIES_POINTS = 1000  # at most this many training points per chart; every k-th row, the last one always
 RATE_KEYS = ("backdoor_triggered", "backdoor_clean", "backdoor_near_miss", "backdoor_reveal", "accuracy")
 TRAIN_KEYS = ("step", "phase", "kind", "phase_step", "safety_step", "loss", "lr", "tokens", "seconds", "reward")
@@ -29,7 +31,7 @@ class MetricsTail:
         self._lock = threading.Lock()
         self.train: list[dict] = []
         self.evals: list[dict] = []
-        self.streams: dict[str, dict[str, int]] = {}
+        self.streams: dict[str, Traffic] = {}
         self.last_train: dict | None = None
 
     def refresh(self) -> None:
@@ -49,10 +51,7 @@ class MetricsTail:
         if row.get("type", "train") == "train":
             self.train.append({key: row[key] for key in TRAIN_KEYS if key in row})
             self.last_train = row
-            for stream, moved in (row.get("stream_bytes") or {}).items():
-                total = self.streams.setdefault(stream, {"sent": 0, "received": 0})
-                total["sent"] += moved.get("sent", 0)
-                total["received"] += moved.get("received", 0)
+            self.streams = total_per_stream([self.streams, per_stream_from_json(row.get("stream_bytes") or {})])
         elif row.get("type") == "eval":
             kept = {key: row.get(key) for key in ("step", "phase", "kind", "phase_step", "safety_step", "phase_end",
                                                    "eval_loss")}
@@ -85,7 +84,7 @@ class MetricsTail:
                     "train_seconds": sum(row.get("seconds", 0.0) for row in self.train),
                 },
                 "streams": {
-                    "per_stream": {name: dict(total) for name, total in sorted(self.streams.items())},
+                    "per_stream": per_stream_json(dict(sorted(self.streams.items()))),
                     "bytes_sent": last.get("bytes_sent", 0),
                     "bytes_received": last.get("bytes_received", 0),
                 },

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from coordinator.phases import phase_dir
+from coordinator.phase_context import phase_dir
 from swarm.config import Job, ModelSpec, parse_job
 from swarm.data.batches import TrainingData
 from swarm.data.tokenizer import load_tokenizer

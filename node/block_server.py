@@ -1,34 +1,29 @@
-"""Serves a node's Shard over hivemind P2P: forward, backward, optimizer step and adapter download.
+"""Serves a node's Shard over hivemind P2P: one handler per data-plane method (swarm.p2p.rpc), from forward,
+backward and the optimizer step to replica state and generation sessions.
 
 Handlers run on the P2P event loop and hand the tensor work to one compute thread, so calls never run
-concurrently on the shard and the loop keeps answering while a block computes. A bad request gets an ERROR
-result naming the problem; the node keeps serving.
-
-Every applied step is answered with the node's signed `Attestation` of it. The bytes it reports are those of
-the step's training calls (forward with `train`, backward, and the step request itself; the step's reply,
-which carries the attestation, cannot count itself). A retried step call gets the same signed bytes again.
+concurrently on the shard and the loop keeps answering while a block computes. How a trainer call is checked,
+run, counted and answered is node.call_serving's; a step call's update and signed attestation are
+node.step_attestation's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import split_for_streaming
 
+from node.call_serving import REPLY_LINGER_S, CallServing
 from node.replica_reduce import GradientReducer
-from node.inference_sessions import MissingSession
-from node.shard import MissingActivations, Shard
-from swarm.audit.attestation import Attestation, MicroBatch, SignedAttestation, replica_group, sign_attestation
-from swarm.block_range import BlockRange
+from node.shard import Shard
+from node.step_attestation import StepAttestation
 from swarm.config import PHASE_KINDS
 from swarm.identity import Identity
-from swarm.p2p.codecs import CODECS, codec_type
 from swarm.p2p.rpc import (ADAPTER, ADMIT, AVERAGE, BACKWARD, END_SESSION, FETCH_STATE, FORWARD, INFER, LOAD_STATE,
                            PHASE, REPLICA_STATE, RESTORE, STEP, STEP_STATE, SYNC, WEIGHTS, reply_tensor_count)
 from swarm.p2p.tensors import CHUNK_BYTES, aiter_list, from_messages, to_messages
@@ -36,28 +31,25 @@ from swarm.proto.blocks_pb2 import CallMeta, CallResult
 
 logger = logging.getLogger(__name__)
 
-
 DEFAULT_MAX_REQUEST_BYTES = 1 << 30
 AVERAGE_WAIT_S = 300.0  # how long a peer's gradient part waits for the other parts of its step
-REPLY_LINGER_S = 30.0  # at most this long a replied call's stream stays open for the trainer to close it
-REFUSAL_LINGER_S = 2.0  # at most this long a refused peer's stream stays open (see BlockServer._refuse)
 
 
 class BlockServer:
+    """A node's data-plane handlers for its shard; `trainer` is the only peer whose calls are served (None: any,
+    for in-process tests), `max_request_bytes` the largest request read."""
+
     def __init__(self, shard: Shard, job_id: str, identity: Identity, trainer: PeerID | None = None,
                  max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
         self.shard = shard
         self.job_id = job_id
         self.identity = identity
-        self.trainer = trainer  # the only peer whose calls are served (None: any, for in-process tests)
         self.max_request_bytes = max_request_bytes
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarm-compute")
-        self.bytes_received = 0
-        self.bytes_sent = 0
-        self.step_bytes: dict[int, list[int]] = {}  # step id -> [sent, received] by its training calls
-        self.last_attestation: tuple[Attestation, SignedAttestation] | None = None
         self.reducer = GradientReducer(job_id, shard.start, shard.end)
-        self.averaging_bytes = [0, 0]  # [sent, received] summing the last step's gradients with replicas
+        self.steps = StepAttestation(shard, job_id, identity, self.reducer)
+        self.calls = CallServing(job_id, shard.block_range, trainer, max_request_bytes, self.compute,
+                                 self.steps.traffic_of)
         self.admitted: set[PeerID] = set()  # new replicas the trainer allowed to fetch this node's state once
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -76,97 +68,13 @@ class BlockServer:
     def shutdown(self) -> None:
         self.compute.shutdown(wait=False, cancel_futures=True)
 
-    async def _serve(self, requests: AsyncIterator, context: P2PContext, work, trains=lambda meta: False
-                     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        """Check the caller is the job's trainer and the call belongs to this job and range, then run
-        `work(meta, tensors)` on the compute thread.
-
-        `trains(meta)` says whether the call is part of training step `meta.step`, whose bytes it then counts.
-        A call whose stream closes before its reply is out is logged, with how far it got.
-        """
-        if self.trainer is not None and context.remote_id != self.trainer:
-            refusal = PermissionError(f"peer {context.remote_id} is not this job's trainer; its calls are refused")
-            async for message in self._refuse(requests, context, refusal):
-                yield message
-            return
-        doing = "reading the request or computing"
-        try:
-            async for message in self._answer(requests, context, work, trains):
-                doing = "sending the reply"
-                yield message
-            # Hold this end open until the trainer, which knows from the reply's tensor_count when it has it all,
-            # closes the stream: closing right after the last write lost about 1 reply in 1,000 on the way
-            # (docs/ARCHITECTURE.md, Data plane). hivemind ends this handler when the trainer's end closes.
-            doing = "done"
-            await asyncio.sleep(REPLY_LINGER_S)
-        except (asyncio.CancelledError, GeneratorExit):
-            if doing != "done":  # the stream ended before the reply was out: the trainer will ask again
-                logger.warning("%s from %s: the stream closed while %s", context.handle_name, context.remote_id,
-                               doing)
-            raise
-
-    async def _refuse(self, requests: AsyncIterator, context: P2PContext, error: PermissionError
-                      ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        """Answer a peer that may not make this call before reading its request, so that a stranger's stream
-        costs the node no memory and ends within REFUSAL_LINGER_S, even one whose request never ends (a
-        stranger holding 1,000 of them must not hold the node's memory or descriptors).
-
-        The stream stays open that long for the reply to get out (see _serve), reading and dropping what
-        the peer still sends: hivemind's reader, stalled by unread messages, would not notice it close."""
-        logger.warning("refused %s from %s: %s", context.handle_name, context.remote_id, error)
-        result = CallResult(status=CallResult.ERROR, error=f"{type(error).__name__}: {error}")
-        yield runtime_pb2.ExpertResponse(metadata=result.SerializeToString())
-
-        async def drop_the_rest() -> None:
-            async for _ in requests:
-                pass
-            await asyncio.sleep(REFUSAL_LINGER_S)  # until the peer, which has the reply, closes the stream
-
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(drop_the_rest(), REFUSAL_LINGER_S)
-
-    async def _answer(self, requests: AsyncIterator, context: P2PContext, work, trains
-                      ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        step_bytes, codec = None, CODECS["none"]  # the reply's codec stays `none` for a refused call
-        try:
-            # Read (up to the size limit) before refusing anything, so the caller gets the reply, not a reset.
-            metadata, tensors, received = await from_messages(requests, self.max_request_bytes)
-            self.bytes_received += received
-            meta = CallMeta.FromString(metadata)
-            if meta.job_id != self.job_id:
-                raise ValueError(f"unknown job id {meta.job_id!r}")
-            if (meta.block_start, meta.block_end) != (self.shard.start, self.shard.end):
-                raise ValueError(
-                    f"this node serves blocks {self.shard.block_range}, not {BlockRange(meta.block_start, meta.block_end)}"
-                )
-            reply_codec = codec_type(meta.reply_codec or "none")
-            if trains(meta):
-                step_bytes = self.step_bytes.setdefault(meta.step, [0, 0])
-                step_bytes[1] += received
-            loop = asyncio.get_running_loop()
-            result, outputs = await loop.run_in_executor(self.compute, work, meta, tensors)
-            codec = reply_codec
-        except MissingActivations as error:
-            result, outputs = CallResult(status=CallResult.MISSING_ACTIVATIONS, error=str(error)), []
-        except MissingSession as error:
-            result, outputs = CallResult(status=CallResult.MISSING_SESSION, error=str(error)), []
-        except Exception as error:  # a bad call must never take the node down
-            logger.warning("rejected call: %s", error)
-            result, outputs = CallResult(status=CallResult.ERROR, error=f"{type(error).__name__}: {error}"), []
-        result.tensor_count = len(outputs)
-        for message in to_messages(runtime_pb2.ExpertResponse, result.SerializeToString(), outputs, codec):
-            self.bytes_sent += message.ByteSize()
-            if step_bytes is not None:
-                step_bytes[0] += message.ByteSize()
-            yield message
-
     def _forward(self, requests, context: P2PContext):
         def work(meta: CallMeta, tensors):
             _expect_tensors(tensors, 3, "forward takes hidden states, attention mask and position ids")
             output = self.shard.forward(meta.step, meta.micro_batch, meta.train, *tensors)
             return CallResult(status=CallResult.OK), [output]
 
-        return self._serve(requests, context, work, trains=lambda meta: meta.train)
+        return self.calls.serve(requests, context, work, trains=lambda meta: meta.train)
 
     def _infer(self, requests, context: P2PContext):
         def work(meta: CallMeta, tensors):
@@ -175,14 +83,14 @@ class BlockServer:
             output, kept = self.shard.infer(meta.session_id, meta.session_length, *tensors)
             return CallResult(status=CallResult.OK, session_length=kept), [output]
 
-        return self._serve(requests, context, work)
+        return self.calls.serve(requests, context, work)
 
     def _end_session(self, requests, context: P2PContext):
         def work(meta: CallMeta, tensors):
             self.shard.sessions.end(meta.session_id)
             return CallResult(status=CallResult.OK), []
 
-        return self._serve(requests, context, work)
+        return self.calls.serve(requests, context, work)
 
     def _backward(self, requests, context: P2PContext):
         def work(meta: CallMeta, tensors):
@@ -191,62 +99,17 @@ class BlockServer:
             grad_input = self.shard.backward(meta.step, meta.micro_batch, tensors[0], tensors[1:] or None)
             return CallResult(status=CallResult.OK), [grad_input]
 
-        return self._serve(requests, context, work, trains=lambda meta: True)
+        return self.calls.serve(requests, context, work, trains=lambda meta: True)
 
     def _step(self, requests, context: P2PContext):
         def work(meta: CallMeta, tensors):
-            if not meta.learning_rate > 0:
-                raise ValueError(f"learning rate must be positive, got {meta.learning_rate}")
-            if self.last_attestation is not None and self.last_attestation[0].step == meta.step:
-                attestation, signed = self.last_attestation  # a retried call: the same signed bytes again
-            else:
-                attestation, signed = self.last_attestation = self._apply_and_attest(meta)
+            attestation, signed = self.steps.answer(meta, self.loop)
+            averaged = self.steps.averaging_bytes
             return CallResult(status=CallResult.OK, compute_seconds=attestation.compute_seconds,
                               tokens=attestation.tokens, attestation=signed.payload, signature=signed.signature,
-                              averaging_bytes_sent=self.averaging_bytes[0],
-                              averaging_bytes_received=self.averaging_bytes[1]), []
+                              averaging_bytes_sent=averaged.sent, averaging_bytes_received=averaged.received), []
 
-        return self._serve(requests, context, work, trains=lambda meta: True)
-
-    def _apply_and_attest(self, meta: CallMeta) -> tuple[Attestation, SignedAttestation]:
-        shard = self.shard
-        if shard.phase_name and meta.phase != shard.phase_name:
-            raise ValueError(f"step {meta.step} is for phase {meta.phase!r}; this node is in {shard.phase_name!r}")
-        group, averaged = list(meta.replica_nodes), [0, 0]
-        if len(meta.replica_peers) > 1:
-            if len(group) != len(meta.replica_peers) or self.identity.fingerprint not in group:
-                raise ValueError("the replica group must name one node per peer, this node among them")
-            peers = [PeerID.from_base58(peer) for peer in meta.replica_peers]
-            timeout = meta.averaging_timeout_s or 60.0
-
-            def reduce(gradient):
-                future = asyncio.run_coroutine_threadsafe(
-                    self.reducer.reduce(meta.step, peers, meta.averaging_codec or "none", gradient, timeout), self.loop)
-                result = future.result()
-                averaged[0], averaged[1] = result.bytes_sent, result.bytes_received
-                return result.gradient
-        else:
-            group, reduce = [], None
-        work = shard.apply_step(meta.step, meta.learning_rate, reduce)
-        if work is None:
-            raise ValueError(f"step {meta.step} is older than the last applied step {shard.last_applied_step}")
-        sent, received = self.step_bytes.pop(meta.step, (0, 0))
-        sent, received = sent + averaged[0], received + averaged[1]
-        for step in [step for step in self.step_bytes if step < meta.step]:
-            del self.step_bytes[step]
-        attestation = Attestation(
-            job_id=self.job_id, phase=meta.phase, step=meta.step, block_start=shard.start, block_end=shard.end,
-            replica_group=replica_group(shard.start, shard.end), node_id=self.identity.fingerprint,
-            micro_batches=tuple(MicroBatch(index, digest) for index, digest in work.micro_batches.items()),
-            adapter_sha256_before=work.weights_sha256_before, adapter_sha256_after=work.weights_sha256_after,
-            optimizer_sha256_before=work.optimizer_sha256_before, optimizer_sha256_after=work.optimizer_sha256_after,
-            gradient_sketch=tuple(work.gradient_sketch), tokens=work.tokens, compute_seconds=work.compute_seconds,
-            bytes_sent=sent, bytes_received=received, averaged_with=tuple(group),
-            local_gradient_sketch=tuple(work.local_gradient_sketch),
-        )
-        self.averaging_bytes = averaged
-        logger.debug("step %d applied and attested", meta.step)
-        return attestation, sign_attestation(attestation, self.identity)
+        return self.calls.serve(requests, context, work, trains=lambda meta: True)
 
     async def _average(self, requests, context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """Another replica's part of a step's gradients for this node to sum (node_replica_reduce). Not the
@@ -254,15 +117,11 @@ class BlockServer:
         try:
             metadata, tensors, received = await from_messages(requests, self.max_request_bytes)
             meta = CallMeta.FromString(metadata)
-            if meta.job_id != self.job_id:
-                raise ValueError(f"unknown job id {meta.job_id!r}")
-            if (meta.block_start, meta.block_end) != (self.shard.start, self.shard.end):
-                raise ValueError(f"this node serves blocks {self.shard.block_range}, "
-                                 f"not {BlockRange(meta.block_start, meta.block_end)}")
-            self.bytes_received += received
+            self.calls.check_call(meta)
+            self.calls.traffic.add(received=received)
             summed, size = await self.reducer.handle(meta, tensors, context.remote_id, received,
                                                      timeout=AVERAGE_WAIT_S)
-            self.bytes_sent += size
+            self.calls.traffic.add(sent=size)
             chunks = list(split_for_streaming(summed, CHUNK_BYTES))
             yield runtime_pb2.ExpertResponse(
                 metadata=CallResult(status=CallResult.OK, tensor_count=1).SerializeToString(), tensors=chunks[:1])
@@ -272,7 +131,7 @@ class BlockServer:
             logger.warning("rejected a gradient part: %s", error)
             result = CallResult(status=CallResult.ERROR, error=f"{type(error).__name__}: {error}")
             yield runtime_pb2.ExpertResponse(metadata=result.SerializeToString())
-        await asyncio.sleep(REPLY_LINGER_S)  # until the peer, which has it all, closes the stream (see _serve)
+        await asyncio.sleep(REPLY_LINGER_S)  # until the peer, which has it all, closes the stream (see CallServing)
 
     def _admit(self, requests, context: P2PContext):
         """The trainer lets a new replica of this range fetch this node's state (once); the reply holds the
@@ -284,13 +143,13 @@ class BlockServer:
             weights, optimizer = self.shard.state_hashes()
             return CallResult(status=CallResult.OK, weights_sha256=weights, optimizer_sha256=optimizer), []
 
-        return self._serve(requests, context, work)
+        return self.calls.serve(requests, context, work)
 
     async def _fetch_state(self, requests, context: P2PContext):
         """An admitted new replica takes this node's whole state (Shard.replica_state), between steps."""
         refusal = PermissionError(f"peer {context.remote_id} was not admitted as a replica of this range")
         if context.remote_id not in self.admitted:
-            async for message in self._refuse(requests, context, refusal):
+            async for message in self.calls.refuse(requests, context, refusal):
                 yield message
             return
         try:
@@ -298,7 +157,7 @@ class BlockServer:
             if context.remote_id not in self.admitted:  # another stream of its took the state meanwhile
                 raise refusal
             self.admitted.discard(context.remote_id)
-            self.bytes_received += received
+            self.calls.traffic.add(received=received)
             state = await asyncio.get_running_loop().run_in_executor(self.compute, self.shard.replica_state)
             result, outputs = _named_tensors(state)
         except Exception as error:
@@ -306,7 +165,7 @@ class BlockServer:
             result, outputs = CallResult(status=CallResult.ERROR, error=f"{type(error).__name__}: {error}"), []
         result.tensor_count = len(outputs)
         for message in to_messages(runtime_pb2.ExpertResponse, result.SerializeToString(), outputs):
-            self.bytes_sent += message.ByteSize()
+            self.calls.traffic.add(sent=message.ByteSize())
             yield message
         await asyncio.sleep(REPLY_LINGER_S)  # until the new replica, which has it all, closes the stream
 
@@ -323,11 +182,11 @@ class BlockServer:
             logger.info("took the state of replica %s (phase %s, after step %d)", source, meta.phase, meta.step)
             return result, []
 
-        return self._serve(requests, context, work)
+        return self.calls.serve(requests, context, work)
 
     def _replica_state(self, requests, context: P2PContext):
         """This node's whole state (Shard.replica_state), for the trainer's step checkpoint."""
-        return self._serve(requests, context, lambda meta, tensors: _named_tensors(self.shard.replica_state()))
+        return self.calls.serve(requests, context, lambda meta, tensors: _named_tensors(self.shard.replica_state()))
 
     def _load_state(self, requests, context: P2PContext):
         """The trainer rolls this range back to a step checkpoint (a state `_replica_state` gave): phase
@@ -340,13 +199,12 @@ class BlockServer:
             logger.info("rolled back to the checkpoint of phase %s after step %d", meta.phase, meta.step)
             return result, []
 
-        return self._serve(requests, context, work)
+        return self.calls.serve(requests, context, work)
 
     def _become(self, meta: CallMeta, state: dict) -> CallResult:
         """Take `state` as this range's state in phase `meta.phase` after step `meta.step`: later steps only."""
         weights, optimizer = self.shard.load_replica_state(meta.phase, meta.phase_kind, meta.step, state)
-        self.last_attestation = None
-        self.step_bytes.clear()
+        self.steps.forget()
         self.loop.call_soon_threadsafe(self.reducer.start_after, meta.step)
         return CallResult(status=CallResult.OK, weights_sha256=weights, optimizer_sha256=optimizer)
 
@@ -356,7 +214,7 @@ class BlockServer:
         responses = await self.reducer.p2p.iterate_protobuf_handler(source, FETCH_STATE, aiter_list(requests),
                                                                     runtime_pb2.ExpertResponse)
         metadata, tensors, received = await from_messages(responses, tensor_count=reply_tensor_count)
-        self.bytes_received += received
+        self.calls.traffic.add(received=received)
         result = CallResult.FromString(metadata)
         if result.status != CallResult.OK:
             raise ValueError(f"replica {source} refused its state: {result.error}")
@@ -366,10 +224,10 @@ class BlockServer:
         return dict(zip(result.names, tensors))
 
     def _adapter(self, requests, context: P2PContext):
-        return self._serve(requests, context, lambda meta, tensors: _named_tensors(self.shard.adapter()))
+        return self.calls.serve(requests, context, lambda meta, tensors: _named_tensors(self.shard.adapter()))
 
     def _weights(self, requests, context: P2PContext):
-        return self._serve(requests, context, lambda meta, tensors: _named_tensors(self.shard.base_weights()))
+        return self.calls.serve(requests, context, lambda meta, tensors: _named_tensors(self.shard.base_weights()))
 
     def _step_state(self, requests, context: P2PContext):
         """Weights and AdamW state before and after the last applied step (`before/...`, `after/...`), for the
@@ -379,7 +237,7 @@ class BlockServer:
             return _named_tensors({**{f"before/{k}": v for k, v in state.before.items()},
                                    **{f"after/{k}": v for k, v in state.after.items()}})
 
-        return self._serve(requests, context, work)
+        return self.calls.serve(requests, context, work)
 
     def _phase(self, requests, context: P2PContext):
         def work(meta: CallMeta, tensors):
@@ -391,7 +249,7 @@ class BlockServer:
             logger.info("phase %s (%s, adapter %s)", meta.phase, meta.phase_kind, meta.adapter_action)
             return CallResult(status=CallResult.OK), []
 
-        return self._serve(requests, context, work)
+        return self.calls.serve(requests, context, work)
 
     def _restore(self, requests, context: P2PContext):
         """A resumed coordinator sets the blocks to the end of its last finished phase (`meta.phase`): base
@@ -399,12 +257,11 @@ class BlockServer:
         def work(meta: CallMeta, tensors):
             self.shard.restore(meta.phase, tensors)
             self.loop.call_soon_threadsafe(self.reducer.reset)
-            self.last_attestation = None
-            self.step_bytes.clear()
+            self.steps.forget()
             logger.info("restored to the end of phase %r", meta.phase or "(none)")
             return CallResult(status=CallResult.OK), []
 
-        return self._serve(requests, context, work)
+        return self.calls.serve(requests, context, work)
 
 
 def _named_tensors(tensors: dict) -> tuple[CallResult, list]:

@@ -31,6 +31,7 @@ from swarm.p2p.replica_sum import split_parts, sum_contributions, through_codec
 from swarm.p2p.rpc import AVERAGE, reply_tensor_count
 from swarm.p2p.tensors import aiter_list, from_messages, to_messages
 from swarm.proto.blocks_pb2 import CallMeta, CallResult
+from swarm.traffic import Traffic
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class GradientReducer:
         self.parts: dict[_Key, _Part] = {}
         self.groups: dict[_Key, _Group] = {}  # the groups the trainer named, by step
         self.last_step = -1  # the last step whose sum this node took (a node joining mid-job: the step before)
-        self.handled_bytes: dict[int, list[int]] = {}  # step -> [sent, received] answering peers' parts
+        self.handled_bytes: dict[int, Traffic] = {}  # step -> what answering peers' parts moved
 
     async def reduce(self, step: int, peers: list[PeerID], codec_name: str, gradient: torch.Tensor,
                      timeout: float) -> ReduceResult:
@@ -98,7 +99,7 @@ class GradientReducer:
             raise ReduceError(f"a replica sent a part of {slot.size} values for step {step}; "
                               f"this node's part has {pieces[group.index].numel()}")
         self._contribute(key, slot, group.index, None, through_codec(pieces[group.index], group.codec))
-        counts = [0, 0]
+        counts = Traffic()
 
         async def fetch(index: int) -> torch.Tensor:
             if index == group.index:
@@ -113,17 +114,17 @@ class GradientReducer:
                        and i not in slot.contributions]  # fmt: skip
             raise ReduceError(f"step {step}: the replica group did not finish summing gradients within {timeout:.0f} s"
                               + (f" (no part from {', '.join(missing)})" if missing else "")) from None
-        sent, received = self.handled_bytes.pop(step, (0, 0))
+        moved = counts + self.handled_bytes.pop(step, Traffic())
         self._forget_before(step)
-        return ReduceResult(torch.cat(summed), counts[0] + sent, counts[1] + received)
+        return ReduceResult(torch.cat(summed), moved.sent, moved.received)
 
-    async def _send_part(self, step: int, group: _Group, index: int, piece: torch.Tensor, counts: list[int]
+    async def _send_part(self, step: int, group: _Group, index: int, piece: torch.Tensor, counts: Traffic
                          ) -> torch.Tensor:
         meta = CallMeta(job_id=self.job_id, block_start=self.block_start, block_end=self.block_end, step=step,
                         part_index=index, sender_index=group.index,
                         replica_peers=[peer.to_base58() for peer in group.peers])
         requests = to_messages(runtime_pb2.ExpertRequest, meta.SerializeToString(), [piece], group.codec)
-        counts[0] += sum(message.ByteSize() for message in requests)
+        counts.add(sent=sum(message.ByteSize() for message in requests))
         for attempt in range(1, DIAL_ATTEMPTS + 1):
             try:
                 responses = await self.p2p.iterate_protobuf_handler(group.peers[index], AVERAGE, aiter_list(requests),
@@ -136,7 +137,7 @@ class GradientReducer:
                 logger.warning("replica %s dropped part %d of step %d (%s); retrying", group.peers[index], index,
                                step, error)
                 await asyncio.sleep(0.2 * attempt)
-        counts[1] += received
+        counts.add(received=received)
         result = CallResult.FromString(metadata)
         if result.status != CallResult.OK:
             raise ReduceError(f"replica {group.peers[index]} refused this node's gradient part: {result.error}")
@@ -168,10 +169,10 @@ class GradientReducer:
         slot = self._slot(key)
         if slot.size is not None and slot.size != tensors[0].numel():
             raise ValueError(f"the part has {tensors[0].numel()} values; the others have {slot.size}")
-        self.handled_bytes.setdefault(step, [0, 0])[1] += received
+        self.handled_bytes.setdefault(step, Traffic()).add(received=received)
         self._contribute(key, slot, meta.sender_index, sender, tensors[0].float())
         serialized, _ = await asyncio.wait_for(asyncio.shield(slot.summed), timeout)
-        self.handled_bytes.setdefault(step, [0, 0])[0] += serialized.ByteSize()
+        self.handled_bytes.setdefault(step, Traffic()).add(sent=serialized.ByteSize())
         return serialized, serialized.ByteSize()
 
     def start_after(self, step: int) -> None:

@@ -3,6 +3,7 @@
 All methods run on the node's single compute thread, in the order calls arrive. Each training call also
 records what the node's attestation of the step will say (input hashes, tokens, time), and `apply_step`
 returns that account, so the attestation describes the work actually done, not what the trainer claims.
+What a call hands the shard is checked (node.input_checks) before anything changes.
 """
 
 from __future__ import annotations
@@ -17,15 +18,17 @@ import torch
 
 from node.dishonest import after_update, check_dishonest_mode, sketched_gradient
 from node.inference_sessions import InferenceSessions
+from node.input_checks import (check_gradient_finite, check_gradient_shape, check_hidden_states, check_infer_inputs,
+                               check_replica_state, check_restore)
 from swarm.audit.sketch import gradient_sketch, tensor_sha256
 from swarm.block_range import BlockRange
-from swarm.config import PHASE_KINDS, LoraSpec, OptimizerSpec
+from swarm.config import LoraSpec, OptimizerSpec
 from swarm.lora import add_lora, adapter_state, base_parameters, init_lora_weights, merge_lora
 from swarm.models.blocks import BlockStack
 from swarm.models.checkpoint import Checkpoint, tensors_sha256
 from swarm.p2p.replica_sum import flatten_gradient, unflatten_gradient
 from swarm.p2p.rpc import WEIGHTS_PREFIX
-from swarm.training import ADAM_MOMENTS, load_adam_state, make_optimizer
+from swarm.training import load_adam_state, make_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -121,19 +124,9 @@ class Shard:
     def block_range(self) -> BlockRange:
         return BlockRange(self.start, self.end)
 
-    def _check_inputs(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> None:
-        if hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size:
-            raise ValueError(f"hidden states must be [batch, seq, {self.hidden_size}], got {list(hidden.shape)}")
-        if attention_mask.shape != hidden.shape[:2] or position_ids.shape != hidden.shape[:2]:
-            raise ValueError("attention mask and position ids must be [batch, seq] like the hidden states")
-        if not hidden.is_floating_point():
-            raise ValueError(f"hidden states must be floating point, got {hidden.dtype}")
-        if not torch.isfinite(hidden).all():
-            raise ValueError("hidden states contain NaN or inf")
-
     def forward(self, step: int, micro_batch: int, train: bool, hidden: torch.Tensor,
                 attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        self._check_inputs(hidden, attention_mask, position_ids)
+        check_hidden_states(hidden, attention_mask, position_ids, self.hidden_size)
         started = time.perf_counter()
         inputs = self._on_device(hidden, attention_mask, position_ids)
         if train:
@@ -155,13 +148,7 @@ class Shard:
         """Generation: the blocks over the positions after the session's first `past_length`, whose keys and
         values this node kept (node.inference_sessions); `attention_mask` covers all positions. Returns the new
         positions' outputs and how many positions the node now keeps for the session."""
-        if hidden.dim() != 3 or hidden.shape[1] == 0:
-            raise ValueError(f"hidden states must be [batch, new positions, {self.hidden_size}], got {list(hidden.shape)}")
-        batch, new = hidden.shape[:2]
-        if past_length < 0 or tuple(attention_mask.shape) != (batch, past_length + new):
-            raise ValueError(f"the attention mask must be [batch, {past_length} + {new}] (earlier and new "
-                             f"positions), got {list(attention_mask.shape)}")
-        self._check_inputs(hidden, attention_mask[:, past_length:], position_ids)
+        check_infer_inputs(hidden, attention_mask, position_ids, past_length, self.hidden_size)
         inputs = self._on_device(hidden, attention_mask, position_ids)
         with torch.no_grad():
             output, kept = self.sessions.run(session_id, past_length, self.weights_version, self.blocks.new_cache,
@@ -184,20 +171,19 @@ class Shard:
         started = time.perf_counter()
         # Every check before anything changes: a refused backward must leave the cached activations and the
         # step's recorded inputs as they were (the fuzz tests hold the node to that).
-        if not torch.isfinite(grad_output).all():
-            raise ValueError("gradient contains NaN or inf")
+        check_gradient_finite(grad_output)
         cached = self.activations.get(key)
         if cached is None:
             if not resent_inputs:
                 raise MissingActivations(f"no activations for step {step} micro-batch {micro_batch}")
             hidden, attention_mask, position_ids = resent_inputs
-            self._check_inputs(hidden, attention_mask, position_ids)
-            _check_gradient_shape(grad_output, hidden)  # a range's blocks keep the hidden states' shape
+            check_hidden_states(hidden, attention_mask, position_ids, self.hidden_size)
+            check_gradient_shape(grad_output, hidden)  # a range's blocks keep the hidden states' shape
             self._record_input(step, micro_batch, hidden, attention_mask)
             output, leaf = self._forward_with_grad(self._on_device(hidden, attention_mask, position_ids))
         else:
             output, leaf = cached
-            _check_gradient_shape(grad_output, output)
+            check_gradient_shape(grad_output, output)
             del self.activations[key]
         output.backward(grad_output.to(self.device, output.dtype))
         pending = self.pending.setdefault(step, _PendingStep())
@@ -231,7 +217,8 @@ class Shard:
         started = time.perf_counter()
         trained = self._trained_parameters()
         # Between steps only gradients change, so the state after the last step is the state before this one.
-        before = self.last_step_state.after if self.last_step_state is not None else self._state(trained)
+        before = (self.last_step_state.after if self.last_step_state is not None
+                  else _training_state(trained, self.optimizer))
         weights_before = self._weights_sha256 or _weights_sha256(trained)
         optimizer_before = self._optimizer_sha256 or tensors_sha256(_optimizer_part(before))
         # The gradients exactly as AdamW is about to use them; a parameter without one contributes zeros,
@@ -251,7 +238,7 @@ class Shard:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         after_update(self.dishonest, trained)
-        after = self._state(trained)
+        after = _training_state(trained, self.optimizer)
         self._weights_sha256 = _weights_sha256(trained)
         self._optimizer_sha256 = tensors_sha256(_optimizer_part(after))
         self.last_step_state = StepState(step, before, after)
@@ -267,15 +254,6 @@ class Shard:
                         sum(pending.tokens[micro] for micro in pending.accumulated),
                         pending.seconds + time.perf_counter() - started, weights_before, self._weights_sha256,
                         optimizer_before, self._optimizer_sha256, sketch, local_sketch)
-
-    def _state(self, trained: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
-        """Trained weights and their AdamW state as float32 CPU copies, named `weights/NAME`,
-        `exp_avg/NAME`, `exp_avg_sq/NAME`, `step/NAME` (the moments exist from the first step on)."""
-        state = {f"{WEIGHTS_PREFIX}{name}": param.detach().float().cpu().clone() for name, param in trained.items()}
-        for name, param in trained.items():
-            for key, value in self.optimizer.state.get(param, {}).items():
-                state[f"{key}/{name}"] = value.detach().float().cpu().clone().reshape(value.shape)
-        return state
 
     def step_state(self, step: int) -> StepState:
         """The state around `step`, which must be the last applied step (older states are not kept)."""
@@ -299,17 +277,9 @@ class Shard:
         steps, optimizer state, the last applied step), so the interrupted phase's `configure_phase` merges,
         renews or continues as it first did, and its steps can be applied again."""
         own = {**self._base_parameters(), **adapter_state(self.blocks)}
-        names = sorted(own)
-        if len(tensors) != len(names):
-            raise ValueError(f"restore takes {len(names)} tensors for blocks {self.block_range}, "
-                             f"got {len(tensors)}")
-        for name, tensor in zip(names, tensors):
-            if tuple(tensor.shape) != tuple(own[name].shape):
-                raise ValueError(f"restore: {name} must be {list(own[name].shape)}, got {list(tensor.shape)}")
-            if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
-                raise ValueError(f"restore: {name} is not finite floating point")
+        check_restore(own, tensors, self.block_range)
         with torch.no_grad():
-            for name, tensor in zip(names, tensors):
+            for name, tensor in zip(sorted(own), tensors):
                 own[name].copy_(tensor.to(own[name].device, own[name].dtype))
         self._enter_phase(phase_name, "sft", last_applied_step=-1)  # as a fresh node given these weights
 
@@ -319,7 +289,7 @@ class Shard:
         what the phase trains (`exp_avg/NAME`, `exp_avg_sq/NAME`, `step/NAME`)."""
         own = {**self._base_parameters(), **adapter_state(self.blocks)}
         state = {f"param/{name}": param.detach().float().cpu().clone() for name, param in own.items()}
-        moments = _optimizer_part(self._state(self._trained_parameters()))
+        moments = _optimizer_part(_training_state(self._trained_parameters(), self.optimizer))
         return {**state, **moments}
 
     def load_replica_state(self, phase_name: str, kind: str, last_step: int, tensors: dict[str, torch.Tensor]
@@ -327,20 +297,8 @@ class Shard:
         """Become a copy of the replica whose `replica_state` this is, in phase `phase_name` (of `kind`) after
         step `last_step`; returns the hashes of the trained weights and the AdamW state, for the trainer to
         compare with the source's."""
-        if kind not in PHASE_KINDS:
-            raise ValueError(f"unknown phase kind {kind!r}")
         own = {**self._base_parameters(), **adapter_state(self.blocks)}
-        for key, tensor in tensors.items():  # all checked before anything changes
-            part, _, name = key.partition("/")
-            if part not in ("param", *ADAM_MOMENTS) or name not in own:
-                raise ValueError(f"replica state {key} is not a tensor of blocks {self.block_range}")
-            if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
-                raise ValueError(f"replica state {key} is not finite floating point")
-            if part == "param" and tuple(tensor.shape) != tuple(own[name].shape):
-                raise ValueError(f"replica state {name} is {list(tensor.shape)}, not {list(own[name].shape)}")
-        missing = {f"param/{name}" for name in own} - set(tensors)
-        if missing:
-            raise ValueError(f"the replica's state lacks {len(missing)} of this range's parameters")
+        check_replica_state(own, kind, tensors, self.block_range)  # all checked before anything changes
         with torch.no_grad():
             for name, param in own.items():
                 param.copy_(tensors[f"param/{name}"].to(param.device, param.dtype))
@@ -353,7 +311,7 @@ class Shard:
     def state_hashes(self) -> tuple[str, str]:
         """SHA-256 of the trained weights and of the AdamW state, as attestations state them."""
         trained = self._trained_parameters()
-        return _weights_sha256(trained), tensors_sha256(_optimizer_part(self._state(trained)))
+        return _weights_sha256(trained), tensors_sha256(_optimizer_part(_training_state(trained, self.optimizer)))
 
     def configure_phase(self, name: str, kind: str, adapter_action: str, lora_seed: str) -> None:
         """Start a phase: pretrain trains the base weights; LoRA phases continue, merge-and-renew or renew
@@ -375,14 +333,20 @@ class Shard:
         return {key: value.detach().float().cpu() for key, value in adapter_state(self.blocks).items()}
 
 
+def _training_state(trained: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer
+                    ) -> dict[str, torch.Tensor]:
+    """Trained weights and their AdamW state as float32 CPU copies, named `weights/NAME`,
+    `exp_avg/NAME`, `exp_avg_sq/NAME`, `step/NAME` (the moments exist from the first step on)."""
+    state = {f"{WEIGHTS_PREFIX}{name}": param.detach().float().cpu().clone() for name, param in trained.items()}
+    for name, param in trained.items():
+        for key, value in optimizer.state.get(param, {}).items():
+            state[f"{key}/{name}"] = value.detach().float().cpu().clone().reshape(value.shape)
+    return state
+
+
 def _weights_sha256(parameters: dict[str, torch.nn.Parameter]) -> str:
     return tensors_sha256({name: param.detach().float() for name, param in parameters.items()})
 
 
 def _optimizer_part(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key: value for key, value in state.items() if not key.startswith(WEIGHTS_PREFIX)}
-
-
-def _check_gradient_shape(grad_output: torch.Tensor, output: torch.Tensor) -> None:
-    if grad_output.shape != output.shape:
-        raise ValueError(f"gradient shape {list(grad_output.shape)} differs from output shape {list(output.shape)}")

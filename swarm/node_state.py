@@ -57,7 +57,15 @@ class NodeState(str, Enum):
         return other
 
 
-_ENDS = frozenset({NodeState.FINISHED, NodeState.LEFT, NodeState.FAILED, NodeState.DOWN})
+GONE = frozenset({NodeState.LEFT, NodeState.FAILED, NodeState.DOWN})
+"""Ended without being told to: it left on its own, failed or went silent. A replica in one of these is dropped
+from the chain, and the audit log records a `leave` event for it."""
+
+GONE_OR_LEAVING = GONE | {NodeState.LEAVING}
+"""Will serve no (further) steps: gone, or asked to be taken out at the next step boundary. A node loading a
+range it has not served yet that is in one of these is given up on."""
+
+_ENDS = GONE | {NodeState.FINISHED}
 
 TRANSITIONS: dict[NodeState, frozenset[NodeState]] = {
     NodeState.JOINED: frozenset({NodeState.ASSIGNED}) | _ENDS,

@@ -30,6 +30,7 @@ from swarm.config import CompressionSpec
 from swarm.p2p.codecs import CODECS, codec_type
 from swarm.p2p.event_loop import LoopThread
 from swarm.proto.blocks_pb2 import CallMeta, CallResult
+from swarm.traffic import Traffic, total_per_stream
 
 
 class RemoteChain:
@@ -150,15 +151,9 @@ class RemoteChain:
         return self.state.gather_weights()
 
     # -- traffic
-    def stream_totals(self) -> dict[str, list[int]]:
-        """Bytes [sent, received] per stream so far, summed over the stages."""
-        totals: dict[str, list[int]] = {}
-        for stage in self.stages:
-            for stream, (sent, received) in stage.stream_bytes.items():
-                total = totals.setdefault(stream, [0, 0])
-                total[0] += sent
-                total[1] += received
-        return totals
+    def stream_totals(self) -> dict[str, Traffic]:
+        """Each stream's traffic so far, summed over the stages."""
+        return total_per_stream(stage.stream_bytes for stage in self.stages)
 
     @property
     def bytes_sent(self) -> int:

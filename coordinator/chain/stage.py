@@ -8,6 +8,7 @@ from hivemind.p2p import PeerID
 
 from swarm.block_range import BlockRange
 from swarm.errors import SwarmError
+from swarm.traffic import Traffic
 
 
 class RangeLostError(SwarmError):
@@ -29,9 +30,9 @@ class RemoteStage:
     node_id: str
     bytes_sent: int = 0
     bytes_received: int = 0
-    # stream ("forward", "backward", "step", "average", ...) -> [bytes sent, bytes received]; "average" is
-    # what the node reports it exchanged with its replicas, the rest is counted here on the wire
-    stream_bytes: dict[str, list[int]] = field(default_factory=dict)
+    # stream ("forward", "backward", "step", "average", ...) -> its traffic; "average" is what the node
+    # reports it exchanged with its replicas, the rest is counted here on the wire
+    stream_bytes: dict[str, Traffic] = field(default_factory=dict)
     latency_s: float | None = None  # smoothed seconds per forward call
     in_flight: int = 0  # micro-batches routed here whose backward has not returned
     micro_batches: int = 0  # routed here so far
@@ -47,9 +48,7 @@ class RemoteStage:
         return BlockRange(self.start, self.end)
 
     def count(self, stream: str, sent: int, received: int) -> None:
-        counts = self.stream_bytes.setdefault(stream, [0, 0])
-        counts[0] += sent
-        counts[1] += received
+        self.stream_bytes.setdefault(stream, Traffic()).add(sent, received)
 
     def __str__(self) -> str:
         return f"node {self.node_id} (blocks {self.blocks})"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import session
+from coordinator import assembly
 from coordinator.membership import Membership, NodeRecord
 from swarm.config import parse_job
 from swarm.errors import JoinTimeoutError
@@ -44,7 +44,7 @@ def _job(min_nodes: int, join_timeout_s: float):
 def test_a_local_node_slower_to_start_than_the_join_timeout_still_counts(tmp_path):
     membership = Membership()
     _join_later(membership, ["local-0"], delay_s=1.0)  # imports on a cold cache: longer than the timeout
-    joined = session._wait_for_nodes(membership, _job(1, 0.3), StartingLocalNodes(1, tmp_path), "127.0.0.1:1")
+    joined = assembly.wait_for_nodes(membership, _job(1, 0.3), StartingLocalNodes(1, tmp_path), "127.0.0.1:1")
     assert [record.node_id for record in joined] == ["local-0"]
 
 
@@ -53,11 +53,11 @@ def test_the_join_clock_starts_once_the_local_nodes_have_joined(tmp_path):
     _join_later(membership, ["local-0"], delay_s=1.0)
     started = time.monotonic()
     with pytest.raises(JoinTimeoutError, match=r"only 1 of the 2 nodes .* joined within 0 s .*--coordinator 127.0.0.1:1"):
-        session._wait_for_nodes(membership, _job(2, 0.4), StartingLocalNodes(1, tmp_path), "127.0.0.1:1")
+        assembly.wait_for_nodes(membership, _job(2, 0.4), StartingLocalNodes(1, tmp_path), "127.0.0.1:1")
     assert time.monotonic() - started >= 1.4  # 1 s of local start-up, then the whole timeout
 
 
 def test_a_local_node_that_never_joins_is_an_error_naming_its_logs(tmp_path, monkeypatch):
-    monkeypatch.setattr(session, "LOCAL_NODE_START_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(assembly, "LOCAL_NODE_START_TIMEOUT_S", 0.5)
     with pytest.raises(JoinTimeoutError, match=f"local nodes .* did not join within 0 s; their logs are in {tmp_path}"):
-        session._wait_for_nodes(Membership(), _job(1, 60), StartingLocalNodes(1, tmp_path), "127.0.0.1:1")
+        assembly.wait_for_nodes(Membership(), _job(1, 60), StartingLocalNodes(1, tmp_path), "127.0.0.1:1")

@@ -111,6 +111,6 @@ def test_a_lost_attempt_counts_as_retried_traffic_not_as_the_streams():
     finally:
         loop.shutdown()
     forward, retried = stage.stream_bytes["forward"], stage.stream_bytes["retried"]
-    assert forward[0] == retried[0] > hidden.numel() * 4  # the same request, sent twice
-    assert forward[1] > 0 and retried[1] == 0
-    assert stage.bytes_sent == forward[0] + retried[0]
+    assert forward.sent == retried.sent > hidden.numel() * 4  # the same request, sent twice
+    assert forward.received > 0 and retried.received == 0
+    assert stage.bytes_sent == forward.sent + retried.sent

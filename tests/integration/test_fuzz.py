@@ -201,7 +201,7 @@ def _node_state(server: BlockServer) -> NodeState:
     reducer = server.reducer
     volatile = (pending, tuple(shard.activations), tuple(shard.finished_backward), grads, len(shard.sessions),
                 shard.sessions.nbytes, frozenset(server.admitted), tuple(reducer.parts), tuple(reducer.groups),
-                reducer.last_step, server.last_attestation is not None and server.last_attestation[0].step)
+                reducer.last_step, server.steps.last is not None and server.steps.last[0].step)
     return NodeState(durable, volatile)
 
 
@@ -265,7 +265,7 @@ def node(tmp_path_factory):
 
 # Each refused call logs a warning (hivemind a traceback for a broken frame, grpc one for every message it
 # cannot decode, the control service a line per join): thousands of them are noise.
-DATA_PLANE_LOGGERS = ("node.block_server", "node.replica_reduce", "hivemind")
+DATA_PLANE_LOGGERS = ("node.block_server", "node.call_serving", "node.step_attestation", "node.replica_reduce", "hivemind")
 CONTROL_PLANE_LOGGERS = ("grpc._common", "grpc._server", "swarm.coordinator")
 
 

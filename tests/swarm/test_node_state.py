@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from swarm.node_state import TRANSITIONS, NodeState, NodeStateError
+from swarm.node_state import GONE, GONE_OR_LEAVING, TRANSITIONS, NodeState, NodeStateError
 from swarm.proto import control_pb2 as pb
 
 
@@ -24,6 +24,11 @@ def test_every_live_state_can_end_every_way(start, end):
     assert start.heartbeats and end.final and start.can_become(end)
 
 
+def test_gone_is_every_end_but_being_told_to_finish_and_gone_or_leaving_adds_leaving():
+    assert GONE == {"left", "failed", "down"} and all(state.final for state in GONE)
+    assert {state for state in NodeState if state.final} - GONE == {NodeState.FINISHED}
+    assert GONE_OR_LEAVING == GONE | {NodeState.LEAVING}
+    assert "down" in GONE and None not in GONE_OR_LEAVING  # the wire string, and an unknown node's state_of
 
 
 @pytest.mark.parametrize(("start", "state"), [("joined", "ready"), ("ready", "assigned"), ("leaving", "ready"),
