@@ -108,11 +108,19 @@ class ChainState:
                                         weights_sha256=weights, optimizer_sha256=optimizer)
 
     def gather_step_state(self, step: int) -> dict[str, dict[str, torch.Tensor]]:
-        """Each node's weights and AdamW state before and after `step`, its last applied step, by node id."""
+        """Each node's weights and AdamW state before and after `step`, its last applied step, by node id. A
+        replica that fails the call is dropped (as after any failed call) and left out, so the snapshot holds the
+        replicas still serving; a range left with none is lost (RangeLostError: the phase loop takes it over)."""
         states = {}
         for stage in self.groups.stages:
-            result, tensors = self.transport.call(stage, STEP_STATE, self.transport.meta(stage, step=step))
+            try:
+                result, tensors = self.transport.call(stage, STEP_STATE, self.transport.meta(stage, step=step))
+            except SwarmConnectionError as error:
+                self.groups.drop(stage, f"failed while its state after step {step} was fetched: {error}")
+                continue
             states[stage.node_id] = dict(zip(result.names, tensors))
+        for index in range(len(self.groups.ranges)):
+            self.groups.serving(index)  # RangeLostError if the range has no replica left
         return states
 
     def gather_adapter(self) -> dict[str, torch.Tensor]:

@@ -28,7 +28,10 @@ ADAPTER_TOLERANCE = 1e-4
 def chaos_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("chaos")
     job_file = write_job(tmp, training={"steps": STEPS, "batch_size": 8, "micro_batches": 4}, optimizer={"lr": LR},
-                         swarm={"min_nodes": 4, "replicas": 2, "heartbeat_interval_s": 0.5, "rpc_timeout_s": 30})
+                         # min_nodes counts the spare: the job starts once all five have joined, so the kills land
+                         # mid-job however slowly the last node starts (the fifth joined after step 66 of 70 once,
+                         # on a loaded machine, and the job ended before the second kill)
+                         swarm={"min_nodes": NODES, "replicas": 2, "heartbeat_interval_s": 0.5, "rpc_timeout_s": 30})
     rng = random.Random(random_seed("chaos: when and whom to stop"))
     killed, placed = [], set()
     with started_processes() as start:
