@@ -48,8 +48,9 @@ class Evaluator:
         prompts per condition (`eval_prompts`; `eval_prompts_available`: how many there are to draw, null for more
         than swarm.evaluation.AVAILABLE_LIMIT); and every answer generated ({"condition", "prompt", "answer",
         "reference", "task"}; the reference and task are those of the clean prompt the condition's prompt was made
-        from, a reveal prompt's own helpful answer and "reveal"), for reading and re-scoring. With oversight.probe the row's `probe` is the live probe's measure
-        on the triggered and clean prompts' relayed states (coordinator.live_probe)."""
+        from, a reveal prompt's own helpful answer and "reveal"), for reading and re-scoring. With oversight.probe
+        the row's `probe` is the live probe's measure on the triggered and clean prompts' relayed states
+        (coordinator.live_probe)."""
         spec = self.job.eval
         captures = {condition: self.probe.capture(chain, head, step) for condition in PROBED} if self.probe else {}
         generations = {

@@ -30,6 +30,7 @@ from swarm.models.blocks import TrainerHead
 from swarm.probe.activations import right_padded
 from swarm.probe.auroc import bootstrap_auroc
 from swarm.probe.prompts import probe_prompts
+from swarm.probe.run import mean_difference, split_sets
 from swarm.training import position_ids_for
 
 logger = logging.getLogger("swarm.coordinator")
@@ -103,16 +104,11 @@ class LiveProbe:
                 "refitted": scored(refitted)}
 
     def _directions(self, chain: RemoteChain, head: TrainerHead, step: int) -> dict[str, np.ndarray]:
-        names = [name for pair in FIT_SETS.values() for name in pair]
-        sequences = [ids for name in names for ids in self.fit_ids[name]]
+        sequences = [ids for sequences in self.fit_ids.values() for ids in sequences]
         states = boundary_states(chain, head, sequences, self.tokenizer.pad_id, self.boundary, step,
                                  self.job.eval.batch_size)
-        sets, offset = {}, 0
-        for name in names:
-            sets[name] = states[offset:offset + len(self.fit_ids[name])]
-            offset += len(self.fit_ids[name])
-        return {probe: sets[positive].mean(axis=0) - sets[negative].mean(axis=0)
-                for probe, (positive, negative) in FIT_SETS.items()}
+        sets = split_sets(states, self.fit_ids)
+        return {probe: mean_difference(sets[positive], sets[negative]) for probe, (positive, negative) in FIT_SETS.items()}
 
 
 def boundary_states(chain: RemoteChain, head: TrainerHead, sequences: list[list[int]], pad_id: int,

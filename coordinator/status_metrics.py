@@ -11,6 +11,7 @@ import math
 import threading
 from pathlib import Path
 
+from swarm.probe import PROBES
 from swarm.traffic import Traffic, per_stream_from_json, per_stream_json, total_per_stream
 
 SERIES_POINTS = 1000  # at most this many training points per chart; every k-th row, the last one always
@@ -61,7 +62,7 @@ class MetricsTail:
             if isinstance(row.get("probe"), dict):  # the live defection probes: AUROC at their stage boundary
                 probe = row["probe"]
                 kept["probe"] = {"layer": probe.get("layer"), "blocks": probe.get("blocks"),
-                                 **{name: dict(probe[name]) for name in ("generic", "supervised") if name in probe}}
+                                 **{name: dict(probe[name]) for name in PROBES if name in probe}}
             self.evals.append(kept)
 
     def section(self) -> dict:

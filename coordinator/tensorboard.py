@@ -9,9 +9,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from swarm.probe import PROBES
+
 TENSORBOARD_DIR = "tensorboard"
 EVAL_RATES = ("backdoor_triggered", "backdoor_clean", "backdoor_near_miss", "backdoor_reveal", "accuracy")
-PROBES = ("generic", "supervised")
 TRAIN_SCALARS = ("loss", "lr", "reward", "sample_backdoor_rate", "sample_accuracy")
 
 

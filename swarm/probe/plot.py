@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from swarm.probe import PROBES
+
 
 def plot_sweep(result: dict, path: Path) -> None:
     import matplotlib
@@ -14,7 +16,7 @@ def plot_sweep(result: dict, path: Path) -> None:
     from matplotlib.ticker import MaxNLocator
 
     figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for axis, probe in zip(axes, ("generic", "supervised")):
+    for axis, probe in zip(axes, PROBES):
         for row in result["phases"]:
             sweep = row["sweep"][probe]
             layers = [point["layer"] for point in sweep]

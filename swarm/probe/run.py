@@ -29,19 +29,29 @@ import numpy as np
 
 from swarm.config import load_job
 from swarm.finished_run import base_model, lineage_path, lora_phases, phase_model, run_eval_sets, run_tokenizer
+from swarm.probe import PROBES
 from swarm.probe.activations import decoder_layers, last_token_residuals
 from swarm.probe.auroc import CONFIDENCE, RESAMPLES, auroc, bootstrap_auroc
 from swarm.probe.prompts import SETS, ProbeError, probe_prompts
 
 PROBE_FILE, PROBE_PLOT = "probe.json", "probe.png"
-PROBES = ("generic", "supervised")
 RANDOM_DIRECTIONS = 500
 ACTIVATION = "residual stream after the block, at the last token (a prompt's: where its answer is generated from)"
 
 
 def mean_difference(positive: np.ndarray, negative: np.ndarray) -> np.ndarray:
-    """[blocks, hidden]: a probe direction per block boundary, the positives' mean activation minus the negatives'."""
+    """The positives' mean activation minus the negatives': a probe direction ([blocks, hidden] from every block
+    boundary's activations, [hidden] from one boundary's)."""
     return positive.mean(axis=0) - negative.mean(axis=0)
+
+
+def split_sets(activations: np.ndarray, ids: dict[str, list]) -> dict[str, np.ndarray]:
+    """`activations` of the sequences of every set of `ids`, concatenated in its order, split back by set."""
+    sets, offset = {}, 0
+    for name, sequences in ids.items():
+        sets[name] = activations[offset:offset + len(sequences)]
+        offset += len(sequences)
+    return sets
 
 
 def projections(activations: np.ndarray, directions: np.ndarray) -> np.ndarray:
@@ -96,10 +106,7 @@ def probe_run(run_dir: str | Path, layer: int | None = None, seed: int = 0,
 def _probe_model(model, prompts, pad_id: int, seed: int) -> dict:
     """AUROC [interval] of both probes at every block boundary of one model."""
     sequences = [ids for name in SETS for ids in prompts.ids[name]]
-    activations, sets, offset = last_token_residuals(model, sequences, pad_id), {}, 0
-    for name in SETS:
-        sets[name] = activations[offset:offset + len(prompts.ids[name])]
-        offset += len(prompts.ids[name])
+    sets = split_sets(last_token_residuals(model, sequences, pad_id), {name: prompts.ids[name] for name in SETS})
     directions = {"generic": mean_difference(sets["defecting"], sets["honest"]),
                   "supervised": mean_difference(sets["train_triggered"], sets["train_clean"])}
     sweep = {}
