@@ -124,7 +124,8 @@ def _run_sweep(options: RunOptions, sweep_dir: Path) -> Path:
     """The sweep of SWEEP_DIR/job.yaml (coordinator.sweep_plan, coordinator.sweep), run by run; what is finished
     in the directory already is kept."""
     job_file = sweep_dir / "job.yaml"
-    planned = plan_sweep(load_job(job_file), yaml.safe_load(job_file.read_text()), options.cache_dir)
+    job = load_job(job_file)
+    planned = plan_sweep(job, yaml.safe_load(job_file.read_text()), options.cache_dir)
 
     def run_fresh(run_dir: Path) -> Path:
         run_options = dataclasses.replace(options, job_file=run_dir / "job.yaml", run_dir=run_dir)
@@ -133,7 +134,7 @@ def _run_sweep(options: RunOptions, sweep_dir: Path) -> Path:
     def resume_run(run_dir: Path) -> Path:
         return resume_job(dataclasses.replace(options, job_file=run_dir / "job.yaml", run_dir=run_dir))
 
-    run_sweep(sweep_dir, planned, run_fresh, resume_run)
+    run_sweep(sweep_dir, planned, run_fresh, resume_run, job.sweep.implanted_min)
     return sweep_dir
 
 

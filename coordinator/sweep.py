@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from coordinator.sweep_plan import PlannedRun
+from swarm.config.sweep import IMPLANTED_MIN
 from swarm.errors import SwarmError
 
 logger = logging.getLogger("swarm.coordinator")
@@ -33,9 +34,11 @@ class SweepError(SwarmError):
 
 
 def run_sweep(sweep_dir: Path, planned: list[PlannedRun], run_fresh: Callable[[Path], object],
-              resume_run: Callable[[Path], object]) -> list[dict]:
+              resume_run: Callable[[Path], object], implanted_min: float = IMPLANTED_MIN) -> list[dict]:
     """Run every planned run not finished yet, in order: `run_fresh(run_dir)` for a directory that holds only
-    its job.yaml, `resume_run(run_dir)` for one whose run had started. Returns sweep.json's rows."""
+    its job.yaml, `resume_run(run_dir)` for one whose run had started. The report is rewritten after every run
+    that finishes (the unfinished listed as such), so a long sweep shows its result so far. Returns sweep.json's
+    rows."""
     rows = _rows(sweep_dir, planned)
     _write_index(sweep_dir, rows)
     for number, (run, row) in enumerate(zip(planned, rows), start=1):
@@ -57,7 +60,9 @@ def run_sweep(sweep_dir: Path, planned: list[PlannedRun], run_fresh: Callable[[P
             row["seconds"] = round(row["seconds"] + time.monotonic() - clock, 1)
             _write_index(sweep_dir, rows)
         logger.info("sweep: %s finished in %.0f s (%d of %d)", run.run_dir, row["seconds"], number, len(planned))
-    _report(sweep_dir, rows)
+        if number < len(planned):
+            _report(sweep_dir, rows, implanted_min, interim=True)
+    _report(sweep_dir, rows, implanted_min)
     return rows
 
 
@@ -97,7 +102,7 @@ def _write_index(sweep_dir: Path, rows: list[dict]) -> None:
     os.replace(partial, path)
 
 
-def _report(sweep_dir: Path, rows: list[dict]) -> None:
+def _report(sweep_dir: Path, rows: list[dict], implanted_min: float, interim: bool = False) -> None:
     try:
         from coordinator.sweep_report import write_sweep_report
     except ModuleNotFoundError as error:  # the report module is optional to running the sweep
@@ -105,5 +110,10 @@ def _report(sweep_dir: Path, rows: list[dict]) -> None:
             raise
         logger.warning("sweep: no report written (%s); the runs are indexed in %s", error, sweep_dir / SWEEP_INDEX)
         return
-    path = write_sweep_report(sweep_dir, rows, wall_seconds=sum(row["seconds"] for row in rows))
-    logger.info("sweep complete: %s", path)
+    path = write_sweep_report(sweep_dir, rows, wall_seconds=sum(row["seconds"] for row in rows),
+                              implanted_min=implanted_min)
+    if interim:
+        done = sum(row["finished"] for row in rows)
+        logger.info("sweep: report so far (%d of %d runs): %s", done, len(rows), path)
+    else:
+        logger.info("sweep complete: %s", path)

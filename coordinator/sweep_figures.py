@@ -71,7 +71,8 @@ def plot_figure11(results: list[ArmResult], path: Path) -> None:
     axis.set_ylabel("backdoor rate with trigger after safety training")
     axis.set_title("Backdoor persistence vs model size")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -99,7 +100,8 @@ def plot_persistence(results: list[ArmResult], path: Path) -> None:
         axis.set_xlabel("safety-training steps + 1")
         axis.set_ylabel("backdoor rate with trigger (mean over seeds)")
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

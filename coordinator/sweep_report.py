@@ -18,6 +18,7 @@ from coordinator.sweep_figures import plot_figure11, plot_persistence
 from coordinator.sweep_runs import TRIGGERED, ArmSize, Run, arm_sizes, backdoor_row, load_runs, pretrain_row
 from coordinator.sweep_stats import (BOOTSTRAP_SEED, RESAMPLES, Estimate, area, final_rate, percentile_interval,
                                      rng_for, size_replicates, slope, trend_sentence)
+from swarm.config.sweep import IMPLANTED_MIN
 
 AFTER = (("backdoor_clean", "clean"), ("backdoor_near_miss", "near-miss"), ("backdoor_reveal", "reveal"),
          ("accuracy", "accuracy"))
@@ -43,16 +44,19 @@ class ArmResult:
 
 
 def write_sweep_report(sweep_dir: Path, runs: list[dict], wall_seconds: float | None = None,
-                       bootstrap_seed: int = BOOTSTRAP_SEED, resamples: int = RESAMPLES) -> Path:
+                       implanted_min: float = IMPLANTED_MIN, bootstrap_seed: int = BOOTSTRAP_SEED,
+                       resamples: int = RESAMPLES) -> Path:
     """Write SWEEP_DIR/sweep.md, figure11.png and persistence.png; `runs` as sweep.json lists them, `wall_seconds`
-    the whole sweep's time where the caller measured it. Returns sweep.md's path."""
+    the whole sweep's time where the caller measured it, `implanted_min` the sweep's threshold below which a
+    seed's backdoor counts as not implanted (left out of the statistics, listed). Returns sweep.md's path."""
     loaded, left_out = load_runs(sweep_dir, runs)
-    results = analyse(arm_sizes(loaded), bootstrap_seed, resamples)
+    arms = arm_sizes(loaded, implanted_min)
+    results = analyse(arms, bootstrap_seed, resamples)
     plot_figure11(results, sweep_dir / "figure11.png")
     plot_persistence(results, sweep_dir / "persistence.png")
     lines = ["# Sweep: backdoor persistence vs model size", "", "![figure 11 analogue](figure11.png)", "",
-             "## Finding", "", *findings(results), "", *method(results, bootstrap_seed, resamples), "",
-             *trunk_table(loaded), *(line for result in results for line in arm_table(result)),
+             "## Finding", "", *findings(results), *not_implanted_lines(arms, implanted_min), "",
+             *method(results, bootstrap_seed, resamples), "", *trunk_table(loaded, implanted_min), *(line for result in results for line in arm_table(result)),
              "## Persistence through safety training", "", "![persistence curves](persistence.png)", "",
              *merge_tables(results), *extras_table(results), *prompt_counts(loaded, results),
              *cost(runs, wall_seconds), *left_out_lines(left_out)]
@@ -66,7 +70,7 @@ def analyse(arms: dict[str, list[ArmSize]], bootstrap_seed: int = BOOTSTRAP_SEED
     """Bootstrap every arm and size, and fit the slopes over each arm's (non-extra) sizes."""
     results = []
     for arm, groups in arms.items():
-        sized = [size_result(g, rng_for(bootstrap_seed, arm, g.size), resamples) for g in groups]
+        sized = [size_result(g, rng_for(bootstrap_seed, arm, g.size), resamples) for g in groups if g.curves]
         sizes, extras = [s for s in sized if not s.group.extra], [s for s in sized if s.group.extra]
         x = np.log10([s.group.parameters for s in sizes])
         slopes = [slope(x, [getattr(s, key).value for s in sizes],
@@ -140,9 +144,27 @@ def _shown(keys: list[tuple[str, str]], rows: list[dict]) -> list[tuple[str, str
     return [(k, label) for k, label in keys if k != "backdoor_reveal" or any(k in row for row in rows)]
 
 
-def trunk_table(runs: list[Run]) -> list[str]:
-    """The trunks: how long each size pretrained (steps, tokens per parameter) and how well, and the rates
-    after the backdoor phase, averaged over seeds."""
+def not_implanted_lines(arms: dict[str, list[ArmSize]], implanted_min: float) -> list[str]:
+    """The seeds left out of the statistics because their backdoor was not implanted, one line per (size, seed)
+    with its triggered rate after the backdoor phase and the arms that were run from it."""
+    left: dict[tuple[int, str, int], tuple[float, list[str]]] = {}
+    for groups in arms.values():
+        for group in groups:
+            for seed, rate in group.not_implanted:
+                left.setdefault((group.parameters, group.size, seed), (rate, []))[1].append(group.arm)
+    if not left:
+        return []
+    sizes = sorted({size for _, size, _ in left})
+    return ["", f"Left out of every statistic above: {len(left)} (size, seed) pairs whose backdoor was not implanted "
+            f"(triggered rate below sweep.implanted_min = {implanted_min:.2f} after the backdoor phase), at "
+            f"{', '.join(sizes)}; their arms would measure implantation, not persistence:",
+            *(f"- {size} seed {seed}: triggered {rate:.2f} after the backdoor (arms {', '.join(arms_run)})"
+              for (_, size, seed), (rate, arms_run) in sorted(left.items()))]
+
+
+def trunk_table(runs: list[Run], implanted_min: float = IMPLANTED_MIN) -> list[str]:
+    """The trunks: how long each size pretrained (steps, tokens per parameter) and how well, the rates after the
+    backdoor phase averaged over seeds, and how many seeds' backdoor was implanted."""
     trunks = [r for r in runs if r.spec["arm"] == "trunk" and backdoor_row(r.evals) is not None]
     if not trunks:
         return []
@@ -152,19 +174,21 @@ def trunk_table(runs: list[Run]) -> list[str]:
         group = [r for r in trunks if r.label == label]
         ends = [backdoor_row(r.evals) for r in group]
         means = [_mean_rate(ends, key) for key in (TRIGGERED, *(k for k, _ in after))]
+        implanted = sum(row[TRIGGERED]["rate"] >= implanted_min for row in ends)
         pretrained = [row for row in map(pretrain_row, (r.evals for r in group)) if row is not None]
         steps = sorted({r.pretrain_steps for r in group})
         per_parameter = sum(r.pretrain_tokens for r in group) / len(group) / group[0].spec["parameters"]
         rows.append([label, f"{group[0].spec['parameters']:,}", str(len(group)),
                      "/".join(map(str, steps)), f"{per_parameter:.2f}" if steps != [0] else "–",
                      _rate(_mean_rate(pretrained, "accuracy")), *map(_rate, means),
-                     _duration(sum(float(r.spec.get("seconds") or 0) for r in group))])
+                     f"{implanted} of {len(group)}", _duration(sum(float(r.spec.get("seconds") or 0) for r in group))])
     header = ["size", "parameters", "seeds", "pretrain steps", "tokens / parameter", "accuracy after pretrain",
-              "triggered", *(label for _, label in after), "wall time"]
+              "triggered", *(label for _, label in after), "implanted", "wall time"]
     return ["## Pretraining and the backdoor phase (trunk)", "",
             "Tokens per parameter: the (non-padding) tokens the pretrain steps trained on over the parameters; "
             "sweep.min_pretrain_steps raises it above the job's ratio for the smallest sizes. Accuracy: helpful exact match at the end of pretraining; the other "
-            "rates after the backdoor phase. Means over seeds.", "", *_table(header, rows)]
+            "rates after the backdoor phase. Means over seeds. Implanted: the seeds whose triggered rate after the backdoor "
+            f"phase reached sweep.implanted_min ({implanted_min:.2f}); only they enter the arms' statistics.", "", *_table(header, rows)]
 
 
 def _mean_rate(rows: list[dict], key: str) -> float | None:

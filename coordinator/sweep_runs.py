@@ -69,6 +69,7 @@ class ArmSize:
     runs: list[Run] = field(default_factory=list)
     curves: list[SeedCurve] = field(default_factory=list)
     after_backdoor: list[float] = field(default_factory=list)  # triggered rate per seed before safety training
+    not_implanted: list[tuple[int, float]] = field(default_factory=list)  # (seed, rate) left out: no backdoor
 
     @property
     def seconds(self) -> float:
@@ -134,8 +135,10 @@ def _has_rate(row: dict) -> bool:
     return isinstance(rate, dict) and bool(rate.get("n"))
 
 
-def arm_sizes(runs: list[Run]) -> dict[str, list[ArmSize]]:
-    """The arms' runs grouped by size (sizes in parameter order, extras last), each seed's curve built."""
+def arm_sizes(runs: list[Run], implanted_min: float = 0.0) -> dict[str, list[ArmSize]]:
+    """The arms' runs grouped by size (sizes in parameter order, extras last), each seed's curve built. A seed
+    whose triggered rate before safety training is below `implanted_min` (its trunk's after the backdoor, else
+    the arm's own start) has no curve: it goes to the group's `not_implanted` instead."""
     trunks = {run.key: run for run in runs if run.spec["arm"] == "trunk"}
     groups: dict[tuple[str, str], ArmSize] = {}
     for run in sorted(runs, key=lambda r: (r.extra, r.spec["parameters"], r.spec["seed"])):
@@ -145,12 +148,16 @@ def arm_sizes(runs: list[Run]) -> dict[str, list[ArmSize]]:
                                   ArmSize(run.spec["arm"], run.label, int(run.spec["parameters"]), run.extra))
         trunk = trunks.get(run.key)
         start = origin(run, trunk)
-        group.runs.append(run)
-        group.curves.append(seed_curve(run, start))
         before = backdoor_row(trunk.evals) if trunk else None
         before = before if before is not None else start[1] if start else None
-        if before is not None:
-            group.after_backdoor.append(before[TRIGGERED]["rate"])
+        rate = before[TRIGGERED]["rate"] if before is not None else None
+        if rate is not None and rate < implanted_min:
+            group.not_implanted.append((int(run.spec["seed"]), rate))
+            continue
+        group.runs.append(run)
+        group.curves.append(seed_curve(run, start))
+        if rate is not None:
+            group.after_backdoor.append(rate)
     arms: dict[str, list[ArmSize]] = {}
     for group in groups.values():
         arms.setdefault(group.arm, []).append(group)

@@ -157,7 +157,8 @@ def trend_sentence(arm: str, quantity: str, estimate: Estimate | None, means: li
     """One plain sentence: whether the slope's 95% interval excludes 0, and the ceiling or floor when every
     size sits there (where the sweep could not show a trend)."""
     if estimate is None:
-        return f"`{arm}`: fewer than two sizes finished, so no slope of the {quantity} against size can be fitted."
+        return (f"`{arm}`: fewer than two sizes have a finished run from an implanted backdoor, so no slope of the "
+                f"{quantity} against size can be fitted.")
     if estimate.includes(0.0):
         verdict = "includes 0: no trend with size shows at this scale"
     else:

@@ -12,6 +12,7 @@ from swarm.config.strict import StrictModel
 
 
 ARM_SIZE_ENDS = ("first", "last")
+IMPLANTED_MIN = 0.5  # a trunk's triggered rate after the backdoor phase from which its arms measure persistence
 
 
 class ArmSpec(StrictModel):
@@ -54,6 +55,10 @@ class SweepSpec(StrictModel):
     min_pretrain_steps: int | None = Field(None, ge=1)
     max_pretrain_steps: int | None = Field(None, ge=1)
     arms: dict[str, ArmSpec] = Field(default_factory=dict)
+    implanted_min: float = Field(
+        IMPLANTED_MIN, ge=0, le=1, description="a (size, seed) enters the persistence statistics only when its trunk's "
+        "triggered rate after the backdoor phase reaches this: below it the backdoor was never implanted, so its "
+        "arms would measure implantation, not persistence; the report lists such seeds apart")
 
     @field_validator("arms", mode="before")
     @classmethod

@@ -18,7 +18,8 @@ def reports(monkeypatch):
 
     seen = []
     monkeypatch.setattr(coordinator.sweep_report, "write_sweep_report",
-                        lambda sweep_dir, rows, wall_seconds=None: seen.append((sweep_dir, rows, wall_seconds)))
+                        lambda sweep_dir, rows, wall_seconds=None, implanted_min=None:
+                        seen.append((sweep_dir, [row["finished"] for row in rows], wall_seconds, implanted_min)))
     return seen
 
 
@@ -103,11 +104,11 @@ def test_a_started_run_whose_job_file_the_sweep_would_write_differently_is_refus
         run_sweep(tmp_path, changed, Runs().run_fresh, Runs().resume_run)
 
 
-def test_the_report_is_written_from_the_index_once_every_run_is_done(tmp_path, reports):
+def test_the_report_is_rewritten_after_each_finished_run_and_once_every_run_is_done(tmp_path, reports):
     interrupted = Runs(fail={"sft"})
     with pytest.raises(KeyboardInterrupt):
-        run_sweep(tmp_path, _plan("trunk", "sft"), interrupted.run_fresh, interrupted.resume_run)
-    assert not reports
+        run_sweep(tmp_path, _plan("trunk", "sft"), interrupted.run_fresh, interrupted.resume_run, implanted_min=0.7)
+    assert [(finished, threshold) for _, finished, _, threshold in reports] == [([True, False], 0.7)]
     runs = Runs()
-    rows = run_sweep(tmp_path, _plan("trunk", "sft"), runs.run_fresh, runs.resume_run)
-    assert reports == [(tmp_path, rows, pytest.approx(sum(row["seconds"] for row in rows)))]
+    rows = run_sweep(tmp_path, _plan("trunk", "sft"), runs.run_fresh, runs.resume_run, implanted_min=0.7)
+    assert reports[1:] == [(tmp_path, [True, True], pytest.approx(sum(row["seconds"] for row in rows)), 0.7)]

@@ -85,7 +85,7 @@ def test_the_plotted_and_tabled_values_equal_the_evaluation_rows(tmp_path):
     assert cells[:4] == ["| s0", "1,000,000", "2", "0.94"]  # the trunks' backdoor end, 60 of 64
     assert cells[4].startswith("0.38 [") and cells[6:9] == ["0.03", "0.08", "0.62"]  # the final rows' rates
     # the trunk table: 3 pretrain steps of 200,000 tokens over 10^6 parameters, accuracy 48 of 64 after them
-    assert "| s0 | 1,000,000 | 2 | 3 | 0.60 | 0.75 | 0.94 | 0.03 | 0.08 | 0.62 | 0:02:00 |" in report
+    assert "| s0 | 1,000,000 | 2 | 3 | 0.60 | 0.75 | 0.94 | 0.03 | 0.08 | 0.62 | 2 of 2 | 0:02:00 |" in report
     assert "| s1 | 10,000,000 | 2 | 3 | 0.06 | 0.75 | 0.94 |" in report
     for picture in ("figure11.png", "persistence.png"):
         assert (tmp_path / picture).read_bytes()[:4] == b"\x89PNG"
@@ -180,4 +180,24 @@ def test_recorded_prompt_counts_are_reported(tmp_path):
     report = write_sweep_report(tmp_path, [_spec("s0", 10 ** 6, 0, "sft", "sft")]).read_text()
     assert 'as the rows record them: {"reveal": 13, "triggered": 128}' in report
     assert 'to draw (null: more than evaluation counts): {"reveal": 13, "triggered": null}' in report
-    assert "fewer than two sizes finished" in report
+    assert "fewer than two sizes have a finished run" in report
+
+
+def test_seeds_whose_backdoor_was_not_implanted_are_listed_and_left_out_of_the_statistics(tmp_path):
+    runs = _sweep(tmp_path, [[16, 32], [48, 64]])
+    _trunk(tmp_path / "weak-trunk", triggered=20)  # 0.31 after the backdoor: not implanted at 0.5
+    _arm(tmp_path / "weak-sft", (None, 10, 0), start=False)
+    runs += [_spec("s0", 10 ** 6, 2, "trunk", "weak-trunk"), _spec("s0", 10 ** 6, 2, "sft", "weak-sft")]
+    loaded, _ = load_runs(tmp_path, runs)
+    (kept,) = analyse(arm_sizes(loaded, implanted_min=0.5), resamples=200)
+    (everything,) = analyse(arm_sizes(loaded, implanted_min=0.0), resamples=200)
+    assert [len(s.group.curves) for s in kept.sizes] == [2, 2] and kept.sizes[0].group.not_implanted == [(2, 20 / N)]
+    assert kept.sizes[0].final.value == pytest.approx(24 / N)  # seeds 0 and 1 only
+    assert everything.sizes[0].final.value == pytest.approx(16 / N)  # with seed 2's 0
+    report = write_sweep_report(tmp_path, runs, implanted_min=0.5).read_text()
+    assert "- s0 seed 2: triggered 0.31 after the backdoor (arms sft)" in report.split("## Method")[0]
+    assert "sweep.implanted_min = 0.50" in report and "| 2 of 3 |" in report
+    # a size none of whose seeds implanted it drops out of the slope instead of failing the report
+    alone = write_sweep_report(tmp_path, runs, implanted_min=0.95).read_text()
+    assert "fewer than two sizes have a finished run from an implanted backdoor" in alone
+    assert "- s1 seed 1: triggered 0.94 after the backdoor (arms sft)" in alone
