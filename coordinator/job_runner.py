@@ -27,6 +27,7 @@ from coordinator.run_dir import CHAT_FORMAT_FILE, MetricsLog, create_run_dir, re
 from coordinator.session import SwarmSession
 from coordinator.start_adapter import install_start_adapter, record_start_adapter, start_from_adapter
 from coordinator.sweep import run_sweep
+from coordinator.sweep_extras import extra_rows
 from coordinator.sweep_plan import plan_sweep
 from coordinator.tensorboard import TensorBoardLog
 from swarm.config import load_job
@@ -134,7 +135,8 @@ def _run_sweep(options: RunOptions, sweep_dir: Path) -> Path:
     def resume_run(run_dir: Path) -> Path:
         return resume_job(dataclasses.replace(options, job_file=run_dir / "job.yaml", run_dir=run_dir))
 
-    run_sweep(sweep_dir, planned, run_fresh, resume_run, job.sweep.implanted_min)
+    extras = extra_rows(sweep_dir, job, options.cache_dir)
+    run_sweep(sweep_dir, planned, run_fresh, resume_run, job.sweep.implanted_min, extras)
     return sweep_dir
 
 

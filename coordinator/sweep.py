@@ -34,12 +34,14 @@ class SweepError(SwarmError):
 
 
 def run_sweep(sweep_dir: Path, planned: list[PlannedRun], run_fresh: Callable[[Path], object],
-              resume_run: Callable[[Path], object], implanted_min: float = IMPLANTED_MIN) -> list[dict]:
+              resume_run: Callable[[Path], object], implanted_min: float = IMPLANTED_MIN,
+              extras: list[dict] = ()) -> list[dict]:
     """Run every planned run not finished yet, in order: `run_fresh(run_dir)` for a directory that holds only
     its job.yaml, `resume_run(run_dir)` for one whose run had started. The report is rewritten after every run
-    that finishes (the unfinished listed as such), so a long sweep shows its result so far. Returns sweep.json's
+    that finishes (the unfinished listed as such), so a long sweep shows its result so far. `extras`: finished
+    rows of other families' runs (coordinator.sweep_extras), indexed after the planned runs. Returns sweep.json's
     rows."""
-    rows = _rows(sweep_dir, planned)
+    rows = _rows(sweep_dir, planned) + [dict(row) for row in extras]
     _write_index(sweep_dir, rows)
     for number, (run, row) in enumerate(zip(planned, rows), start=1):
         run_dir = sweep_dir / run.run_dir

