@@ -33,8 +33,8 @@ def create_run_dir(root: Path, job_name: str, job_file: Path, explicit: Path | N
 
 
 def job_text_for_run(job_file: Path) -> str:
-    """The job file as the run directory keeps it: verbatim, unless it names a model, adapter or data path
-    relative to its own directory, which would resolve against the run directory on resume, replay or re-measurement; those
+    """The job file as the run directory keeps it: verbatim, unless it names a model, adapter, data or sweep
+    extra's run path relative to its own directory, which would resolve against the run directory on resume, replay or re-measurement; those
     are made absolute."""
     text = job_file.read_text()
     data = yaml.safe_load(text)
@@ -42,7 +42,8 @@ def job_text_for_run(job_file: Path) -> str:
         return text
     sweep = data.get("sweep") if isinstance(data.get("sweep"), dict) else {}
     sections = [(data.get("model"), "path"), (data.get("model"), "adapter"), (data.get("data"), "path"),
-                *((model, "path") for model in sweep.get("models") or [])]
+                *((model, "path") for model in sweep.get("models") or []),
+                *((extra, "run") for extra in sweep.get("extras") or [])]
     changed = False
     for section, key in sections:
         if isinstance(section, dict) and isinstance(section.get(key), str) and not Path(section[key]).is_absolute():

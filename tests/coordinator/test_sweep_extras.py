@@ -9,6 +9,7 @@ import shutil
 import pytest
 import yaml
 
+from coordinator.run_dir import create_run_dir
 from coordinator.sweep_extras import extra_rows
 from coordinator.sweep_report import analyse, write_sweep_report
 from coordinator.sweep_runs import arm_sizes, load_runs
@@ -60,6 +61,15 @@ def test_an_extra_is_imported_once_and_stands_as_one_finished_row_per_arm(tmp_pa
         "job.yaml", "metrics.jsonl", "report.md"]
     shutil.rmtree(tmp_path / "smol-run")  # a resumed sweep no longer needs the original run
     assert extra_rows(sweep_dir, job) == rows
+
+
+def test_the_sweep_directorys_copy_of_the_job_file_names_the_extra_run_absolutely(tmp_path):
+    _finished_run(tmp_path / "smol-run")
+    job = _job(tmp_path, [{"run": "../smol-run", "label": "smol", "parameters": 10, "arms": {"sft": "safety-sft"}}])
+    sweep_dir = create_run_dir(tmp_path / "runs", "sweep", tmp_path / "jobs" / "sweep.yaml")
+    copied = load_job(sweep_dir / "job.yaml")
+    assert copied.sweep.extras[0].run == job.sweep.extras[0].run == (tmp_path / "smol-run").resolve()
+    assert len(extra_rows(sweep_dir, copied)) == 1
 
 
 def test_the_parameters_are_counted_from_the_runs_model_when_not_given(tmp_path):
