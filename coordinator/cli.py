@@ -49,6 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--serve", action="store_true", help="serve the page instead, until Ctrl-C")
     report.add_argument("--host", default="127.0.0.1", help="interface to serve on with --serve (default 127.0.0.1)")
     report.add_argument("--port", type=int, default=0, help="port to serve on with --serve (default: any free port)")
+    export = commands.add_parser(
+        "export-sweep", help="copy a sweep's results without weights (to commit them) and write its sweep.md there",
+        description="Copy every finished run's metrics.jsonl, job.yaml, report.md and evaluations/, the extras, and "
+                    "the sweep's job.yaml and sweep.json from SWEEP_DIR to OUT_DIR, then write sweep.md, "
+                    "figure11.png and persistence.png in OUT_DIR from the copy alone. Unfinished runs are left out "
+                    "and listed; run it again as more finish.")
+    export.add_argument("sweep_dir", type=Path, metavar="SWEEP_DIR", help="the sweep's run directory")
+    export.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="new directory, or an earlier export of it")
     _add_estimate_parser(commands)
     _add_import_gguf_parser(commands)
     return parser
@@ -173,6 +181,18 @@ def run_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_export_sweep(args: argparse.Namespace) -> int:
+    from coordinator.sweep_export import export_sweep
+
+    try:
+        report, finished, total = export_sweep(args.sweep_dir, args.out_dir)
+    except (SwarmError, OSError) as error:
+        print(f"swarm-coordinator export-sweep: error: {error}", file=sys.stderr)
+        return 2
+    print(f"exported {finished} of {total} runs; wrote {report}")
+    return 0
+
+
 def run_report(args: argparse.Namespace) -> int:
     """The page of a finished run: one HTML file to open from disk, or served (fresh data on every reload)."""
     from coordinator.report import write_report
@@ -212,6 +232,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(run_status(args))
     if args.command == "import-gguf":
         sys.exit(run_import_gguf(args))
+    if args.command == "export-sweep":
+        sys.exit(run_export_sweep(args))
     if args.command == "report":
         signal.signal(signal.SIGTERM, _interrupt)
         signal.signal(signal.SIGINT, signal.default_int_handler)

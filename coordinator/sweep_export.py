@@ -1,0 +1,60 @@
+"""A sweep's results without its weights: what to commit or send, with sweep.md written from the copy itself.
+
+Per finished run its metrics.jsonl, job.yaml, report.md and evaluations/ (every answer, which the report
+re-scores per prompt); the extras' copies; the sweep's job.yaml and sweep.json. The report written in the export
+is computed from the exported files alone, so it shows that they suffice to reproduce it. Unfinished runs are
+left out (sweep.md lists them).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from coordinator.sweep import SWEEP_INDEX
+from coordinator.sweep_extras import EXTRAS_DIR
+from coordinator.sweep_report import write_sweep_report
+from swarm.config import load_job
+from swarm.errors import SwarmError
+
+RUN_FILES = ("metrics.jsonl", "job.yaml", "report.md")
+
+
+def export_sweep(sweep_dir: Path, out_dir: Path) -> tuple[Path, int, int]:
+    """Copy SWEEP_DIR's results into OUT_DIR (new, or an earlier export of it) and write sweep.md there.
+    Returns (sweep.md, finished runs exported, runs in the sweep)."""
+    index = sweep_dir / SWEEP_INDEX
+    if not index.is_file() or not (sweep_dir / "job.yaml").is_file():
+        raise SwarmError(f"{sweep_dir} is not a sweep directory (no {SWEEP_INDEX} or job.yaml)")
+    if out_dir.resolve() == sweep_dir.resolve():
+        raise SwarmError("export into a directory other than the sweep's own")
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / SWEEP_INDEX).is_file():
+        raise SwarmError(f"{out_dir} exists and is not an earlier export of a sweep; choose a new directory")
+    job = load_job(sweep_dir / "job.yaml")
+    rows = json.loads(index.read_text())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    finished = [row for row in rows if row.get("finished")]
+    for row in finished:
+        if row.get("extra"):
+            continue
+        source, target = sweep_dir / row["run_dir"], out_dir / row["run_dir"]
+        target.mkdir(parents=True, exist_ok=True)
+        for name in RUN_FILES:
+            if (source / name).is_file():
+                shutil.copyfile(source / name, target / name)
+        _copy_tree(source / "evaluations", target / "evaluations")
+    _copy_tree(sweep_dir / EXTRAS_DIR, out_dir / EXTRAS_DIR)
+    for name in ("job.yaml", SWEEP_INDEX):
+        shutil.copyfile(sweep_dir / name, out_dir / name)
+    implanted_min = job.sweep.implanted_min if job.sweep is not None else 0.0
+    report = write_sweep_report(out_dir, rows, wall_seconds=sum(float(row.get("seconds") or 0) for row in rows),
+                                implanted_min=implanted_min)
+    return report, sum(not row.get("extra") for row in finished), sum(not row.get("extra") for row in rows)
+
+
+def _copy_tree(source: Path, target: Path) -> None:
+    if source.is_dir():
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(source, target)

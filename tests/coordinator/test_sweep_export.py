@@ -1,0 +1,56 @@
+"""Exporting a sweep's results: the runs' records without weights, and a sweep.md the copy alone reproduces."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from coordinator.sweep_export import export_sweep
+from coordinator.sweep_report import write_sweep_report
+from swarm.errors import SwarmError
+from tests.conftest import job_dict
+from tests.coordinator.test_sweep_report import _arm, _spec, _sweep
+
+
+def _sweep_dir(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    runs = _sweep(sweep_dir, [[16, 32], [48, 64]])
+    _arm(sweep_dir / "late", (60, 60, 64))
+    runs.append(_spec("s0", 10 ** 6, 2, "sft", "late", finished=False))
+    weights = sweep_dir / "s0-0-trunk" / "phases" / "02-backdoor" / "adapter"
+    weights.mkdir(parents=True)
+    (weights / "adapter_model.safetensors").write_bytes(b"weights")
+    (sweep_dir / "sweep.json").write_text(json.dumps(runs))
+    sweep = {"models": [{"preset": "llama-micro"}], "arms": {"sft": [{"kind": "sft", "steps": 2}]},
+             "implanted_min": 0.5}
+    (sweep_dir / "job.yaml").write_text(yaml.safe_dump(job_dict(
+        sweep=sweep, training={"steps": None, "batch_size": 4}, phases=[{"kind": "backdoor", "steps": 2}])))
+    return sweep_dir, runs
+
+
+def test_the_export_holds_the_finished_runs_records_and_reproduces_the_report(tmp_path):
+    sweep_dir, runs = _sweep_dir(tmp_path)
+    out = tmp_path / "export"
+    report, finished, total = export_sweep(sweep_dir, out)
+    assert (finished, total) == (8, 9)
+    assert sorted(p.name for p in (out / "s0-0-trunk").iterdir()) == ["job.yaml", "metrics.jsonl"]  # no phases/
+    assert not list(out.rglob("*.safetensors")) and not (out / "late").exists()
+    assert json.loads((out / "sweep.json").read_text()) == runs
+    assert "- sft s0 seed 2 (`late`): unfinished" in report.read_text()
+    exported = report.read_text()
+    assert exported == write_sweep_report(sweep_dir, runs, wall_seconds=sum(r["seconds"] for r in runs)).read_text()
+    assert export_sweep(sweep_dir, out)[0].read_text() == exported  # again into the same export
+
+
+def test_an_export_refuses_a_foreign_directory_and_a_non_sweep(tmp_path):
+    sweep_dir, _ = _sweep_dir(tmp_path)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(SwarmError, match="is not an earlier export"):
+        export_sweep(sweep_dir, tmp_path / "other")
+    with pytest.raises(SwarmError, match="not a sweep directory"):
+        export_sweep(tmp_path / "other", tmp_path / "out")
+    with pytest.raises(SwarmError, match="other than the sweep's own"):
+        export_sweep(sweep_dir, sweep_dir)
