@@ -115,7 +115,8 @@ def _report(sweep_dir: Path, rows: list[dict], implanted_min: float, interim: bo
     path = write_sweep_report(sweep_dir, rows, wall_seconds=sum(row["seconds"] for row in rows),
                               implanted_min=implanted_min)
     if interim:
-        done = sum(row["finished"] for row in rows)
-        logger.info("sweep: report so far (%d of %d runs): %s", done, len(rows), path)
+        planned = [row for row in rows if not row.get("extra")]
+        done = sum(row["finished"] for row in planned)
+        logger.info("sweep: report so far (%d of %d runs): %s", done, len(planned), path)
     else:
         logger.info("sweep complete: %s", path)
