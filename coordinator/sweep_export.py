@@ -2,8 +2,12 @@
 
 Per finished run its metrics.jsonl, job.yaml, report.md and evaluations/ (every answer, which the report
 re-scores per prompt); the extras' copies; the sweep's job.yaml and sweep.json. The report written in the export
-is computed from the exported files alone, so it shows that they suffice to reproduce it. Unfinished runs are
-left out (sweep.md lists them).
+is computed from the exported files alone, so it shows that they suffice to reproduce it.
+
+Only whole (size, seed) groups are exported as finished: a group's arms start from its trunk's weights, which an
+export leaves behind, so a finished trunk whose arms are not all done is marked unfinished there with them. A copy
+of an export can then be resumed (`swarm-coordinator resume COPY`) on another machine: it skips the exported
+groups and runs the others whole.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ def export_sweep(sweep_dir: Path, out_dir: Path) -> tuple[Path, int, int]:
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / SWEEP_INDEX).is_file():
         raise SwarmError(f"{out_dir} exists and is not an earlier export of a sweep; choose a new directory")
     job = load_job(sweep_dir / "job.yaml")
-    rows = json.loads(index.read_text())
+    rows = whole_groups(json.loads(index.read_text()))
     out_dir.mkdir(parents=True, exist_ok=True)
     finished = [row for row in rows if row.get("finished")]
     for row in finished:
@@ -45,12 +49,23 @@ def export_sweep(sweep_dir: Path, out_dir: Path) -> tuple[Path, int, int]:
                 shutil.copyfile(source / name, target / name)
         _copy_tree(source / "evaluations", target / "evaluations")
     _copy_tree(sweep_dir / EXTRAS_DIR, out_dir / EXTRAS_DIR)
-    for name in ("job.yaml", SWEEP_INDEX):
-        shutil.copyfile(sweep_dir / name, out_dir / name)
+    shutil.copyfile(sweep_dir / "job.yaml", out_dir / "job.yaml")
+    (out_dir / SWEEP_INDEX).write_text(json.dumps(rows, indent=2) + "\n")
     implanted_min = job.sweep.implanted_min if job.sweep is not None else 0.0
     report = write_sweep_report(out_dir, rows, wall_seconds=sum(float(row.get("seconds") or 0) for row in rows),
                                 implanted_min=implanted_min)
     return report, sum(not row.get("extra") for row in finished), sum(not row.get("extra") for row in rows)
+
+
+def whole_groups(rows: list[dict]) -> list[dict]:
+    """sweep.json's rows with `finished` kept only where every run of the row's (size, seed) finished; extras
+    (already whole) as they are."""
+    done: dict[tuple[str, int], bool] = {}
+    for row in rows:
+        if not row.get("extra"):
+            key = (row["size"], row["seed"])
+            done[key] = done.get(key, True) and bool(row.get("finished"))
+    return [row if row.get("extra") else {**row, "finished": done[(row["size"], row["seed"])]} for row in rows]
 
 
 def _copy_tree(source: Path, target: Path) -> None:

@@ -7,7 +7,9 @@ import json
 import pytest
 import yaml
 
+from coordinator.sweep import run_sweep
 from coordinator.sweep_export import export_sweep
+from coordinator.sweep_plan import PlannedRun
 from coordinator.sweep_report import write_sweep_report
 from swarm.errors import SwarmError
 from tests.conftest import job_dict
@@ -54,3 +56,21 @@ def test_an_export_refuses_a_foreign_directory_and_a_non_sweep(tmp_path):
         export_sweep(tmp_path / "other", tmp_path / "out")
     with pytest.raises(SwarmError, match="other than the sweep's own"):
         export_sweep(sweep_dir, sweep_dir)
+
+
+def test_a_group_with_an_unfinished_arm_is_exported_unfinished_whole_and_a_copy_resumes_it(tmp_path):
+    sweep_dir, runs = _sweep_dir(tmp_path)
+    runs[-2]["finished"] = False  # s1 seed 1's sft arm: its trunk finished, its weights stay behind in an export
+    (sweep_dir / "sweep.json").write_text(json.dumps(runs))
+    out = tmp_path / "export"
+    report, finished, total = export_sweep(sweep_dir, out)
+    index = {(row["size"], row["seed"], row["arm"]): row["finished"] for row in json.loads((out / "sweep.json").read_text())}
+    assert (index[("s1", 1, "trunk")], index[("s1", 1, "sft")], index[("s1", 0, "trunk")]) == (False, False, True)
+    assert finished == 6 and not (out / "s1-1-trunk").exists()
+    assert "- trunk s1 seed 1 (`s1-1-trunk`): unfinished" in report.read_text()
+    plan = [PlannedRun(row["size"], row["parameters"], row["seed"], row["arm"], row["run_dir"], "name: x\n")
+            for row in runs]
+    ran = []
+    run_sweep(out, plan, lambda run_dir: ran.append(run_dir.name) or (run_dir / "report.md").write_text(""),
+              lambda run_dir: pytest.fail(f"nothing was started in {run_dir}"))
+    assert ran == ["s1-1-trunk", "s1-1-sft", "late"]  # the unfinished groups, whole; the exported ones skipped
