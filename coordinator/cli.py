@@ -53,8 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
         "export-sweep", help="copy a sweep's results without weights (to commit them) and write its sweep.md there",
         description="Copy every finished run's metrics.jsonl, job.yaml, report.md and evaluations/, the extras, and "
                     "the sweep's job.yaml and sweep.json from SWEEP_DIR to OUT_DIR, then write sweep.md, "
-                    "figure11.png and persistence.png in OUT_DIR from the copy alone. Unfinished runs are left out "
-                    "and listed; run it again as more finish.")
+                    "figure11.png and persistence.png in OUT_DIR from the copy alone. Only whole (size, seed) groups "
+                    "count as finished there (an arm needs its trunk's weights, which are not copied); the rest are "
+                    "listed as unfinished, and a copy of OUT_DIR can be resumed to run them. Run it again as more "
+                    "finish.")
     export.add_argument("sweep_dir", type=Path, metavar="SWEEP_DIR", help="the sweep's run directory")
     export.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="new directory, or an earlier export of it")
     _add_estimate_parser(commands)
