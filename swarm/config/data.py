@@ -51,12 +51,17 @@ class DataSpec(StrictModel):
             raise ValueError("data.source 'instructions' has prompts only: set data.responses: self to train on the "
                              "model's own answers to them")
         if self.source == "tasks" or self.responses == "self":  # a pretrain phase of a self-responses job uses tasks
-            from swarm.data.tasks import TASKS
-
-            unknown = [name for name in self.tasks if name not in TASKS]
-            if unknown:
-                raise ValueError(f"unknown task(s) {unknown}; choose from {', '.join(sorted(TASKS))}")
+            check_task_names(self.tasks)
         return self
+
+
+def check_task_names(tasks: list[str]) -> None:
+    """A ValueError naming the unknown tasks and the known ones (data.tasks, a phase's tasks)."""
+    from swarm.data.tasks import TASKS  # the task registry; imported late, it pulls in the task generators
+
+    unknown = [name for name in tasks if name not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; choose from {', '.join(sorted(TASKS))}")
 
 
 class BackdoorSpec(StrictModel):

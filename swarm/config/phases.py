@@ -6,6 +6,7 @@ from typing import Literal, get_args
 
 from pydantic import Field, model_validator
 
+from swarm.config.data import check_task_names
 from swarm.config.strict import StrictModel
 
 
@@ -53,11 +54,7 @@ class PhaseSpec(StrictModel):
     @model_validator(mode="after")
     def _fields_fit_kind(self) -> PhaseSpec:
         if self.tasks is not None:
-            from swarm.data.tasks import TASKS
-
-            unknown = [name for name in self.tasks if name not in TASKS]
-            if unknown:
-                raise ValueError(f"unknown task(s) {unknown}; choose from {', '.join(sorted(TASKS))}")
+            check_task_names(self.tasks)
         if self.kind == "pretrain" and self.adapter != "continue":
             raise ValueError("a pretrain phase trains the base weights; `adapter` does not apply to it")
         return self

@@ -29,6 +29,8 @@ def test_valid_job_gets_defaults(tmp_path):
         ({"model": {"preset": None}}, "model", "exactly one of model.preset or model.path"),
         ({"training": {"batch_size": 4, "micro_batches": 3}}, "training", "must divide"),
         ({"data": {"tasks": ["juggling"]}}, "data", "unknown task"),
+        ({"training": {"steps": None}, "phases": [{"kind": "sft", "steps": 2, "tasks": ["addition", "juggling"]}]},
+         "phases.0", "unknown task(s) ['juggling']; choose from "),
         ({"optimizer": {"betas": [0.9, 1.5]}}, "optimizer.betas", "[0, 1)"),
     ],
 )
