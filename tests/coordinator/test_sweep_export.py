@@ -74,3 +74,21 @@ def test_a_group_with_an_unfinished_arm_is_exported_unfinished_whole_and_a_copy_
     run_sweep(out, plan, lambda run_dir: ran.append(run_dir.name) or (run_dir / "report.md").write_text(""),
               lambda run_dir: pytest.fail(f"nothing was started in {run_dir}"))
     assert ran == ["s1-1-trunk", "s1-1-sft", "late"]  # the unfinished groups, whole; the exported ones skipped
+
+
+def test_the_command_exports_and_says_so_and_a_bad_directory_is_one_line(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    sweep_dir, _ = _sweep_dir(tmp_path)
+    command = [sys.executable, "-m", "coordinator.cli", "export-sweep"]
+    done = subprocess.run([*command, str(sweep_dir), str(tmp_path / "out")], cwd=repo, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and f"exported 8 of 9 runs; wrote {tmp_path / 'out' / 'sweep.md'}" in done.stdout
+    bad = subprocess.run([*command, str(tmp_path / "nowhere"), str(tmp_path / "out2")], cwd=repo,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines() == [f"swarm-coordinator export-sweep: error: {tmp_path / 'nowhere'} is not "
+                                               "a sweep directory (no sweep.json or job.yaml)"]
