@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from collections.abc import Callable
@@ -53,6 +54,21 @@ def job_text_for_run(job_file: Path) -> str:
         return text
     return (f"# {job_file}, its relative paths made absolute for this run directory\n"
             + yaml.safe_dump(data, sort_keys=False))
+
+
+RECORD_FILES = ("metrics.jsonl", "job.yaml", "report.md")  # with evaluations/: what a run's results rest on
+
+
+def copy_run_records(source: Path, target: Path) -> None:
+    """Copy a run's records (RECORD_FILES that exist, and evaluations/ with every answer) into `target`, replacing
+    what an earlier copy left there; weights, checkpoints and the audit log stay behind."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in RECORD_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, target / name)
+    if (source / "evaluations").is_dir():
+        shutil.rmtree(target / "evaluations", ignore_errors=True)
+        shutil.copytree(source / "evaluations", target / "evaluations")
 
 
 CHAT_FORMAT_FILE = "chat_format.json"

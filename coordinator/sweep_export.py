@@ -16,14 +16,12 @@ import json
 import shutil
 from pathlib import Path
 
+from coordinator.run_dir import copy_run_records
 from coordinator.sweep import SWEEP_INDEX
 from coordinator.sweep_extras import EXTRAS_DIR
 from coordinator.sweep_report import write_sweep_report
 from swarm.config import load_job
 from swarm.errors import SwarmError
-
-RUN_FILES = ("metrics.jsonl", "job.yaml", "report.md")
-
 
 def export_sweep(sweep_dir: Path, out_dir: Path) -> tuple[Path, int, int]:
     """Copy SWEEP_DIR's results into OUT_DIR (new, or an earlier export of it) and write sweep.md there.
@@ -40,15 +38,11 @@ def export_sweep(sweep_dir: Path, out_dir: Path) -> tuple[Path, int, int]:
     out_dir.mkdir(parents=True, exist_ok=True)
     finished = [row for row in rows if row.get("finished")]
     for row in finished:
-        if row.get("extra"):
-            continue
-        source, target = sweep_dir / row["run_dir"], out_dir / row["run_dir"]
-        target.mkdir(parents=True, exist_ok=True)
-        for name in RUN_FILES:
-            if (source / name).is_file():
-                shutil.copyfile(source / name, target / name)
-        _copy_tree(source / "evaluations", target / "evaluations")
-    _copy_tree(sweep_dir / EXTRAS_DIR, out_dir / EXTRAS_DIR)
+        if not row.get("extra"):
+            copy_run_records(sweep_dir / row["run_dir"], out_dir / row["run_dir"])
+    if (sweep_dir / EXTRAS_DIR).is_dir():  # already records only (coordinator.sweep_extras)
+        shutil.rmtree(out_dir / EXTRAS_DIR, ignore_errors=True)
+        shutil.copytree(sweep_dir / EXTRAS_DIR, out_dir / EXTRAS_DIR)
     shutil.copyfile(sweep_dir / "job.yaml", out_dir / "job.yaml")
     (out_dir / SWEEP_INDEX).write_text(json.dumps(rows, indent=2) + "\n")
     implanted_min = job.sweep.implanted_min if job.sweep is not None else 0.0
@@ -67,9 +61,3 @@ def whole_groups(rows: list[dict]) -> list[dict]:
             done[key] = done.get(key, True) and bool(row.get("finished"))
     return [row if row.get("extra") else {**row, "finished": done[(row["size"], row["seed"])]} for row in rows]
 
-
-def _copy_tree(source: Path, target: Path) -> None:
-    if source.is_dir():
-        if target.exists():
-            shutil.rmtree(target)
-        shutil.copytree(source, target)

@@ -13,6 +13,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from coordinator.run_dir import copy_run_records
 from swarm.config import Job, load_job
 from swarm.config.sweep import ExtraRunSpec
 from swarm.errors import JobFileError, ModelSourceError, SwarmError
@@ -21,7 +22,7 @@ from swarm.models.checkpoint import Checkpoint, resolve_model
 logger = logging.getLogger("swarm.coordinator")
 
 EXTRAS_DIR = "extras"
-COPIED = ("metrics.jsonl", "job.yaml", "report.md")  # and evaluations/, where the run kept its answers
+REQUIRED = ("metrics.jsonl", "job.yaml")  # of a finished run; report.md and evaluations/ are copied where there
 
 
 def extra_rows(sweep_dir: Path, job: Job, cache_dir: Path | None = None) -> list[dict]:
@@ -44,7 +45,7 @@ def extra_rows(sweep_dir: Path, job: Job, cache_dir: Path | None = None) -> list
 def _import(extra: ExtraRunSpec, target: Path) -> None:
     """Copy the run's files and check that every mapped phase starts from its backdoored model."""
     source = extra.run
-    missing = [name for name in COPIED[:2] if not (source / name).is_file()]
+    missing = [name for name in REQUIRED if not (source / name).is_file()]
     if missing:
         raise SwarmError(f"sweep.extras {extra.label}: {source} is not a finished run directory (no "
                          f"{', '.join(missing)})")
@@ -60,12 +61,7 @@ def _import(extra: ExtraRunSpec, target: Path) -> None:
                              "phase, so its curve would not start from the backdoored model as the arms' do")
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    for name in COPIED:
-        if (source / name).is_file():
-            shutil.copyfile(source / name, partial / name)
-    if (source / "evaluations").is_dir():
-        shutil.copytree(source / "evaluations", partial / "evaluations")
+    copy_run_records(source, partial)
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)
     logger.info("sweep: imported %s from %s as an extra (%s)", extra.label, source,
