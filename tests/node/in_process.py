@@ -35,8 +35,8 @@ class LocalP2P:
         self.handlers = network.setdefault(self.peer_id, {})
         self.network = network
 
-    async def add_protobuf_handler(self, name, handler, input_type, *, stream_input=False, stream_output=False):
-        self.handlers[name] = handler
+    async def add_binary_stream_handler(self, name, stream):
+        self.handlers[name] = stream.handler  # node.call_stream.CallStream: its handler, without the framing
 
     async def iterate_protobuf_handler(self, peer: PeerID, name: str, requests, output_type):
         return self.network[peer][name](requests, P2PContext(handle_name=name, local_id=peer, remote_id=self.peer_id))
