@@ -48,6 +48,11 @@ def run_sweep(sweep_dir: Path, planned: list[PlannedRun], run_fresh: Callable[[P
         if not row["finished"] and (run_dir / RUN_DONE_FILE).is_file() and (run_dir / "audit.db").is_file():
             row["finished"] = True  # it ended after the index was last written
             _write_index(sweep_dir, rows)
+        if row["finished"] and not any((run_dir / name).is_file() for name in (RUN_DONE_FILE, "metrics.jsonl")):
+            logger.warning("sweep: %s is indexed as finished but its records are gone; running it again",
+                           run.run_dir)
+            row["finished"], row["seconds"] = False, 0.0
+            _write_index(sweep_dir, rows)
         if row["finished"]:
             logger.info("sweep: %s already finished (%d of %d)", run.run_dir, number, len(planned))
             continue

@@ -86,6 +86,17 @@ def test_a_run_that_finished_after_the_index_was_written_is_not_run_again(tmp_pa
     assert not again.fresh and not again.resumed and rows[0]["finished"]
 
 
+def test_a_run_indexed_as_finished_whose_records_are_gone_is_run_again(tmp_path):
+    """As in a copy of a sweep whose run directories were lost (a .gitignore once dropped an export's runs/)."""
+    first = Runs()
+    run_sweep(tmp_path, _plan("trunk", "sft"), first.run_fresh, first.resume_run)
+    (tmp_path / "runs" / "ladder-1-seed0" / "trunk" / "report.md").unlink()
+    again = Runs()
+    rows = run_sweep(tmp_path, _plan("trunk", "sft"), again.run_fresh, again.resume_run)
+    assert again.resumed == ["trunk"] and not again.fresh  # its audit log is there: it is resumed
+    assert [row["finished"] for row in rows] == [True, True]
+
+
 def test_a_run_that_never_started_is_started_afresh_in_an_emptied_directory(tmp_path):
     leftover = tmp_path / "runs" / "ladder-1-seed0" / "trunk"
     leftover.mkdir(parents=True)

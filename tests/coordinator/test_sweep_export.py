@@ -92,3 +92,19 @@ def test_the_command_exports_and_says_so_and_a_bad_directory_is_one_line(tmp_pat
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines() == [f"swarm-coordinator export-sweep: error: {tmp_path / 'nowhere'} is not "
                                                "a sweep directory (no sweep.json or job.yaml)"]
+
+
+def test_an_export_under_docs_results_is_committed_with_its_runs_records():
+    """`.gitignore` once ignored every `runs/`, so a committed export lost its runs' records (seed 0 of
+    docs/results/sweep-2026-12-02-recalibrated); only the top-level runs/ a job writes is ignored."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    if shutil.which("git") is None or not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+    check = ["git", "check-ignore", "--no-index", "-q"]
+    kept = subprocess.run([*check, "docs/results/a-sweep/runs/ladder-1-seed0/trunk/metrics.jsonl"], cwd=repo)
+    ignored = subprocess.run([*check, "runs/a-job/metrics.jsonl"], cwd=repo)
+    assert (kept.returncode, ignored.returncode) == (1, 0)
