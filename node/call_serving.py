@@ -79,7 +79,7 @@ class CallServing:
                 doing = "sending the reply"
                 yield message
             # Hold this end open until the trainer, which knows from the reply's tensor_count when it has it all,
-            # closes the stream. hivemind ends this handler when the trainer's end closes.
+            # closes the stream. The stream's reader (node.call_stream) ends this handler when the trainer's end closes.
             doing = "done"
             await linger(requests, REPLY_LINGER_S)
         except (asyncio.CancelledError, GeneratorExit):
@@ -95,7 +95,7 @@ class CallServing:
         stranger holding 1,000 of them must not hold the node's memory or descriptors).
 
         The stream stays open that long for the reply to get out (see `serve`), reading and dropping what
-        the peer still sends: hivemind's reader, stalled by unread messages, would not notice it close."""
+        the peer still sends (`linger`): a stream reader stalled by unread messages would not notice it close."""
         logger.warning("refused %s from %s: %s", context.handle_name, context.remote_id, error)
         result = CallResult(status=CallResult.ERROR, error=f"{type(error).__name__}: {error}")
         yield runtime_pb2.ExpertResponse(metadata=result.SerializeToString())
