@@ -24,6 +24,8 @@ from pathlib import Path
 
 import psutil
 
+from swarm import process_env
+
 logger = logging.getLogger("swarm.coordinator")
 
 BASELINE_TIMEOUT_S = 600.0
@@ -42,7 +44,7 @@ def measure_baseline(job_file: Path, checkpoint_dir: Path, out: Path, steps: int
         command = [sys.executable, "-m", "coordinator.baseline", *paths, "--steps", str(steps), "--warmup", str(warmup)]
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=BASELINE_TIMEOUT_S,
-                                  cwd=Path(__file__).resolve().parent.parent)
+                                  cwd=Path(__file__).resolve().parent.parent, env=process_env.alone())
         except subprocess.TimeoutExpired:
             done = None
         if done is not None and done.returncode == 0:

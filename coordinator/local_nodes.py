@@ -23,9 +23,6 @@ class LocalNodes:
         self.processes: list[subprocess.Popen] = []
         # N nodes share this machine's cores; more torch threads than cores only adds contention.
         threads = threads or max(1, (os.cpu_count() or 1) // count)
-        # Idle OpenMP threads spin by default; on cores the trainer and the other nodes share, that spinning
-        # steals their time (bench/step_time.py: 1.44x -> 1.08x of a single process at 25M parameters).
-        env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
         for index in range(count):
             command = [sys.executable, "-m", "node.cli", "join", *join_flags,
                        "--key", str(self.logs_dir / f"node-{index}.key"), "--device", "cpu"]
@@ -35,7 +32,7 @@ class LocalNodes:
             # Appended, not truncated: a resumed run keeps the crashed run's node logs.
             log = open(self.logs_dir / f"node-{index}.log", "ab")
             self.processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                                   start_new_session=True, env=env))
+                                                   start_new_session=True))
             log.close()
         logger.info("started %d local nodes (logs in %s)", count, self.logs_dir)
 

