@@ -99,6 +99,21 @@ def merge_lora(module: torch.nn.Module) -> None:
                 base.weight += layer.get_delta_weight(ADAPTER_NAME).to(base.weight.dtype)
 
 
+def lora_is_zero(module: torch.nn.Module) -> bool:
+    """Whether every LoRA pair adds nothing: all B are zero, as after initialisation."""
+    return all(not param.any() for name, param in module.named_parameters() if ".lora_B." in name)
+
+
+def compute_lora(module: torch.nn.Module, enabled: bool) -> None:
+    """Whether `module`'s LoRA layers run their adapter (peft's enable_adapters); disabled, a layer is its base
+    layer. peft also sets the adapters' requires_grad here: callers set their own flags after."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for layer in module.modules():
+        if isinstance(layer, BaseTunerLayer):
+            layer.enable_adapters(enabled)
+
+
 def _name_seed(seed: int | str, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
 

