@@ -8,6 +8,7 @@ import contextlib
 import logging
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -157,7 +158,10 @@ class StepProtocol:
             pending = list(range(len(self.groups.ranges)))
             for _ in range(CALL_ATTEMPTS):
                 self._recompute_dropped(step, phase)
-                pending = [index for index in pending if not self._step_group(index, step, learning_rate, phase)]
+                # every range's calls go out at once (nodes step independently), then are checked range by range
+                calls = [(index, *self._submit_step(index, step, learning_rate, phase)) for index in pending]
+                pending = [index for index, group, submitted in calls
+                           if not self._collect_step(index, group, submitted, step, phase)]
                 if not pending:
                     return
             raise SwarmError(f"step {step}: blocks {', '.join(self.groups.name(i) for i in pending)} could not "
@@ -181,11 +185,16 @@ class StepProtocol:
                 record.route[index] = replacement
                 logger.info("micro-batch %d of step %d recomputed on %s", micro_batch, step, replacement)
 
-    def _step_group(self, index: int, step: int, learning_rate: float, phase: str) -> bool:
-        """One range's step on its live replicas; False when it has to be tried again."""
+    def _submit_step(self, index: int, step: int, learning_rate: float, phase: str
+                     ) -> tuple[list[RemoteStage], list[Future]]:
+        """One range's step calls to its live replicas, under way."""
         group = self.groups.serving(index)
-        calls = [self.transport.submit(stage, STEP, self._step_meta(group, stage, phase, step, learning_rate))
-                 for stage in group]
+        return group, [self.transport.submit(stage, STEP, self._step_meta(group, stage, phase, step, learning_rate))
+                       for stage in group]
+
+    def _collect_step(self, index: int, group: list[RemoteStage], calls: list[Future], step: int, phase: str
+                      ) -> bool:
+        """The answers of one range's step calls, checked and recorded; False when it has to be tried again."""
         applied, refused = [], []
         for stage, call in zip(group, calls):
             try:
