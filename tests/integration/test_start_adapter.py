@@ -29,14 +29,16 @@ FIRST = {"kind": "sft", "name": "first", "steps": 3, "lr": 0.01}
 SECOND = {"kind": "sft", "name": "second", "steps": 3, "lr": 0.01}
 
 
-def _run(directory, name, **sections):
+def _start(start, directory, name, **sections):
     job_file = directory / f"{name}.yaml"
     job_file.write_text(yaml.safe_dump(job_dict(training=TRAINING, swarm={"min_nodes": 2}, **sections)))
     run_dir = directory / name
-    with started_processes() as start:
-        process = start("-m", "coordinator.cli", "run", str(job_file), "--local-nodes", "2", "--run-dir",
-                        str(run_dir), "--node-threads", "1", "--no-progress", "--no-baseline")
-        code, output = finish(process, timeout=600)
+    return run_dir, start("-m", "coordinator.cli", "run", str(job_file), "--local-nodes", "2", "--run-dir",
+                          str(run_dir), "--node-threads", "1", "--no-progress", "--no-baseline")
+
+
+def _finished(run_dir, process):
+    code, output = finish(process, timeout=600)
     assert code == 0, output
     return run_dir
 
@@ -49,12 +51,14 @@ def _losses(run_dir, phase):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("start-adapter")
-    original = _run(tmp, "original", phases=[FIRST, SECOND])
-    adapter = original / "phases" / "01-first" / "adapter"
-    model = {"preset": "llama-micro", "adapter": str(adapter)}
-    continued = _run(tmp, "continued", model=model, phases=[SECOND])
-    merged = _run(tmp, "merged", model=model, phases=[{**SECOND, "adapter": "merge"}])
-    return original, continued, merged
+    with started_processes() as start:
+        original = _finished(*_start(start, tmp, "original", phases=[FIRST, SECOND]))
+        adapter = original / "phases" / "01-first" / "adapter"
+        model = {"preset": "llama-micro", "adapter": str(adapter)}
+        # the two runs from the saved adapter are independent: side by side, each with its own two nodes
+        continued = _start(start, tmp, "continued", model=model, phases=[SECOND])
+        merged = _start(start, tmp, "merged", model=model, phases=[{**SECOND, "adapter": "merge"}])
+        return original, _finished(*continued), _finished(*merged)
 
 
 def test_continuing_a_saved_adapter_gives_the_losses_of_the_original_runs_next_phase(runs):
