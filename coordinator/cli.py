@@ -12,6 +12,7 @@ from swarm import process_env  # imports nothing; prepare() must run before torc
 
 process_env.prepare()
 
+from coordinator.local_nodes import discard_warm, prewarm  # noqa: E402  (imports no torch)
 from swarm.errors import SwarmError  # noqa: E402
 from swarm.logs import setup_logging  # noqa: E402
 
@@ -226,6 +227,18 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _job_file_loads(path: Path) -> bool:
+    """Whether the job file loads (no torch needed): local nodes are started early only for a job that will run;
+    a bad file's error is the run's to report."""
+    from swarm.config import load_job
+
+    try:
+        load_job(path)
+    except Exception:
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "estimate":
@@ -240,12 +253,14 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(signal.SIGTERM, _interrupt)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         sys.exit(run_report(args))
-    setup_logging(args.log_level, "coordinator")
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (`&`)
     if args.local_nodes < 0:
         print("swarm-coordinator: error: --local-nodes must be 0 or more", file=sys.stderr)
         sys.exit(2)
+    if args.local_nodes and _job_file_loads(args.run_dir / "job.yaml" if args.command == "resume" else args.job):
+        prewarm(args.local_nodes)  # their imports run beside the coordinator's, not after them
+    setup_logging(args.log_level, "coordinator")
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (`&`)
     from coordinator.job_runner import resume_job, run_job  # heavy imports after argument parsing
     from coordinator.prepared_job import RunOptions
 
@@ -269,6 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("swarm-coordinator: stopped", file=sys.stderr)
         code = 130
+    discard_warm()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # everything is shut down; don't wait on library threads that linger

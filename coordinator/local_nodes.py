@@ -1,7 +1,13 @@
-"""`--local-nodes N`: start N swarm-node processes on 127.0.0.1 and stop them when the job ends."""
+"""`--local-nodes N`: start N swarm-node processes on 127.0.0.1 and stop them when the job ends.
+
+The CLI starts them warm (`prewarm`, before its own heavy imports): each runs `node.warm_start`, importing
+what a node needs while the coordinator starts, and becomes `swarm-node join ...` when LocalNodes hands it its
+arguments. A warm process that died, or none left (a sweep's later runs), gives a freshly started node.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -11,6 +17,39 @@ import time
 from pathlib import Path
 
 logger = logging.getLogger("swarm.coordinator")
+
+_WARM: list[subprocess.Popen] = []  # started by prewarm, taken by the next LocalNodes
+
+
+def prewarm(count: int) -> None:
+    """Start `count` node processes that import now and take their `swarm-node` arguments later."""
+    for _ in range(count):
+        _WARM.append(subprocess.Popen([sys.executable, "-m", "node.warm_start"], stdin=subprocess.PIPE,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+
+
+def discard_warm() -> None:
+    """Kill the warm processes no run took (the job failed before its nodes started): a few seconds of imports
+    each, not to be left competing for the cores."""
+    while _WARM:
+        process = _WARM.pop()
+        process.kill()
+        process.wait()
+
+
+def _start_node(argv: list[str], log_path: Path) -> subprocess.Popen:
+    """A warm process given `argv`, or a new `swarm-node` process when no warm one is left alive."""
+    while _WARM:
+        process = _WARM.pop(0)
+        try:
+            process.stdin.write((json.dumps({"argv": argv, "log": str(log_path)}) + "\n").encode())
+            process.stdin.close()
+            return process
+        except (BrokenPipeError, ValueError, OSError):  # it died warming up: the next one, or a fresh start
+            process.wait()
+    with open(log_path, "ab") as log:  # appended, not truncated: a resumed run keeps the crashed run's node logs
+        return subprocess.Popen([sys.executable, "-m", "node.cli", *argv], stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
 
 
 class LocalNodes:
@@ -24,16 +63,11 @@ class LocalNodes:
         # N nodes share this machine's cores; more torch threads than cores only adds contention.
         threads = threads or max(1, (os.cpu_count() or 1) // count)
         for index in range(count):
-            command = [sys.executable, "-m", "node.cli", "join", *join_flags,
-                       "--key", str(self.logs_dir / f"node-{index}.key"), "--device", "cpu"]
+            argv = ["join", *join_flags, "--key", str(self.logs_dir / f"node-{index}.key"), "--device", "cpu"]
             if cache_dir is not None:
-                command += ["--cache-dir", str(cache_dir)]
-            command += ["--threads", str(threads)]
-            # Appended, not truncated: a resumed run keeps the crashed run's node logs.
-            log = open(self.logs_dir / f"node-{index}.log", "ab")
-            self.processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                                   start_new_session=True))
-            log.close()
+                argv += ["--cache-dir", str(cache_dir)]
+            argv += ["--threads", str(threads)]
+            self.processes.append(_start_node(argv, self.logs_dir / f"node-{index}.log"))
         logger.info("started %d local nodes (logs in %s)", count, self.logs_dir)
 
     @property
