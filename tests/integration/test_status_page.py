@@ -68,19 +68,20 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
     raise AssertionError(f"{what} within {timeout} s")
 
 
-def local_node_pid(coordinator_pid: int, key_name: str) -> int:
-    """The local node process the coordinator started with this key file (its child)."""
+def local_node_pid(coordinator_pid: int, log_name: str) -> int:
+    """The local node process the coordinator started that writes to this log file (its child; a warm-started
+    node's command line does not carry its arguments, its stdout does go to its log)."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            command = (entry / "cmdline").read_bytes().split(b"\0")
+            stdout = os.readlink(entry / "fd" / "1")
         except (OSError, IndexError, ValueError):
             continue
-        if parent == coordinator_pid and any(part.endswith(key_name.encode()) for part in command):
+        if parent == coordinator_pid and stdout.endswith("/" + log_name):
             return int(entry.name)
-    raise AssertionError(f"no child of {coordinator_pid} runs with {key_name}")
+    raise AssertionError(f"no child of {coordinator_pid} writes to {log_name}")
 
 
 def test_status_page_shows_the_swarm_advancing_and_a_killed_node_down(tmp_path, processes):
@@ -116,7 +117,7 @@ def test_status_page_shows_the_swarm_advancing_and_a_killed_node_down(tmp_path, 
     assert data["heartbeat"]["timeout_s"] == 3 * HEARTBEAT_S
 
     victim_id = re.search(r"node identity ([0-9a-f]{16})", (run_dir / "nodes" / "node-1.log").read_text()).group(1)
-    victim = local_node_pid(coordinator.pid, "node-1.key")
+    victim = local_node_pid(coordinator.pid, "node-1.log")
     blocks = next(node["blocks"] for node in data["nodes"] if node["node_id"] == victim_id)
     os.kill(victim, signal.SIGKILL)
     killed = time.monotonic()
