@@ -45,7 +45,7 @@ def _start_node(argv: list[str], log_path: Path) -> subprocess.Popen:
             process.stdin.write((json.dumps({"argv": argv, "log": str(log_path)}) + "\n").encode())
             process.stdin.close()
             return process
-        except (BrokenPipeError, ValueError, OSError):  # it died warming up: the next one, or a fresh start
+        except (OSError, ValueError):  # it died warming up (a broken pipe): the next one, or a fresh start
             process.wait()
     with open(log_path, "ab") as log:  # appended, not truncated: a resumed run keeps the crashed run's node logs
         return subprocess.Popen([sys.executable, "-m", "node.cli", *argv], stdout=log, stderr=subprocess.STDOUT,

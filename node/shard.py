@@ -228,14 +228,14 @@ class Shard:
         # The gradients exactly as AdamW is about to use them; a parameter without one contributes zeros,
         # so every value keeps its position in the sketch.
         grads = {name: p.grad if p.grad is not None else torch.zeros_like(p) for name, p in trained.items()}
-        local_sketch = None  # of this node's own gradient; without replicas, the one AdamW uses
         if reduce is not None:
-            local_sketch = gradient_sketch(grads, self.sketch_seed)
+            local_sketch = gradient_sketch(grads, self.sketch_seed)  # of this node's own gradient
             grads = unflatten_gradient(reduce(flatten_gradient(grads)), grads)
             for name, param in trained.items():
                 param.grad = grads[name].to(param.device, param.dtype)
         sketch = gradient_sketch(sketched_gradient(self.dishonest, grads), self.sketch_seed)
-        local_sketch = sketch if local_sketch is None else local_sketch
+        if reduce is None:  # without replicas the node's own gradient is the one AdamW uses
+            local_sketch = sketch
         pending = self.pending.pop(step)
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate

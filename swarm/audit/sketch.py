@@ -89,17 +89,18 @@ class _HashCache:
                 self._spans.move_to_end(key)
                 return kept[0][:count], kept[1][:count]
         buckets, signs = _hashes(seed, dim, first_chunk, -(-count // CHUNK))
-        size = buckets.numel() * (buckets.element_size() + signs.element_size())
         with self._lock:
-            if size <= self.capacity_bytes:
+            if _nbytes((buckets, signs)) <= self.capacity_bytes:
                 old = self._spans.pop(key, None)
-                self._bytes -= 0 if old is None else old[0].numel() * (old[0].element_size() + old[1].element_size())
+                self._bytes += _nbytes((buckets, signs)) - (0 if old is None else _nbytes(old))
                 self._spans[key] = (buckets, signs)
-                self._bytes += size
                 while self._bytes > self.capacity_bytes:
-                    _, (b, s) = self._spans.popitem(last=False)
-                    self._bytes -= b.numel() * (b.element_size() + s.element_size())
+                    self._bytes -= _nbytes(self._spans.popitem(last=False)[1])
         return buckets[:count], signs[:count]
+
+
+def _nbytes(pair: tuple[torch.Tensor, torch.Tensor]) -> int:
+    return sum(tensor.numel() * tensor.element_size() for tensor in pair)
 
 
 _HASHES = _HashCache(HASH_CACHE_BYTES)
