@@ -89,10 +89,11 @@ class _HashCache:
                 self._spans.move_to_end(key)
                 return kept[0][:count], kept[1][:count]
         buckets, signs = _hashes(seed, dim, first_chunk, -(-count // CHUNK))
+        size = _nbytes((buckets, signs))
         with self._lock:
-            if _nbytes((buckets, signs)) <= self.capacity_bytes:
+            if size <= self.capacity_bytes:
                 old = self._spans.pop(key, None)
-                self._bytes += _nbytes((buckets, signs)) - (0 if old is None else _nbytes(old))
+                self._bytes += size - (0 if old is None else _nbytes(old))
                 self._spans[key] = (buckets, signs)
                 while self._bytes > self.capacity_bytes:
                     self._bytes -= _nbytes(self._spans.popitem(last=False)[1])
