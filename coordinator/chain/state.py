@@ -12,6 +12,7 @@ from coordinator.chain.transport import Transport
 from swarm.audit.log import AuditLog
 from swarm.errors import RemoteBlockError, SwarmConnectionError, SwarmError
 from swarm.p2p.rpc import ADAPTER, ADMIT, LOAD_STATE, PHASE, REPLICA_STATE, RESTORE, STEP_STATE, SYNC, WEIGHTS
+from swarm.proto.blocks_pb2 import CallResult
 
 
 class ChainState:
@@ -20,11 +21,18 @@ class ChainState:
         self.phase_kind = "sft"  # the kind of the phase the nodes were last configured for
 
     def configure_phase(self, phase: str, kind: str, adapter_action: str, lora_seed: str) -> None:
+        """Every replica starts phase `phase`. One that dies meanwhile is dropped, as after any failed call (its
+        range goes on with the others); a range left with none is lost (RangeLostError)."""
         self.phase_kind = kind
         for stage in self.groups.stages:
             meta = self.transport.meta(stage, phase=phase, phase_kind=kind, adapter_action=adapter_action,
                                        lora_seed=lora_seed)
-            self.transport.call(stage, PHASE, meta)
+            try:
+                self.transport.call(stage, PHASE, meta)
+            except SwarmConnectionError as error:
+                self.groups.drop(stage, f"failed while it started phase {phase}: {error}")
+        for index in range(len(self.groups.ranges)):
+            self.groups.serving(index)
 
     def restore(self, stage: RemoteStage, phase: str, tensors: dict[str, torch.Tensor]) -> None:
         """Set a node's blocks to `tensors` (base under checkpoint names, LoRA under PEFT names), the state
@@ -68,14 +76,8 @@ class ChainState:
         checkpoint; a replica that fails is dropped and the next one asked."""
         states = {}
         for index, block_range in enumerate(self.groups.ranges):
-            while block_range not in states:
-                stage = self.groups.serving(index)[0]
-                try:
-                    result, tensors = self.transport.call(stage, REPLICA_STATE, self.transport.meta(stage))
-                except SwarmConnectionError as error:
-                    self.groups.drop(stage, str(error))
-                    continue
-                states[block_range] = dict(zip(result.names, tensors))
+            result, tensors = self._ask_a_replica(index, REPLICA_STATE)
+            states[block_range] = dict(zip(result.names, tensors))
         return states
 
     def load_state(self, phase: str, kind: str, last_step: int, states: dict[tuple[int, int], dict[str, torch.Tensor]],
@@ -132,10 +134,19 @@ class ChainState:
         return self._from_first_replicas(WEIGHTS)
 
     def _from_first_replicas(self, method: str) -> dict[str, torch.Tensor]:
-        """From the first replica of each range (replicas hold identical weights)."""
+        """From one replica of each range (replicas hold identical weights)."""
         gathered = {}
         for index in range(len(self.groups.ranges)):
-            stage = self.groups.serving(index)[0]
-            result, tensors = self.transport.call(stage, method, self.transport.meta(stage))
+            result, tensors = self._ask_a_replica(index, method)
             gathered.update(zip(result.names, tensors))
         return gathered
+
+    def _ask_a_replica(self, index: int, method: str) -> tuple[CallResult, list[torch.Tensor]]:
+        """`method` answered by the first replica of range `index` that answers; those that fail are dropped
+        (RangeLostError when none is left)."""
+        while True:
+            stage = self.groups.serving(index)[0]
+            try:
+                return self.transport.call(stage, method, self.transport.meta(stage))
+            except SwarmConnectionError as error:
+                self.groups.drop(stage, str(error))

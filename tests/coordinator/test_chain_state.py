@@ -1,5 +1,7 @@
-"""Fetching replay snapshots (ChainState.gather_step_state) when a node dies during the fetch: the run goes on
-without it, as after any failed call, instead of failing the job (test_chaos once killed a node right then)."""
+"""Whole-state calls (ChainState) when a node dies during them: fetching replay snapshots, starting a phase,
+gathering the adapter or a step checkpoint. The run goes on without it, as after any failed call, instead of
+failing the job (test_chaos killed a node right then: during a snapshot fetch once, during the first phase's
+start under a doubly loaded machine)."""
 
 from __future__ import annotations
 
@@ -44,3 +46,24 @@ def test_the_last_replica_of_a_range_dying_then_loses_the_range():
     groups = ReplicaGroups(_stages())
     with pytest.raises(RangeLostError):
         ChainState(Transport({"b1"}), groups, None).gather_step_state(7)
+
+
+def test_a_replica_that_dies_as_a_phase_starts_is_dropped_and_its_range_goes_on():
+    groups = ReplicaGroups(_stages())
+    transport = Transport({"a1"})
+    ChainState(transport, groups, None).configure_phase("sft", "sft", "new", "0/0/sft")
+    assert [stage.node_id for stage in groups.stages] == ["a2", "b1"]
+
+
+def test_a_range_whose_only_replica_dies_as_a_phase_starts_is_lost():
+    groups = ReplicaGroups(_stages())
+    with pytest.raises(RangeLostError):
+        ChainState(Transport({"b1"}), groups, None).configure_phase("sft", "sft", "new", "0/0/sft")
+
+
+@pytest.mark.parametrize("gather", ["gather_adapter", "gather_weights", "gather_replica_states"])
+def test_a_gather_asks_the_next_replica_when_the_first_dies(gather):
+    groups = ReplicaGroups(_stages())
+    gathered = getattr(ChainState(Transport({"a1"}), groups, None), gather)()
+    assert len(gathered) == (2 if gather == "gather_replica_states" else 1)  # one tensor name per range here
+    assert [stage.node_id for stage in groups.stages] == ["a2", "b1"]
