@@ -1,13 +1,12 @@
 """`--local-nodes N`: start N swarm-node processes on 127.0.0.1 and stop them when the job ends.
 
-The CLI starts them warm (`prewarm`, before its own heavy imports): each runs `node.warm_start`, importing
-what a node needs while the coordinator starts, and becomes `swarm-node join ...` when LocalNodes hands it its
-arguments. A warm process that died, or none left (a sweep's later runs), gives a freshly started node.
+The CLI starts a node fork server (`prewarm`, before its own heavy imports): one process that imports what a
+node needs while the coordinator starts, and forks a node per LocalNodes order, a sweep's later runs included
+(coordinator.node_forks, node.fork_server). Should it be gone, nodes start as fresh `swarm-node` processes.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -16,37 +15,41 @@ import sys
 import time
 from pathlib import Path
 
+from coordinator.node_forks import ForkedNode, NodeForkServer
+
 logger = logging.getLogger("swarm.coordinator")
 
-_WARM: list[subprocess.Popen] = []  # started by prewarm, taken by the next LocalNodes
+_SERVER: list[NodeForkServer] = []  # the one fork server of this process, started by prewarm or the first node
 
 
 def prewarm(count: int) -> None:
-    """Start `count` node processes that import now and take their `swarm-node` arguments later."""
-    for _ in range(count):
-        _WARM.append(subprocess.Popen([sys.executable, "-m", "node.warm_start"], stdin=subprocess.PIPE,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+    """Start the node fork server now (when `count` nodes will be needed), so its imports run beside ours."""
+    if count:
+        _server()
 
 
 def discard_warm() -> None:
-    """Kill the warm processes no run took (the job failed before its nodes started): a few seconds of imports
-    each, not to be left competing for the cores."""
-    while _WARM:
-        process = _WARM.pop()
-        process.kill()
-        process.wait()
+    """Stop the fork server (nodes it forked are their LocalNodes' to stop): its imports are seconds of CPU
+    not to be left competing for the cores when the job failed before any node started."""
+    while _SERVER:
+        _SERVER.pop().close()
 
 
-def _start_node(argv: list[str], log_path: Path) -> subprocess.Popen:
-    """A warm process given `argv`, or a new `swarm-node` process when no warm one is left alive."""
-    while _WARM:
-        process = _WARM.pop(0)
-        try:
-            process.stdin.write((json.dumps({"argv": argv, "log": str(log_path)}) + "\n").encode())
-            process.stdin.close()
-            return process
-        except (OSError, ValueError):  # it died warming up (a broken pipe): the next one, or a fresh start
-            process.wait()
+def _server() -> NodeForkServer:
+    if _SERVER and not _SERVER[0].alive():
+        discard_warm()
+    if not _SERVER:
+        _SERVER.append(NodeForkServer())
+    return _SERVER[0]
+
+
+def _start_node(argv: list[str], log_path: Path) -> subprocess.Popen | ForkedNode:
+    """A node forked by the fork server (started now if there is none), or a fresh `swarm-node` process when
+    the server cannot fork it."""
+    forked = _server().fork(argv, log_path)
+    if forked is not None:
+        return forked
+    discard_warm()
     with open(log_path, "ab") as log:  # appended, not truncated: a resumed run keeps the crashed run's node logs
         return subprocess.Popen([sys.executable, "-m", "node.cli", *argv], stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -59,7 +62,7 @@ class LocalNodes:
         nodes authenticate the coordinator exactly as any other node does."""
         self.logs_dir = run_dir / "nodes"
         self.logs_dir.mkdir(parents=True, exist_ok=True)
-        self.processes: list[subprocess.Popen] = []
+        self.processes: list[subprocess.Popen | ForkedNode] = []
         # N nodes share this machine's cores; more torch threads than cores only adds contention.
         threads = threads or max(1, (os.cpu_count() or 1) // count)
         for index in range(count):

@@ -1,52 +1,85 @@
-"""Warm local nodes (node.warm_start via coordinator.local_nodes): a warm process takes its `swarm-node`
-arguments and log file from stdin and runs as swarm-node; one closed without them exits quietly; one that died
-warming up is replaced by a freshly started node. Real processes; each imports what a node imports."""
+"""Local nodes forked by the node fork server (node.fork_server via coordinator.node_forks and local_nodes): a
+forked node runs the `swarm-node` arguments it is handed, appends to its log, and is followed like a subprocess
+(exit codes, signals, timeouts); one server forks many; a server closed without orders exits quietly; when the
+server is gone a node starts fresh, and a node whose server died is still followed by its pid. Real processes."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 
+import pytest
+
 from coordinator import local_nodes
+from coordinator.node_forks import LOST_EXIT_CODE, NodeForkServer
 from tests.conftest import REPO
 
 BAD_PIN = ["join", "--coordinator", "127.0.0.1:9", "--coordinator-key", "not-hex"]  # refused before any network
+# dials a coordinator that is not there for two minutes: a node that runs until it is stopped
+WAITING = ["join", "--coordinator", "127.0.0.1:9", "--coordinator-key", "0123456789abcdef", "--connect-timeout", "120"]
 
 
-def test_a_warm_node_runs_the_arguments_it_is_handed_and_writes_to_its_log(tmp_path, monkeypatch):
+@pytest.fixture
+def server(monkeypatch):
     monkeypatch.chdir(REPO)
-    local_nodes.prewarm(1)
+    server = NodeForkServer()
+    yield server
+    server.close()
+
+
+def test_a_forked_node_runs_the_arguments_it_is_handed_and_appends_to_its_log(tmp_path, server):
     log = tmp_path / "node-0.log"
     log.write_text("from the crashed run\n")
-    process = local_nodes._start_node(BAD_PIN, log)
-    assert process.wait(timeout=120) == 2
+    node = server.fork(BAD_PIN, log)
+    assert node.pid != server.process.pid
+    assert node.wait(timeout=300) == 2 and node.poll() == 2
     text = log.read_text()
     assert text.startswith("from the crashed run\n")  # appended
     assert "swarm-node: error: coordinator key not-hex: expected 16 to 64 hex digits" in text
 
 
-def test_a_warm_node_closed_without_arguments_exits_quietly():
-    process = subprocess.run([sys.executable, "-m", "node.warm_start"], input=b"", capture_output=True,
-                             cwd=REPO, timeout=120)
-    assert process.returncode == 0 and process.stdout == b"" and process.stderr == b""
+def test_one_server_forks_many_nodes_each_followed_on_its_own(tmp_path, server):
+    waiting = server.fork([*WAITING, "--key", str(tmp_path / "a.key")], tmp_path / "a.log")
+    refused = server.fork(BAD_PIN, tmp_path / "b.log")
+    assert refused.wait(timeout=300) == 2
+    assert waiting.poll() is None
+    with pytest.raises(subprocess.TimeoutExpired):
+        waiting.wait(timeout=0.5)
+    waiting.send_signal(signal.SIGKILL)
+    assert waiting.wait(timeout=60) == -signal.SIGKILL
+    assert "swarm-node: error" not in (tmp_path / "a.log").read_text()
 
 
-def test_a_warm_node_that_died_is_replaced_by_a_fresh_one(tmp_path, monkeypatch):
-    monkeypatch.chdir(REPO)
-    local_nodes.prewarm(1)
-    dead = local_nodes._WARM[0]
-    dead.kill()
-    dead.wait()
-    log = tmp_path / "node-0.log"
-    process = local_nodes._start_node(BAD_PIN, log)
-    assert process is not dead and not local_nodes._WARM
-    assert process.args[1:4] == ["-m", "node.cli", "join"]
-    assert process.wait(timeout=120) == 2 and "swarm-node: error: coordinator key not-hex" in log.read_text()
+def test_a_node_whose_server_died_is_followed_by_its_pid(tmp_path, server):
+    node = server.fork([*WAITING, "--key", str(tmp_path / "a.key")], tmp_path / "a.log")
+    server.close()
+    assert not server.alive() and node.poll() is None
+    node.send_signal(signal.SIGKILL)
+    assert node.wait(timeout=60) == LOST_EXIT_CODE
 
 
-def test_warm_nodes_no_run_took_are_killed(monkeypatch):
+def test_a_server_closed_without_orders_exits_quietly():
+    process = subprocess.run([sys.executable, "-m", "node.fork_server"], input=b"", capture_output=True,
+                             cwd=REPO, timeout=300)
+    assert process.returncode == 0 and process.stdout == b'{"ready": true}\n' and process.stderr == b""
+
+
+def test_without_a_server_that_forks_a_node_starts_fresh(tmp_path, monkeypatch, server):
+    server.close()
+    monkeypatch.setattr(local_nodes, "_server", lambda: server)
+    process = local_nodes._start_node(BAD_PIN, tmp_path / "node-0.log")
+    assert isinstance(process, subprocess.Popen) and process.args[1:4] == ["-m", "node.cli", "join"]
+    assert process.wait(timeout=300) == 2 and "coordinator key not-hex" in (tmp_path / "node-0.log").read_text()
+
+
+def test_prewarm_starts_one_server_for_every_node_and_discard_stops_it(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     local_nodes.prewarm(2)
-    warm = list(local_nodes._WARM)
-    local_nodes.discard_warm()
-    assert not local_nodes._WARM and all(process.returncode is not None for process in warm)
+    try:
+        first = local_nodes._SERVER[0]
+        nodes = [local_nodes._start_node(BAD_PIN, tmp_path / f"node-{i}.log") for i in range(2)]
+        assert local_nodes._SERVER == [first] and all(node.wait(timeout=300) == 2 for node in nodes)
+    finally:
+        local_nodes.discard_warm()
+    assert not local_nodes._SERVER and first.process.returncode is not None

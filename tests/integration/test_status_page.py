@@ -68,20 +68,23 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
     raise AssertionError(f"{what} within {timeout} s")
 
 
-def local_node_pid(coordinator_pid: int, log_name: str) -> int:
-    """The local node process the coordinator started that writes to this log file (its child; a warm-started
-    node's command line does not carry its arguments, its stdout does go to its log)."""
+def local_node_pid(coordinator_pid: int, log_path: Path) -> int:
+    """The local node process the coordinator started that writes to this log file: a child of the coordinator
+    or of its node fork server (a forked node's command line does not carry its arguments; its stdout does go
+    to its log)."""
+    parents, logs = {}, {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            stdout = os.readlink(entry / "fd" / "1")
+            parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            logs[int(entry.name)] = os.readlink(entry / "fd" / "1")
         except (OSError, IndexError, ValueError):
             continue
-        if parent == coordinator_pid and stdout.endswith("/" + log_name):
-            return int(entry.name)
-    raise AssertionError(f"no child of {coordinator_pid} writes to {log_name}")
+    for pid, stdout in logs.items():
+        if stdout == str(log_path) and coordinator_pid in (parents.get(pid), parents.get(parents.get(pid))):
+            return pid
+    raise AssertionError(f"no process of coordinator {coordinator_pid} writes to {log_path}")
 
 
 def test_status_page_shows_the_swarm_advancing_and_a_killed_node_down(tmp_path, processes):
@@ -117,7 +120,7 @@ def test_status_page_shows_the_swarm_advancing_and_a_killed_node_down(tmp_path, 
     assert data["heartbeat"]["timeout_s"] == 3 * HEARTBEAT_S
 
     victim_id = re.search(r"node identity ([0-9a-f]{16})", (run_dir / "nodes" / "node-1.log").read_text()).group(1)
-    victim = local_node_pid(coordinator.pid, "node-1.log")
+    victim = local_node_pid(coordinator.pid, run_dir / "nodes" / "node-1.log")
     blocks = next(node["blocks"] for node in data["nodes"] if node["node_id"] == victim_id)
     os.kill(victim, signal.SIGKILL)
     killed = time.monotonic()
