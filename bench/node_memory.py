@@ -42,7 +42,7 @@ MIB = 1 << 20
 def swarm_peaks(job_file: Path, work: Path, nodes: int, steps: int) -> list[dict]:
     """Peak memory each node of an `nodes`-node swarm reports after `steps` training steps."""
     options = RunOptions(job_file=job_file, run_dir=work / f"run-{nodes}", local_nodes=nodes,
-                         node_threads=max(1, torch.get_num_threads() // nodes), progress=False)
+                         node_threads=max(1, torch.get_num_threads() // nodes), fork_nodes=False, progress=False)
     prepared = prepare_job(options)
     run_dir = create_run_dir(options.runs_root, prepared.job.name, options.job_file, options.run_dir)
     with SwarmSession(prepared, run_dir, options) as session:

@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-dir", type=Path, default=None, help="exact run directory (must be new or empty)")
     run.add_argument("--cache-dir", type=Path, default=None, help="where built-in presets are materialized")
     run.add_argument("--node-threads", type=int, default=None, help="torch threads of each local node")
+    run.add_argument("--fresh-nodes", action="store_true",
+                     help="start each local node as a fresh swarm-node process, as a volunteer's is, instead of forking "
+                          "it from one process that imported once (slower to start; for measuring a node's memory)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     run.add_argument("--no-baseline", action="store_true",
                      help="skip timing the one-machine baseline after the job (the report then has no comparison)")
@@ -93,6 +96,9 @@ def _add_resume_parser(commands) -> None:
     resume.add_argument("--port", type=int, default=0, help="gRPC port (default: any free port)")
     resume.add_argument("--cache-dir", type=Path, default=None, help="where built-in presets are materialized")
     resume.add_argument("--node-threads", type=int, default=None, help="torch threads of each local node")
+    resume.add_argument("--fresh-nodes", action="store_true",
+                        help="start each local node as a fresh swarm-node process, as a volunteer's is, instead of forking "
+                             "it from one process that imported once (slower to start; for measuring a node's memory)")
     resume.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     resume.add_argument("--no-baseline", action="store_true", help="skip the one-machine baseline after the job")
     resume.add_argument("--log-level", default="INFO")
@@ -256,7 +262,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.local_nodes < 0:
         print("swarm-coordinator: error: --local-nodes must be 0 or more", file=sys.stderr)
         sys.exit(2)
-    if args.local_nodes and _job_file_loads(args.run_dir / "job.yaml" if args.command == "resume" else args.job):
+    job_file = args.run_dir / "job.yaml" if args.command == "resume" else args.job
+    if args.local_nodes and not args.fresh_nodes and _job_file_loads(job_file):
         prewarm(args.local_nodes)  # their imports run beside the coordinator's, not after them
     setup_logging(args.log_level, "coordinator")
     signal.signal(signal.SIGTERM, _interrupt)
@@ -268,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     options = RunOptions(job_file=args.run_dir / "job.yaml" if resuming else args.job,
                          runs_root=Path("runs") if resuming else args.runs_dir, run_dir=args.run_dir, host=args.host,
                          port=args.port, local_nodes=args.local_nodes, cache_dir=args.cache_dir,
-                         node_threads=args.node_threads, progress=not args.no_progress,
+                         node_threads=args.node_threads, fork_nodes=not args.fresh_nodes, progress=not args.no_progress,
                          status_host=args.status_host, status_port=None if args.no_status_page else args.status_port,
                          status_linger_s=args.status_linger, baseline=not args.no_baseline)
     code = 0

@@ -25,7 +25,7 @@ _SERVER: list[NodeForkServer] = []  # the one fork server of this process, start
 def prewarm(count: int) -> None:
     """Start the node fork server now (when `count` nodes will be needed), so its imports run beside ours."""
     if count:
-        _server()
+        fork_server()
 
 
 def discard_warm() -> None:
@@ -35,7 +35,8 @@ def discard_warm() -> None:
         _SERVER.pop().close()
 
 
-def _server() -> NodeForkServer:
+def fork_server() -> NodeForkServer:
+    """This process's node fork server, started (or restarted, if it died) now when there is none."""
     if _SERVER and not _SERVER[0].alive():
         discard_warm()
     if not _SERVER:
@@ -43,13 +44,14 @@ def _server() -> NodeForkServer:
     return _SERVER[0]
 
 
-def _start_node(argv: list[str], log_path: Path) -> subprocess.Popen | ForkedNode:
+def _start_node(argv: list[str], log_path: Path, fork: bool = True) -> subprocess.Popen | ForkedNode:
     """A node forked by the fork server (started now if there is none), or a fresh `swarm-node` process when
-    the server cannot fork it."""
-    forked = _server().fork(argv, log_path)
-    if forked is not None:
-        return forked
-    discard_warm()
+    asked for one or when the server cannot fork it."""
+    if fork:
+        forked = fork_server().fork(argv, log_path)
+        if forked is not None:
+            return forked
+        discard_warm()
     with open(log_path, "ab") as log:  # appended, not truncated: a resumed run keeps the crashed run's node logs
         return subprocess.Popen([sys.executable, "-m", "node.cli", *argv], stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -57,9 +59,12 @@ def _start_node(argv: list[str], log_path: Path) -> subprocess.Popen | ForkedNod
 
 class LocalNodes:
     def __init__(self, count: int, join_flags: list[str], run_dir: Path, cache_dir: Path | None,
-                 threads: int | None = None):
+                 threads: int | None = None, fork: bool = True):
         """`join_flags`: the coordinator's address and key pin, as SwarmSession.join_flags gives them: local
-        nodes authenticate the coordinator exactly as any other node does."""
+        nodes authenticate the coordinator exactly as any other node does. `fork=False` starts each as a fresh
+        process, as a volunteer's node is: a forked node shares the pages of the libraries the server loaded,
+        and counts in its resident set only those it touches itself, so its memory figures are not a
+        volunteer's."""
         self.logs_dir = run_dir / "nodes"
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         self.processes: list[subprocess.Popen | ForkedNode] = []
@@ -70,7 +75,7 @@ class LocalNodes:
             if cache_dir is not None:
                 argv += ["--cache-dir", str(cache_dir)]
             argv += ["--threads", str(threads)]
-            self.processes.append(_start_node(argv, self.logs_dir / f"node-{index}.log"))
+            self.processes.append(_start_node(argv, self.logs_dir / f"node-{index}.log", fork))
         logger.info("started %d local nodes (logs in %s)", count, self.logs_dir)
 
     @property

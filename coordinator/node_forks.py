@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -37,11 +38,13 @@ class NodeForkServer:
         threading.Thread(target=self._follow, name="node-fork-server", daemon=True).start()
 
     def fork(self, argv: list[str], log_path: Path) -> ForkedNode | None:
-        """A node running `swarm-node ARGV` with its output appended to `log_path`; None when the server is gone
-        or does not answer (the caller starts a fresh process instead)."""
+        """A node running `swarm-node ARGV` with its output appended to `log_path`, from our working directory
+        and with our environment; None when the server is gone or does not answer (the caller starts a fresh
+        process instead)."""
         with self._order_lock:
             try:
-                self.process.stdin.write((json.dumps({"argv": argv, "log": str(log_path)}) + "\n").encode())
+                order = {"argv": argv, "log": str(log_path), "cwd": os.getcwd(), "env": dict(os.environ)}
+                self.process.stdin.write((json.dumps(order) + "\n").encode())
                 self.process.stdin.flush()
             except (OSError, ValueError):  # it died (a broken pipe) or was closed
                 return None
@@ -141,3 +144,6 @@ class ForkedNode:
                 os.kill(self.pid, signum)
             except ProcessLookupError:  # it ended since: the server's report is on its way
                 pass
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)

@@ -27,6 +27,7 @@ class RunOptions:
     local_nodes: int = 0
     cache_dir: Path | None = None
     node_threads: int | None = None
+    fork_nodes: bool = True  # local nodes forked from one node fork server; False: each a fresh process
     progress: bool = True
     status_host: str = "127.0.0.1"
     status_port: int | None = None  # the status page's port (0: any free one); None: no page

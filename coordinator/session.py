@@ -29,6 +29,7 @@ from swarm.identity import Identity
 from swarm.models.blocks import TrainerHead
 from swarm.models.checkpoint import DTYPES
 from swarm.node_state import GONE, GONE_OR_LEAVING, NodeState
+from swarm.p2p.dht_process import start_dht
 from swarm.p2p.event_loop import LoopThread
 from swarm.proto import control_pb2 as pb
 
@@ -77,7 +78,8 @@ class SwarmSession:
                 model=self.job.model.model_dump(mode="json"), seed=self.job.seed, total_steps=self.job.total_steps,
                 phases=[phase.name for phase in self.job.phase_list],
             )
-        self.dht = DHT(start=True, host_maddrs=[f"/ip4/{options.host}/tcp/0"])
+        self.dht = DHT(start=False, host_maddrs=[f"/ip4/{options.host}/tcp/0"])
+        start_dht(self.dht)
         self.trainer_peer_id = self.dht.peer_id.to_base58()
         self.loop = LoopThread()
         service = ControlService(self.identity, self.membership, self.status,
@@ -94,7 +96,7 @@ class SwarmSession:
             print(f"status page: {self.status_page.url}", flush=True)
         if options.local_nodes:
             self.local = LocalNodes(options.local_nodes, self.join_flags, self.run_dir, options.cache_dir,
-                                    options.node_threads)
+                                    options.node_threads, fork=options.fork_nodes)
         return self
 
     @property

@@ -6,8 +6,10 @@ the coordinator share. The CLI starts this server before its own heavy imports (
 the server imports once and forks a node per order, a sweep's later runs included. It never computes (no torch op
 runs here, so there is no OpenMP thread pool for a fork to lose) and works in one thread.
 
-Protocol, JSON lines. On stdin, `{"argv": [...], "log": PATH}`: fork a child that appends its output to PATH and
-runs as `swarm-node ARGV` in a session of its own (its process group can be killed whole). On stdout:
+Protocol, JSON lines. On stdin, `{"argv": [...], "log": PATH, "cwd": DIR, "env": {...}}`: fork a child that
+appends its output to PATH and runs as `swarm-node ARGV` from DIR with that environment (the orderer's, as a
+fresh process would have had them; libraries already loaded keep what they read at import), in a session of
+its own (its process group can be killed whole). On stdout:
 `{"ready": true}` once imported; `{"pid": P}` per order, in order; `{"pid": P, "exit": CODE}` when a child ends
 (CODE negative: killed by that signal, as subprocess reports it). Stdin closed: the server exits; children it
 forked go on, and whoever ordered them stops them by process group.
@@ -55,6 +57,9 @@ def main() -> None:
 def _become_node(order: dict) -> None:
     """In the forked child: a session of its own, the log as stdout and stderr, fresh randomness, then swarm-node."""
     os.setsid()
+    os.chdir(order["cwd"])  # relative paths in ARGV are the orderer's
+    os.environ.clear()
+    os.environ.update(order["env"])
     log = os.open(order["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)  # a resumed run appends
     os.dup2(log, 1)
     os.dup2(log, 2)

