@@ -71,8 +71,18 @@ def _become_node(order: dict) -> None:
     if "numpy" in sys.modules:
         sys.modules["numpy"].random.seed()
     sys.argv = ["swarm-node", *order["argv"]]
+    _name_process("swarm-node")
     cli.main(order["argv"])  # ends the process (os._exit or SystemExit)
     os._exit(0)
+
+
+def _name_process(name: str) -> None:
+    """What ps -o comm, top and pkill -x see (the command line stays the server's: Python cannot rewrite it)."""
+    try:
+        with open("/proc/self/comm", "w") as comm:
+            comm.write(name)
+    except OSError:  # no /proc
+        pass
 
 
 def _report_exits(children: set[int]) -> None:

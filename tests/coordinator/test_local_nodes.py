@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -62,6 +63,7 @@ def test_a_forked_node_works_from_the_directory_of_whoever_ordered_it(tmp_path, 
             time.sleep(0.1)
         assert (tmp_path / "relative.key").exists(), (tmp_path / "a.log").read_text()
         assert os.readlink(f"/proc/{node.pid}/cwd") == str(tmp_path)
+        assert Path(f"/proc/{node.pid}/comm").read_text() == "swarm-node\n"  # as ps and top show it
     finally:
         node.kill()
     assert node.wait(timeout=60) == -signal.SIGKILL
