@@ -12,13 +12,17 @@ from swarm import process_env  # imports nothing; prepare() must run before torc
 
 process_env.prepare()
 
-from coordinator.local_nodes import discard_warm, prewarm  # noqa: E402  (imports no torch)
+from coordinator.local_nodes import prewarm, stop_fork_server  # noqa: E402  (imports no torch)
 from swarm.errors import SwarmError  # noqa: E402
 from swarm.logs import setup_logging  # noqa: E402
 
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+FRESH_NODES_HELP = ("start each local node as a fresh swarm-node process, as a volunteer's is, instead of forking it "
+                    "from one process that imported once (slower to start; for measuring a node's memory)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,9 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-dir", type=Path, default=None, help="exact run directory (must be new or empty)")
     run.add_argument("--cache-dir", type=Path, default=None, help="where built-in presets are materialized")
     run.add_argument("--node-threads", type=int, default=None, help="torch threads of each local node")
-    run.add_argument("--fresh-nodes", action="store_true",
-                     help="start each local node as a fresh swarm-node process, as a volunteer's is, instead of forking "
-                          "it from one process that imported once (slower to start; for measuring a node's memory)")
+    run.add_argument("--fresh-nodes", action="store_true", help=FRESH_NODES_HELP)
     run.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     run.add_argument("--no-baseline", action="store_true",
                      help="skip timing the one-machine baseline after the job (the report then has no comparison)")
@@ -96,9 +98,7 @@ def _add_resume_parser(commands) -> None:
     resume.add_argument("--port", type=int, default=0, help="gRPC port (default: any free port)")
     resume.add_argument("--cache-dir", type=Path, default=None, help="where built-in presets are materialized")
     resume.add_argument("--node-threads", type=int, default=None, help="torch threads of each local node")
-    resume.add_argument("--fresh-nodes", action="store_true",
-                        help="start each local node as a fresh swarm-node process, as a volunteer's is, instead of forking "
-                             "it from one process that imported once (slower to start; for measuring a node's memory)")
+    resume.add_argument("--fresh-nodes", action="store_true", help=FRESH_NODES_HELP)
     resume.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     resume.add_argument("--no-baseline", action="store_true", help="skip the one-machine baseline after the job")
     resume.add_argument("--log-level", default="INFO")
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     from coordinator.prepared_job import RunOptions
 
     resuming = args.command == "resume"
-    options = RunOptions(job_file=args.run_dir / "job.yaml" if resuming else args.job,
+    options = RunOptions(job_file=job_file,
                          runs_root=Path("runs") if resuming else args.runs_dir, run_dir=args.run_dir, host=args.host,
                          port=args.port, local_nodes=args.local_nodes, cache_dir=args.cache_dir,
                          node_threads=args.node_threads, fork_nodes=not args.fresh_nodes, progress=not args.no_progress,
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("swarm-coordinator: stopped", file=sys.stderr)
         code = 130
-    discard_warm()
+    stop_fork_server()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # everything is shut down; don't wait on library threads that linger

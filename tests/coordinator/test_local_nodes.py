@@ -91,7 +91,7 @@ def test_without_a_server_that_forks_a_node_starts_fresh(tmp_path, monkeypatch, 
     assert process.wait(timeout=300) == 2 and "coordinator key not-hex" in (tmp_path / "node-0.log").read_text()
 
 
-def test_prewarm_starts_one_server_for_every_node_and_discard_stops_it(tmp_path, monkeypatch):
+def test_prewarm_starts_one_server_for_every_node_and_stop_fork_server_ends_it(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     local_nodes.prewarm(2)
     try:
@@ -99,5 +99,5 @@ def test_prewarm_starts_one_server_for_every_node_and_discard_stops_it(tmp_path,
         nodes = [local_nodes._start_node(BAD_PIN, tmp_path / f"node-{i}.log") for i in range(2)]
         assert local_nodes._SERVER == [first] and all(node.wait(timeout=300) == 2 for node in nodes)
     finally:
-        local_nodes.discard_warm()
+        local_nodes.stop_fork_server()
     assert not local_nodes._SERVER and first.process.returncode is not None

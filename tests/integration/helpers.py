@@ -13,48 +13,25 @@ import time
 from pathlib import Path
 
 
-class ForkedCli:
-    """A `swarm-node` forked by this test process's node fork server (coordinator.local_nodes.fork_server), its
-    output through a FIFO: the part of subprocess.Popen that CliProcess and the tests use. The node starts
-    without importing torch, transformers and hivemind again (seconds of CPU each, on the cores every other
-    process of the test shares)."""
-
-    def __init__(self, node, fifo: Path):
-        self.node = node
-        self.pid = node.pid
-        self._fifo = fifo
-
-    @property
-    def stdout(self):
-        """Its output, line by line (opening blocks until the node has opened its end)."""
-        return open(self._fifo, errors="replace")
-
-    def poll(self):
-        return self.node.poll()
-
-    def wait(self, timeout: float | None = None) -> int:
-        return self.node.wait(timeout)
-
-    def send_signal(self, signum: int) -> None:
-        self.node.send_signal(signum)
-
-    def kill(self) -> None:
-        self.node.kill()
-
-
 class CliProcess:
     """A started CLI whose output a thread collects line by line (pipes and select don't mix with buffering)."""
 
-    def __init__(self, popen: subprocess.Popen | ForkedCli):
+    def __init__(self, popen, output: Path | None = None):
+        """`popen`: a subprocess.Popen whose stdout is a pipe, or a node forked by the node fork server
+        (coordinator.node_forks.ForkedNode: the same pid, poll, wait, send_signal and kill) writing to the FIFO
+        `output`."""
         self.popen = popen
         self.pid = popen.pid
         self.lines: queue.Queue = queue.Queue()
         self.seen: list[str] = []
+        self._output = output
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
-        for line in self.popen.stdout:
+        # opening the FIFO blocks until the node has opened its end
+        stream = open(self._output, errors="replace") if self._output else self.popen.stdout
+        for line in stream:
             self.lines.put(line)
         self.lines.put(None)
 
