@@ -21,6 +21,8 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+NODE_THREADS_HELP = ("torch threads of each local node (default: every core when the job has one micro-batch a "
+                     "step, as the nodes then compute in turn; else the cores shared out among the nodes)")
 FRESH_NODES_HELP = ("start each local node as a fresh swarm-node process, as a volunteer's is, instead of forking it "
                     "from one process that imported once (slower to start; for measuring a node's memory)")
 
@@ -36,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--runs-dir", type=Path, default=Path("runs"), help="parent of new run directories (default runs/)")
     run.add_argument("--run-dir", type=Path, default=None, help="exact run directory (must be new or empty)")
     run.add_argument("--cache-dir", type=Path, default=None, help="where built-in presets are materialized")
-    run.add_argument("--node-threads", type=int, default=None, help="torch threads of each local node")
+    run.add_argument("--node-threads", type=int, default=None, help=NODE_THREADS_HELP)
     run.add_argument("--fresh-nodes", action="store_true", help=FRESH_NODES_HELP)
     run.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     run.add_argument("--no-baseline", action="store_true",
@@ -97,7 +99,7 @@ def _add_resume_parser(commands) -> None:
     resume.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     resume.add_argument("--port", type=int, default=0, help="gRPC port (default: any free port)")
     resume.add_argument("--cache-dir", type=Path, default=None, help="where built-in presets are materialized")
-    resume.add_argument("--node-threads", type=int, default=None, help="torch threads of each local node")
+    resume.add_argument("--node-threads", type=int, default=None, help=NODE_THREADS_HELP)
     resume.add_argument("--fresh-nodes", action="store_true", help=FRESH_NODES_HELP)
     resume.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     resume.add_argument("--no-baseline", action="store_true", help="skip the one-machine baseline after the job")

@@ -96,7 +96,8 @@ class SwarmSession:
             print(f"status page: {self.status_page.url}", flush=True)
         if options.local_nodes:
             self.local = LocalNodes(options.local_nodes, self.join_flags, self.run_dir, options.cache_dir,
-                                    options.node_threads, fork=options.fork_nodes)
+                                    options.node_threads, fork=options.fork_nodes,
+                                    micro_batches=self.job.training.micro_batches)
         return self
 
     @property

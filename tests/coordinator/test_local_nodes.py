@@ -101,3 +101,21 @@ def test_prewarm_starts_one_server_for_every_node_and_stop_fork_server_ends_it(t
     finally:
         local_nodes.stop_fork_server()
     assert not local_nodes._SERVER and first.process.returncode is not None
+
+
+def test_nodes_that_compute_in_turn_get_every_core_and_nodes_that_compute_at_once_share_them():
+    assert local_nodes.node_threads(3, micro_batches=1, cpus=2) == 2  # one micro-batch: one node at a time
+    assert local_nodes.node_threads(3, micro_batches=4, cpus=2) == 1
+    assert local_nodes.node_threads(2, micro_batches=8, cpus=16) == 8
+    assert local_nodes.node_threads(1, micro_batches=8, cpus=4) == 4
+
+
+def test_local_nodes_are_started_with_the_threads_of_the_jobs_micro_batches(tmp_path, monkeypatch):
+    started = []
+    monkeypatch.setattr(local_nodes, "_start_node", lambda argv, log, fork: started.append(argv))
+    monkeypatch.setattr(local_nodes.os, "cpu_count", lambda: 4)
+    local_nodes.LocalNodes(2, ["--coordinator", "127.0.0.1:9"], tmp_path, None, micro_batches=1)
+    local_nodes.LocalNodes(2, ["--coordinator", "127.0.0.1:9"], tmp_path, None, micro_batches=2)
+    local_nodes.LocalNodes(2, ["--coordinator", "127.0.0.1:9"], tmp_path, None, threads=3, micro_batches=2)
+    threads = [argv[argv.index("--threads") + 1] for argv in started]
+    assert threads == ["4", "4", "2", "2", "3", "3"]
