@@ -149,8 +149,9 @@ def cost_share(run_dir: Path) -> CostShare:
 
 def _one_machine(run_dir: Path, phases: dict[str, str], phase_tokens: dict[str, int], shape: ModelShape,
                  work: Workload) -> OneMachine:
-    """Seconds one process would spend: the baseline's measured LoRA seconds per token times each phase's
-    tokens, scaled by the FLOPs ratio of full fine-tuning to LoRA for `pretrain` phases (not measured)."""
+    """Seconds one process would spend: the baseline's measured seconds per token times each phase's tokens,
+    full-parameter steps' for `pretrain` phases, LoRA steps' for the others. A baseline.json from before
+    full steps were timed scales the LoRA figure by the FLOPs ratio of full fine-tuning to LoRA instead."""
     flops = sum(tokens * flops_per_token(shape, work, _method(phases[p])).total(shape.layers)
                 for p, tokens in phase_tokens.items())
     path = run_dir / BASELINE_FILE
@@ -160,14 +161,24 @@ def _one_machine(run_dir: Path, phases: dict[str, str], phase_tokens: dict[str, 
     if baseline.get("skipped"):
         return OneMachine(flops=flops, how=f"single-process baseline not measured: {baseline['skipped']}")
     per_token = baseline["seconds_per_token"]
+    full_per_token = baseline.get("pretrain_seconds_per_token")
     lora = flops_per_token(shape, work, "lora").total(shape.layers)
-    seconds = sum(tokens * per_token * flops_per_token(shape, work, _method(phases[p])).total(shape.layers) / lora
-                  for p, tokens in phase_tokens.items())
+
+    def phase_per_token(phase: str) -> float:
+        if phases[phase] != "pretrain":
+            return per_token
+        if full_per_token is not None:
+            return full_per_token
+        return per_token * flops_per_token(shape, work, "full").total(shape.layers) / lora
+
+    seconds = sum(tokens * phase_per_token(p) for p, tokens in phase_tokens.items())
     how = (f"measured: {baseline['steps_timed']} single-process peft LoRA steps of the same model, batch and "
            f"micro-batches after the run ({baseline['torch_threads']} torch threads on {baseline['device']}), "
            f"{per_token * 1e3:.3f} ms per token (the steps' median), times the run's tokens")
     if any(kind == "pretrain" for kind in phases.values()):
-        how += "; `pretrain` phases scaled by the full/LoRA FLOPs ratio (estimated, not timed)"
+        how += (f"; `pretrain` phases timed the same way with full-parameter steps, {full_per_token * 1e3:.3f} ms "
+                "per token" if full_per_token is not None
+                else "; `pretrain` phases scaled by the full/LoRA FLOPs ratio (estimated, not timed)")
     return OneMachine(seconds, flops, baseline.get("peak_rss_bytes"), how)
 
 

@@ -1,4 +1,5 @@
-"""Single-process peft LoRA training on the whole model: the baseline the swarm must match.
+"""Single-process peft LoRA training on the whole model: the baseline the swarm must match (and, with `full`,
+full-parameter training as a `pretrain` phase does it).
 
 Same checkpoint, same seeded adapter initialisation, same batches, same loss and optimizer as the swarm;
 tests compare trajectories with it and bench/ compares step times with it.
@@ -15,7 +16,7 @@ import torch
 from swarm.config import Job
 from swarm.data.batches import TrainingData
 from swarm.data.tokenizer import load_tokenizer
-from swarm.lora import ADAPTER_NAME, adapter_state, init_lora_weights, peft_config
+from swarm.lora import ADAPTER_NAME, adapter_state, compute_lora, init_lora_weights, peft_config
 from swarm.models.checkpoint import DTYPES
 from swarm.training import learning_rate, make_optimizer, summed_lm_loss
 
@@ -39,12 +40,19 @@ def load_peft_model(checkpoint_dir: Path, job: Job):
     return model
 
 
-def train_reference(checkpoint_dir: Path, job: Job, steps: int | None = None, records=None) -> ReferenceRun:
-    """`records`: the examples a data.responses self run trained on (swarm.data.instructions.read_self_responses)."""
+def train_reference(checkpoint_dir: Path, job: Job, steps: int | None = None, records=None,
+                    full: bool = False) -> ReferenceRun:
+    """`records`: the examples a data.responses self run trained on (swarm.data.instructions.read_self_responses).
+    `full`: train every base weight with the adapter frozen and skipped, as nodes run a `pretrain` phase (its
+    B = 0 adds exact zeros); otherwise the adapter, the base frozen."""
     phase = job.phase_list[0]
     steps = phase.steps if steps is None else steps
     model = load_peft_model(checkpoint_dir, job)
     model.train()
+    if full:
+        compute_lora(model, enabled=False)
+        for name, param in model.named_parameters():
+            param.requires_grad_(".lora_" not in name)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, job.optimizer)
     data = TrainingData(job.data, load_tokenizer(checkpoint_dir, job.data.chat_format), job.seed, phase.batch_size,

@@ -111,13 +111,24 @@ def test_bytes_are_the_attested_sums(run_dir):
     assert all((node.bytes_sent, node.bytes_received) == (10_000, 200) for node in cost_share(path).nodes)
 
 
-def test_one_machine_seconds_are_the_measured_rate_times_tokens_scaled_for_full_fine_tuning(run_dir):
+def test_one_machine_seconds_are_each_phase_kinds_measured_rate_times_its_tokens(run_dir):
+    path, _ = run_dir
+    baseline = json.loads((path / "baseline.json").read_text())
+    (path / "baseline.json").write_text(json.dumps({**baseline, "pretrain_seconds_per_token": 0.0004}))
+    share = cost_share(path)
+    assert share.one_machine.seconds == pytest.approx(0.0004 * 200 + 0.001 * 200)  # pretrain, then sft
+    assert "full-parameter steps, 0.400 ms per token" in share.one_machine.how
+    assert "estimated" not in share.one_machine.how
+    assert share.one_machine.peak_rss_bytes == 500 << 20
+
+
+def test_a_baseline_without_timed_full_steps_scales_pretrain_by_the_flops_ratio(run_dir):
     path, _ = run_dir
     share = cost_share(path)
     lora_total = 6 * LORA_BLOCK_FLOPS + 4 * 128 * 64
     full_total = 6 * FULL_BLOCK_FLOPS + 6 * 128 * 64
     assert share.one_machine.seconds == pytest.approx(0.001 * 200 * (1 + full_total / lora_total))
-    assert "measured: 3 single-process" in share.one_machine.how and "pretrain" in share.one_machine.how
+    assert "measured: 3 single-process" in share.one_machine.how and "estimated, not timed" in share.one_machine.how
     assert share.one_machine.peak_rss_bytes == 500 << 20
 
 
