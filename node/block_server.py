@@ -20,6 +20,7 @@ from hivemind.utils.streaming import split_for_streaming
 
 from node.call_serving import REPLY_LINGER_S, CallServing, linger
 from node.call_stream import CallStream
+from node.call_threads import threads_for
 from node.replica_reduce import GradientReducer
 from node.shard import Shard
 from node.step_attestation import StepAttestation
@@ -71,7 +72,8 @@ class BlockServer:
     def _forward(self, requests, context: P2PContext):
         def work(meta: CallMeta, tensors):
             _expect_tensors(tensors, 3, "forward takes hidden states, attention mask and position ids")
-            output = self.shard.forward(meta.step, meta.micro_batch, meta.train, *tensors)
+            with threads_for(tensors[0]):
+                output = self.shard.forward(meta.step, meta.micro_batch, meta.train, *tensors)
             return CallResult(status=CallResult.OK), [output]
 
         return self.calls.serve(requests, context, work, trains=lambda meta: meta.train)
@@ -80,7 +82,8 @@ class BlockServer:
         def work(meta: CallMeta, tensors):
             _expect_tensors(tensors, 3, "infer takes the new positions' hidden states, the attention mask of all "
                                         "positions and the new positions' ids")
-            output, kept = self.shard.infer(meta.session_id, meta.session_length, *tensors)
+            with threads_for(tensors[0]):
+                output, kept = self.shard.infer(meta.session_id, meta.session_length, *tensors)
             return CallResult(status=CallResult.OK, session_length=kept), [output]
 
         return self.calls.serve(requests, context, work)
@@ -96,7 +99,8 @@ class BlockServer:
         def work(meta: CallMeta, tensors):
             expected = 4 if meta.includes_inputs else 1
             _expect_tensors(tensors, expected, "backward takes the output gradient (and, re-sent, the 3 inputs)")
-            grad_input = self.shard.backward(meta.step, meta.micro_batch, tensors[0], tensors[1:] or None)
+            with threads_for(tensors[0]):
+                grad_input = self.shard.backward(meta.step, meta.micro_batch, tensors[0], tensors[1:] or None)
             return CallResult(status=CallResult.OK), [grad_input]
 
         return self.calls.serve(requests, context, work, trains=lambda meta: True)
