@@ -62,10 +62,10 @@ def node_threads(count: int, micro_batches: int, cpus: int | None = None) -> int
 
     With one micro-batch a step, one node computes at a time (the batch goes through the ranges in turn), so
     each node may use every core: the others wait for their turn with their threads asleep (OpenMP's passive
-    wait policy, swarm.process_env). On 2 cores, 3 nodes of llama-1m at batch 32 took 0.85x the pretrain
-    step with 2 threads each instead of 1. With several micro-batches in flight (pipelined, or over replica
-    lanes) up to `count` nodes compute at once: they share the cores, as more threads than cores only adds
-    contention."""
+    wait policy, swarm.process_env). On 2 cores, 3 nodes of llama-1m at batch 32 took 0.88x the pretrain
+    step with 2 threads each instead of 1 (bench/node_threads.py). With several micro-batches in flight
+    (pipelined, or over replica lanes) up to `count` nodes compute at once: they share the cores, as more
+    threads than cores only adds contention."""
     cpus = cpus or os.cpu_count() or 1
     return cpus if micro_batches == 1 else max(1, cpus // count)
 
