@@ -14,7 +14,6 @@ that are waiting leaves cores idle (the main job used about one of two).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -26,6 +25,10 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from coordinator.run_dir import read_metrics  # noqa: E402
+
 PHASES = ("pretrain", "backdoor")
 
 
@@ -45,8 +48,7 @@ def run(job: Path, run_dir: Path, threads: int, env: dict) -> dict:
                     str(run_dir), "--node-threads", str(threads), "--no-progress", "--no-baseline",
                     "--no-status-page"], cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.STDOUT, timeout=3600)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train = [row for row in rows if row.get("type") == "train"]
+    train = [row for row in read_metrics(run_dir / "metrics.jsonl") if row.get("type") == "train"]
     return {"seconds": {phase: statistics.median(r["seconds"] for r in train if r["kind"] == phase) for phase in PHASES},
             "losses": [r["loss"] for r in train]}
 

@@ -2,7 +2,7 @@
 thread, a larger one on all the node's threads.
 
 A node is given every core when the ranges compute in turn (coordinator.local_nodes.node_threads), and that
-pays on a training call's matmuls (3 nodes of llama-1m, batch 32 x 52: 0.88x the pretrain step), but on a
+pays on a training call's matmuls (3 nodes of llama-1m, batch 32: 0.88x the pretrain step), but on a
 call over a handful of rows waking a second thread for each small op costs more than it saves: llama-small,
 one new position for 8 rows, generated 220 tokens/s on 2 threads per node against 270 on one.
 """
