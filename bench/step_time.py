@@ -4,7 +4,10 @@
     python bench/step_time.py --preset llama-25m --nodes 2 --steps 4 --rounds 3
 
 Starts N local nodes, times `--steps` swarm training steps after `--warmup`, then the same steps in one
-process with plain peft, and prints both and their ratio. With `--rounds R` it alternates R times between
+process with plain peft, and prints both and their ratio. The trainer and the nodes run under the OpenMP
+settings every swarm command line sets (swarm.process_env.prepare); the single process is the report's
+one-machine baseline (coordinator.baseline), a child process with the machine's cores to itself under the
+caller's settings, as a user training alone would run it. With `--rounds R` it alternates R times between
 swarm steps and single-process steps (the nodes stay up, idle, while the single process runs), so a load
 that comes and goes on a shared machine hits both sides alike. Prints the load average before and after.
 Run on an otherwise idle machine; numbers from one run are comparable with each other only.
@@ -23,18 +26,22 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from swarm import process_env  # noqa: E402
+
+process_env.prepare()  # before torch loads libgomp: the trainer runs as `swarm-coordinator run` would
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from coordinator.baseline import measure_baseline  # noqa: E402
 from coordinator.prepared_job import RunOptions, prepare_job  # noqa: E402
 from coordinator.session import SwarmSession  # noqa: E402
 from coordinator.run_dir import create_run_dir  # noqa: E402
 from coordinator.trainer import train_step  # noqa: E402
 from swarm.logs import setup_logging  # noqa: E402
 from swarm.models.presets import PRESETS  # noqa: E402
-from swarm.reference import train_reference  # noqa: E402
 
 
 def write_long_examples(path: Path, seq: int, count: int = 256) -> None:
@@ -48,6 +55,14 @@ def write_long_examples(path: Path, seq: int, count: int = 256) -> None:
             handle.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
 
 
+def single_process(work: Path, checkpoint: Path, steps: int, warmup: int) -> list[float]:
+    """The timed steps' seconds of plain peft on the same job in a fresh process (coordinator.baseline)."""
+    result = measure_baseline(work / "job.yaml", checkpoint, work / "baseline.json", steps=steps, warmup=warmup)
+    if "skipped" in result:
+        raise SystemExit(f"single process: {result['skipped']}")
+    return result["step_seconds"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="llama-small")
@@ -59,6 +74,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=1, help="alternate swarm and single-process timing R times")
     parser.add_argument("--node-threads", type=int, default=None, help="torch threads per node (default: all)")
+    parser.add_argument("--json", type=Path, default=None, help="also write every timed step's seconds here")
     args = parser.parse_args()
     load_before = os.getloadavg()
     setup_logging("WARNING", "bench")
@@ -91,11 +107,9 @@ def main() -> None:
                     swarm_seconds.append(time.perf_counter() - started)
                 step += 1
             if args.rounds > 1:  # the single process's turn, while the nodes sit idle
-                reference = train_reference(prepared.checkpoint.path, prepared.job, steps=args.warmup + args.steps)
-                local_seconds += reference.step_seconds[args.warmup:]
+                local_seconds += single_process(work, prepared.checkpoint.path, args.steps, args.warmup)
     if args.rounds == 1:
-        reference = train_reference(prepared.checkpoint.path, prepared.job, steps=total)
-        local_seconds = reference.step_seconds[args.warmup:]
+        local_seconds = single_process(work, prepared.checkpoint.path, args.steps, args.warmup)
     swarm_median, local_median = statistics.median(swarm_seconds), statistics.median(local_seconds)
     print(f"model {args.preset} ({PRESETS[args.preset].num_parameters / 1e6:.1f}M parameters), {args.nodes} nodes, "
           f"batch {args.batch_size} x {args.seq} tokens in {args.micro_batches} micro-batch(es), {len(swarm_seconds)} + {len(local_seconds)} timed steps in "
@@ -113,6 +127,8 @@ def main() -> None:
                              for i in range(0, len(seconds), args.steps))
 
         print(f"median step s per round: single process {per_round(local_seconds)}; swarm {per_round(swarm_seconds)}")
+    if args.json is not None:
+        args.json.write_text(json.dumps({"swarm_seconds": swarm_seconds, "single_process_seconds": local_seconds}))
 
 
 if __name__ == "__main__":

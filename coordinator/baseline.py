@@ -9,7 +9,7 @@ The figure is the median of the timed steps' seconds per token: a one-off stall 
 (seen: 3.1 s against 0.11-0.15 s on the first step after the warm-up, on an AMX Xeon) would otherwise
 decide it, while over a whole run such a stall is amortised.
 
-    python -m coordinator.baseline JOB_FILE CHECKPOINT_DIR OUT.json [--steps 3 --warmup 1]
+    python -m coordinator.baseline JOB_FILE CHECKPOINT_DIR OUT.json [--steps 10 --warmup 2]
 """
 
 from __future__ import annotations
@@ -31,9 +31,14 @@ logger = logging.getLogger("swarm.coordinator")
 
 BASELINE_TIMEOUT_S = 600.0
 MEMORY_HEADROOM = 3  # skip when weights x this exceed the free memory: weights, activations, logits and slack
+# Timed steps per kind. Three moved the report's ratio by 15% between two runs of one job on one machine
+# (170 s against 203 s of one-machine time); a step of a small model is a tenth of a second.
+TIMED_STEPS = 10
+WARMUP_STEPS = 2
 
 
-def measure_baseline(job_file: Path, checkpoint_dir: Path, out: Path, steps: int = 3, warmup: int = 1) -> dict:
+def measure_baseline(job_file: Path, checkpoint_dir: Path, out: Path, steps: int = TIMED_STEPS,
+                     warmup: int = WARMUP_STEPS) -> dict:
     """Write `out` (baseline.json) and return it; a baseline that cannot run here is recorded as skipped."""
     weights = sum(path.stat().st_size for path in Path(checkpoint_dir).glob("*.safetensors"))
     available = psutil.virtual_memory().available
@@ -70,8 +75,8 @@ def main() -> None:
     parser.add_argument("job_file", type=Path)
     parser.add_argument("checkpoint_dir", type=Path)
     parser.add_argument("out", type=Path)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=TIMED_STEPS)
+    parser.add_argument("--warmup", type=int, default=WARMUP_STEPS)
     args = parser.parse_args()
 
     import peft  # noqa: F401  imported before measuring, so the memory growth below is the model, not code

@@ -4,8 +4,13 @@ Why OpenMP's wait policy: a swarm process shares its machine's cores (the traine
 its owner's work, the test suite with the processes it starts), and libgomp's default policy makes idle threads
 spin after every parallel region, stealing the cores of whoever computes next. On 2 cores, 70 steps of plain
 peft on a tiny model took 65 s beside a running swarm with spinning threads and 15 s with sleeping ones (same
-2 threads). A process that has the machine to itself (the one-machine baseline) runs under the caller's policy
-instead: `alone()` gives its environment.
+2 threads). Sleeping at once is too much the other way: a thread then sleeps between two operations of one
+forward pass and is woken for the next, so a 2-thread node computes at about 1.5 cores. A short spin first
+(`GOMP_SPINCOUNT`: ten thousand busy-wait iterations, a fraction of a millisecond; libgomp honours it under
+PASSIVE) spans those gaps yet frees a finished call's cores for the next node soon enough: on a 2-vCPU Xeon
+it made the Petals-shape swarm step 0.82x and the main job's backdoor step 0.85x of a 1,000-iteration spin,
+and 30,000 gave back part of that (`bench/omp_spin.py`, docs/BENCHMARKS.md). A process that has the machine
+to itself (the one-machine baseline) runs under the caller's settings instead: `alone()` gives its environment.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ from __future__ import annotations
 import os
 
 _WAIT_POLICY = "OMP_WAIT_POLICY"
-_CALLERS_WAIT_POLICY = os.environ.get(_WAIT_POLICY)  # as the user left it, before prepare() set a default
+_SPIN_COUNT = "GOMP_SPINCOUNT"
+SHORT_SPIN = "10000"  # busy-wait iterations before an idle OpenMP thread sleeps
+_CALLERS = {name: os.environ.get(name) for name in (_WAIT_POLICY, _SPIN_COUNT)}  # before prepare() set defaults
 
 
 def prepare() -> None:
@@ -22,13 +29,15 @@ def prepare() -> None:
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     os.environ.setdefault(_WAIT_POLICY, "PASSIVE")
+    os.environ.setdefault(_SPIN_COUNT, SHORT_SPIN)
 
 
 def alone() -> dict[str, str]:
     """The environment of a child process that has this machine's cores to itself: the caller's own OpenMP
-    wait policy (libgomp's default where none was set), not the shared-cores default of prepare()."""
+    settings (libgomp's defaults where none was set), not the shared-cores defaults of prepare()."""
     env = dict(os.environ)
-    env.pop(_WAIT_POLICY, None)
-    if _CALLERS_WAIT_POLICY is not None:
-        env[_WAIT_POLICY] = _CALLERS_WAIT_POLICY
+    for name, value in _CALLERS.items():
+        env.pop(name, None)
+        if value is not None:
+            env[name] = value
     return env

@@ -15,6 +15,7 @@ from collections import defaultdict
 import pytest
 import torch
 
+from coordinator.baseline import TIMED_STEPS
 from coordinator.cost_share import cost_share
 from coordinator.chain import RemoteChain, RemoteStage
 from coordinator.run_dir import read_metrics
@@ -119,7 +120,7 @@ def test_every_node_reported_its_peak_memory_and_the_one_machine_baseline_was_me
         assert node["peak_rss_bytes"] >= node["rss_after_load"] > 0  # a high-water mark, heard after training
         assert node["peak_device_bytes"] == 0  # CPU nodes
     baseline = json.loads((run_dir / "baseline.json").read_text())
-    assert baseline["steps_timed"] == 3 and baseline["seconds_per_token"] > 0, baseline
+    assert baseline["steps_timed"] == TIMED_STEPS and baseline["seconds_per_token"] > 0, baseline
     share = cost_share(run_dir)
     assert share.one_machine.seconds > 0 and share.one_machine.peak_rss_bytes > 0
     assert "| peak memory |" in (run_dir / "report.md").read_text()
