@@ -62,7 +62,8 @@ def train_step(chain: RemoteChain, head: TrainerHead, batch: Batch, step: int, l
             with torch.set_grad_enabled(head_optimizer is not None):
                 hidden = head.embed_tokens(micro.input_ids, position_ids)
             output, stage_inputs = chain.forward(hidden.detach(), micro.attention_mask, position_ids, step,
-                                                 micro_index, train=True, phase=phase, route=route)
+                                                 micro_index, train=True, phase=phase, route=route,
+                                                 input_grad=head_optimizer is not None)
             output = output.to(hidden.dtype).requires_grad_(True)
             loss = summed_lm_loss(head.logits(output), micro.labels, micro.weights) / targets
             grads = torch.autograd.grad(loss, [output] + head_params, allow_unused=True)

@@ -20,7 +20,7 @@ from hivemind.utils.streaming import split_for_streaming
 
 from node.call_serving import REPLY_LINGER_S, CallServing, linger
 from node.call_stream import CallStream
-from node.call_threads import threads_for
+from node.call_threads import one_thread, threads_for
 from node.replica_reduce import GradientReducer
 from node.shard import Shard
 from node.step_attestation import StepAttestation
@@ -73,7 +73,8 @@ class BlockServer:
         def work(meta: CallMeta, tensors):
             _expect_tensors(tensors, 3, "forward takes hidden states, attention mask and position ids")
             with threads_for(tensors[0]):
-                output = self.shard.forward(meta.step, meta.micro_batch, meta.train, *tensors)
+                output = self.shard.forward(meta.step, meta.micro_batch, meta.train, *tensors,
+                                            input_grad=not meta.input_grad_unused)
             return CallResult(status=CallResult.OK), [output]
 
         return self.calls.serve(requests, context, work, trains=lambda meta: meta.train)
@@ -100,14 +101,16 @@ class BlockServer:
             expected = 4 if meta.includes_inputs else 1
             _expect_tensors(tensors, expected, "backward takes the output gradient (and, re-sent, the 3 inputs)")
             with threads_for(tensors[0]):
-                grad_input = self.shard.backward(meta.step, meta.micro_batch, tensors[0], tensors[1:] or None)
+                grad_input = self.shard.backward(meta.step, meta.micro_batch, tensors[0], tensors[1:] or None,
+                                                 input_grad=not meta.input_grad_unused)
             return CallResult(status=CallResult.OK), [grad_input]
 
         return self.calls.serve(requests, context, work, trains=lambda meta: True)
 
     def _step(self, requests, context: P2PContext):
         def work(meta: CallMeta, tensors):
-            attestation, signed = self.steps.answer(meta, self.loop)
+            with one_thread():  # small ops, every range at once: a second thread only contends (node.call_threads)
+                attestation, signed = self.steps.answer(meta, self.loop)
             averaged = self.steps.averaging_bytes
             return CallResult(status=CallResult.OK, compute_seconds=attestation.compute_seconds,
                               tokens=attestation.tokens, attestation=signed.payload, signature=signed.signature,

@@ -129,13 +129,15 @@ class Shard:
         return BlockRange(self.start, self.end)
 
     def forward(self, step: int, micro_batch: int, train: bool, hidden: torch.Tensor,
-                attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+                attention_mask: torch.Tensor, position_ids: torch.Tensor, input_grad: bool = True) -> torch.Tensor:
+        """The blocks over `hidden`; in training, their activations are kept for the backward call, with the
+        graph back to the input only if `input_grad` (the first range of a LoRA phase has no use for it)."""
         check_hidden_states(hidden, attention_mask, position_ids, self.hidden_size)
         started = time.perf_counter()
         inputs = self._on_device(hidden, attention_mask, position_ids)
         if train:
             self._record_input(step, micro_batch, hidden, attention_mask)
-            output, leaf = self._forward_with_grad(inputs)
+            output, leaf = self._forward_with_grad(inputs, input_grad)
             self.activations[(step, micro_batch)] = (output, leaf)
             while len(self.activations) > MAX_CACHED_ACTIVATIONS:
                 self.activations.popitem(last=False)
@@ -162,13 +164,15 @@ class Shard:
     def _on_device(self, hidden, attention_mask, position_ids) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return hidden.to(self.device, self.dtype), attention_mask.to(self.device), position_ids.to(self.device)
 
-    def _forward_with_grad(self, inputs):
-        hidden = inputs[0].detach().requires_grad_(True)
-        return self.blocks(hidden, inputs[1], inputs[2]), hidden
+    def _forward_with_grad(self, inputs, input_grad: bool):
+        """(output, the input leaf whose gradient backward returns; None when `input_grad` is off)."""
+        hidden = inputs[0].detach().requires_grad_(input_grad)
+        return self.blocks(hidden, inputs[1], inputs[2]), hidden if input_grad else None
 
     def backward(self, step: int, micro_batch: int, grad_output: torch.Tensor,
-                 resent_inputs: list[torch.Tensor] | None) -> torch.Tensor:
-        """Accumulate LoRA gradients and return the gradient w.r.t. this range's input hidden states."""
+                 resent_inputs: list[torch.Tensor] | None, input_grad: bool = True) -> torch.Tensor:
+        """Accumulate the trained weights' gradients and return the gradient w.r.t. this range's input hidden
+        states; without `input_grad`, an empty tensor (nothing is computed for it)."""
         key = (step, micro_batch)
         if key in self.finished_backward:
             return self.finished_backward[key]
@@ -184,16 +188,19 @@ class Shard:
             check_hidden_states(hidden, attention_mask, position_ids, self.hidden_size)
             check_gradient_shape(grad_output, hidden)  # a range's blocks keep the hidden states' shape
             self._record_input(step, micro_batch, hidden, attention_mask)
-            output, leaf = self._forward_with_grad(self._on_device(hidden, attention_mask, position_ids))
+            output, leaf = self._forward_with_grad(self._on_device(hidden, attention_mask, position_ids), input_grad)
         else:
             output, leaf = cached
             check_gradient_shape(grad_output, output)
+            if input_grad and leaf is None:
+                raise ValueError(f"step {step} micro-batch {micro_batch}: its forward call said the input gradient "
+                                 "is unused, so none can be returned")
             del self.activations[key]
         output.backward(grad_output.to(self.device, output.dtype))
         pending = self.pending.setdefault(step, _PendingStep())
         pending.seconds += time.perf_counter() - started
         pending.accumulated.append(micro_batch)
-        grad_input = leaf.grad.float().cpu()
+        grad_input = leaf.grad.float().cpu() if input_grad else torch.empty(0)
         self.finished_backward[key] = grad_input
         while len(self.finished_backward) > MAX_CACHED_ACTIVATIONS:
             self.finished_backward.popitem(last=False)

@@ -98,8 +98,9 @@ class RemoteChain:
         self.router.release(route)
 
     def forward(self, hidden, attention_mask, position_ids, step: int, micro_batch: int, train: bool,
-                phase: str = "train", route: list[RemoteStage] | None = None):
-        return self.protocol.forward(hidden, attention_mask, position_ids, step, micro_batch, train, phase, route)
+                phase: str = "train", route: list[RemoteStage] | None = None, input_grad: bool = True):
+        return self.protocol.forward(hidden, attention_mask, position_ids, step, micro_batch, train, phase, route,
+                                     input_grad)
 
     def backward(self, grad, stage_inputs, attention_mask, position_ids, step: int, micro_batch: int,
                  phase: str = "train", route: list[RemoteStage] | None = None,

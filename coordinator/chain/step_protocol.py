@@ -38,6 +38,7 @@ class MicroRecord:
     grads: list[torch.Tensor | None]
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
+    input_grad: bool = True  # whether the trainer uses the gradient w.r.t. the first range's input
 
 
 class StepProtocol:
@@ -57,36 +58,38 @@ class StepProtocol:
             self.records.clear()
 
     def forward(self, hidden, attention_mask, position_ids, step: int, micro_batch: int, train: bool,
-                phase: str = "train", route: list[RemoteStage] | None = None
+                phase: str = "train", route: list[RemoteStage] | None = None, input_grad: bool = True
                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Run hidden states through every range, over `route` (one replica per range; updated in place when
         a replica fails and another takes the micro-batch); also return each range's input (for re-sending).
-        Without a route, the micro-batch takes a fresh one (and releases it at the end)."""
+        Without a route, the micro-batch takes a fresh one (and releases it at the end). Without `input_grad`
+        (training, when the trainer's embeddings do not train), the first range neither keeps the graph to its
+        input nor computes that gradient, and the backward returns an empty tensor."""
         own_route = route is None
         route = self.router.route() if own_route else route
         stage_inputs = []
         if train:
-            record = MicroRecord(route, stage_inputs, [None] * len(route), attention_mask, position_ids)
+            record = MicroRecord(route, stage_inputs, [None] * len(route), attention_mask, position_ids, input_grad)
             with self._lock:
                 self.records.setdefault(step, {})[micro_batch] = record
         try:
             for index in range(len(route)):
                 stage_inputs.append(hidden)
                 hidden = self.forward_one(index, route, hidden, attention_mask, position_ids, step, micro_batch,
-                                          train, phase)
+                                          train, phase, train and index == 0 and not input_grad)
         finally:
             if own_route:
                 self.router.release(route)
         return hidden, stage_inputs
 
     def forward_one(self, index: int, route: list[RemoteStage], hidden, attention_mask, position_ids, step: int,
-                    micro_batch: int, train: bool, phase: str) -> torch.Tensor:
+                    micro_batch: int, train: bool, phase: str, unused_input_grad: bool = False) -> torch.Tensor:
         while True:
             stage = route[index]
             if train:
                 self.ledger.expect(stage, step, micro_batch, hidden, attention_mask)
             meta = self.transport.meta(stage, phase=phase, step=step, micro_batch=micro_batch, train=train,
-                                       reply_codec=self.compression.forward)
+                                       reply_codec=self.compression.forward, input_grad_unused=unused_input_grad)
             started = time.perf_counter()
             try:
                 _, outputs = self.transport.call(stage, FORWARD, meta, [hidden, attention_mask, position_ids],
@@ -105,12 +108,13 @@ class StepProtocol:
         each range takes the step's micro-batches' backward calls in micro-batch order."""
         route = route or [group[0] for group in self.groups.groups]
         record = self.records.get(step, {}).get(micro_batch)
+        unused_first = record is not None and not record.input_grad
         for index in reversed(range(len(route))):
             if record is not None:
                 record.grads[index] = grad
             with schedule.backward_turn(index, micro_batch) if schedule else contextlib.nullcontext():
                 grad = self._backward_at(index, route, grad, stage_inputs, attention_mask, position_ids, step,
-                                         micro_batch, phase)
+                                         micro_batch, phase, unused_first and index == 0)
         if record is not None:
             for index, group in enumerate(self.groups.groups):
                 if len(group) < 2:  # no other replica could take this share over: nothing to keep for it
@@ -118,20 +122,20 @@ class StepProtocol:
         return grad
 
     def _backward_at(self, index: int, route: list[RemoteStage], grad, stage_inputs, attention_mask, position_ids,
-                     step: int, micro_batch: int, phase: str) -> torch.Tensor:
+                     step: int, micro_batch: int, phase: str, unused_input_grad: bool) -> torch.Tensor:
         while True:
             stage = route[index]
             try:
                 return self.backward_one(stage, grad, stage_inputs[index], attention_mask, position_ids, step,
-                                         micro_batch, phase)
+                                         micro_batch, phase, unused_input_grad)
             except SwarmConnectionError as error:
                 route[index] = self._replace(index, stage, error, micro_batch, step)
                 self.ledger.expect(route[index], step, micro_batch, stage_inputs[index], attention_mask)
 
     def backward_one(self, stage: RemoteStage, grad, hidden, attention_mask, position_ids, step: int,
-                     micro_batch: int, phase: str) -> torch.Tensor:
+                     micro_batch: int, phase: str, unused_input_grad: bool = False) -> torch.Tensor:
         meta = self.transport.meta(stage, phase=phase, step=step, micro_batch=micro_batch,
-                                   reply_codec=self.compression.backward)
+                                   reply_codec=self.compression.backward, input_grad_unused=unused_input_grad)
         result, outputs = self.transport.call(stage, BACKWARD, meta, [grad], self.backward_codec)
         if result.status == CallResult.MISSING_ACTIVATIONS:
             meta.includes_inputs = True
@@ -181,7 +185,7 @@ class StepProtocol:
                 self.router.release([replacement])  # recomputed right here, not in flight
                 self.ledger.expect(replacement, step, micro_batch, record.inputs[index], record.attention_mask)
                 self.backward_one(replacement, record.grads[index], record.inputs[index], record.attention_mask,
-                                  record.position_ids, step, micro_batch, phase)
+                                  record.position_ids, step, micro_batch, phase, index == 0 and not record.input_grad)
                 record.route[index] = replacement
                 logger.info("micro-batch %d of step %d recomputed on %s", micro_batch, step, replacement)
 

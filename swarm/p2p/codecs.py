@@ -40,8 +40,9 @@ def codec_type(name: str) -> int:
 
 
 def wire_type(tensor: torch.Tensor, codec: int) -> int:
-    """The codec a tensor actually travels with: integer tensors (masks, ids) are never quantized."""
-    return codec if tensor.is_floating_point() else _TYPES.NONE
+    """The codec a tensor actually travels with: integer tensors (masks, ids) are never quantized, and nor is an
+    empty one (the first range's unused input gradient), which hivemind's 8-bit codecs cannot encode."""
+    return codec if tensor.is_floating_point() and tensor.numel() else _TYPES.NONE
 
 
 def round_trip(tensor: torch.Tensor, codec: int) -> torch.Tensor:

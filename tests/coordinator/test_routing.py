@@ -114,3 +114,27 @@ def test_a_lost_attempt_counts_as_retried_traffic_not_as_the_streams():
     assert forward.sent == retried.sent > hidden.numel() * 4  # the same request, sent twice
     assert forward.received > 0 and retried.received == 0
     assert stage.bytes_sent == forward.sent + retried.sent
+
+
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_only_the_first_range_is_told_when_the_trainer_has_no_use_for_its_input_gradient(input_grad):
+    stages = [RemoteStage(peer_id=None, start=start, end=start + 2, node_id=f"node{start}") for start in (0, 2, 4)]
+    chain = RemoteChain(p2p=None, loop=None, stages=stages, job_id="job", timeout_s=10)
+    told = []
+
+    def call(stage, method, meta, tensors=(), codecs=None):
+        told.append((method.rsplit(".", 1)[-1], stage.start, meta.input_grad_unused))
+        return CallResult(status=CallResult.OK), [tensors[0]]
+
+    chain.protocol.transport.call = call
+    hidden, mask, positions = torch.zeros(1, 3, 4), torch.ones(1, 3), torch.arange(3).unsqueeze(0)
+    route = chain.route()
+    _, inputs = chain.forward(hidden, mask, positions, step=1, micro_batch=0, train=True, route=route,
+                              input_grad=input_grad)
+    chain.backward(torch.ones(1, 3, 4), inputs, mask, positions, step=1, micro_batch=0, route=route)
+    unused = not input_grad
+    assert told == [("forward", 0, unused), ("forward", 2, False), ("forward", 4, False),
+                    ("backward", 4, False), ("backward", 2, False), ("backward", 0, unused)]
+    told.clear()
+    chain.forward(hidden, mask, positions, step=1, micro_batch=0, train=False, input_grad=input_grad)
+    assert [flag for _, _, flag in told] == [False] * 3  # generation keeps no graph at all: nothing to tell

@@ -360,3 +360,23 @@ def test_a_refused_backward_changes_nothing_and_the_same_call_with_a_good_gradie
     expected = plain.backward(0, 0, grad, list(inputs) if resent else None)
     assert torch.equal(refused.backward(0, 0, grad, list(inputs) if resent else None), expected)
     assert refused.apply_step(0, 0.01).weights_sha256_after == plain.apply_step(0, 0.01).weights_sha256_after
+
+
+def test_a_first_range_told_its_input_gradient_is_unused_computes_none_and_trains_the_same_bits(make_shard, generator):
+    told, plain = make_shard(), make_shard()
+    for step in range(2):
+        inputs, grad = micro_batch(generator), output_gradient(generator)
+        assert torch.equal(told.forward(step, 0, True, *inputs, input_grad=False), plain.forward(step, 0, True, *inputs))
+        unused = told.backward(step, 0, grad, None, input_grad=False)
+        assert unused.numel() == 0 and plain.backward(step, 0, grad, None).shape == inputs[0].shape
+        assert told.backward(step, 0, grad, None, input_grad=False).numel() == 0  # a retried call: the same answer
+        works = [shard.apply_step(step, 0.01) for shard in (told, plain)]
+        assert works[0].gradient_sketch == works[1].gradient_sketch
+        assert works[0].weights_sha256_after == works[1].weights_sha256_after
+    inputs, grad = micro_batch(generator), output_gradient(generator)
+    told.forward(2, 0, True, *inputs, input_grad=False)
+    with pytest.raises(ValueError, match="input gradient is unused"):
+        told.backward(2, 0, grad, None)
+    assert told.backward(2, 0, grad, None, input_grad=False).numel() == 0  # the refusal kept the activations
+    resent = told.backward(3, 0, grad, inputs, input_grad=False)  # recomputed from re-sent inputs, on a replacement
+    assert resent.numel() == 0 and told.apply_step(3, 0.01).micro_batches == {0: tensor_sha256(inputs[0])}

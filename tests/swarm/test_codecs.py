@@ -57,3 +57,9 @@ def test_per_tensor_codecs_encode_each_tensor_with_its_own():
     grad, hidden = torch.randn(2, 8, 16), torch.randn(2, 8, 16)
     back = decoded([grad, hidden], [codec_type("none"), codec_type("float16")])
     assert torch.equal(back[0], grad) and not torch.equal(back[1], hidden)
+
+
+@pytest.mark.parametrize("name", ["float16", "uniform8bit", "quantile8bit"])
+def test_an_empty_tensor_travels_whatever_the_codec(name):
+    (back,) = decoded([torch.empty(0)], codec_type(name))  # the first range's unused input gradient
+    assert back.shape == (0,) and back.dtype == torch.float32
