@@ -40,6 +40,10 @@ class MicroRecord:
     position_ids: torch.Tensor
     input_grad: bool = True  # whether the trainer uses the gradient w.r.t. the first range's input
 
+    def unused_input_grad(self, index: int) -> bool:
+        """Whether range `index` is told the gradient w.r.t. its input is unused."""
+        return index == 0 and not self.input_grad
+
 
 class StepProtocol:
     def __init__(self, transport: Transport, groups: ReplicaGroups, router: Router, ledger: AttestationLedger,
@@ -108,13 +112,12 @@ class StepProtocol:
         each range takes the step's micro-batches' backward calls in micro-batch order."""
         route = route or [group[0] for group in self.groups.groups]
         record = self.records.get(step, {}).get(micro_batch)
-        unused_first = record is not None and not record.input_grad
         for index in reversed(range(len(route))):
             if record is not None:
                 record.grads[index] = grad
             with schedule.backward_turn(index, micro_batch) if schedule else contextlib.nullcontext():
                 grad = self._backward_at(index, route, grad, stage_inputs, attention_mask, position_ids, step,
-                                         micro_batch, phase, unused_first and index == 0)
+                                         micro_batch, phase, record is not None and record.unused_input_grad(index))
         if record is not None:
             for index, group in enumerate(self.groups.groups):
                 if len(group) < 2:  # no other replica could take this share over: nothing to keep for it
@@ -185,7 +188,7 @@ class StepProtocol:
                 self.router.release([replacement])  # recomputed right here, not in flight
                 self.ledger.expect(replacement, step, micro_batch, record.inputs[index], record.attention_mask)
                 self.backward_one(replacement, record.grads[index], record.inputs[index], record.attention_mask,
-                                  record.position_ids, step, micro_batch, phase, index == 0 and not record.input_grad)
+                                  record.position_ids, step, micro_batch, phase, record.unused_input_grad(index))
                 record.route[index] = replacement
                 logger.info("micro-batch %d of step %d recomputed on %s", micro_batch, step, replacement)
 
