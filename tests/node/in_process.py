@@ -88,18 +88,20 @@ def run(scenario) -> None:
 
 
 @contextlib.asynccontextmanager
-async def serving(shard, network: dict, name: str, trainer: LocalP2P):
+async def serving(shard, network: dict, name: str, trainer: LocalP2P, channel_host: str | None = None):
     """A BlockServer for `shard` as peer `name`, serving `trainer`'s calls, in the trainer's first phase;
-    (server, its P2P)."""
+    (server, its P2P). With `channel_host`, the server's direct data channel listens there too."""
     p2p = LocalP2P(network, name)
     server = BlockServer(shard, JOB, Identity.generate(), trainer.peer_id, MAX_REQUEST_BYTES)
-    await server.add_handlers(p2p)
+    await server.add_handlers(p2p, channel_host=channel_host)
     configured, _, _ = await call(trainer, p2p.peer_id, PHASE, meta(phase_kind="sft", adapter_action="continue",
                                                                      lora_seed="0"))
     assert configured.status == CallResult.OK and shard.phase_name == PHASE_NAME
     try:
         yield server, p2p
     finally:
+        if server.channel is not None:
+            await server.channel.close()
         server.shutdown()
 
 
