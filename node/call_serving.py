@@ -3,8 +3,9 @@ be of this job and range, the work runs on the node's one compute thread, every 
 gets an ERROR result naming the problem while the node serves on.
 
 A caller that may not call is answered before its request is read (`refuse`), so a stranger's streams cost the
-node neither memory nor descriptors. A replied stream stays open until the caller closes it: closing right after
-the last write lost about 1 reply in 1,000 on the way (docs/ARCHITECTURE.md, Data plane).
+node neither memory nor descriptors. A replied P2P stream stays open until the caller closes it: closing right
+after the last write lost about 1 reply in 1,000 on the way (docs/ARCHITECTURE.md, Data plane); on the direct
+data channel (node.channel_server) the reply ends at its last tensor and the connection carries the next call.
 """
 
 from __future__ import annotations

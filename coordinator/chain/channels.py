@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -23,6 +24,8 @@ from swarm.p2p.tensors import aiter_list, from_messages, to_messages
 from swarm.proto.blocks_pb2 import CallMeta, CallResult
 
 logger = logging.getLogger("swarm.coordinator")
+
+ASK_AGAIN_S = 60.0  # after a node gave no answer to `channel` (not a refusal), its calls go over P2P this long
 
 
 class ChannelUnreachable(ConnectionError):
@@ -107,9 +110,12 @@ class Channels:
         self.p2p, self.job_id = p2p, job_id
         self._channels: dict[PeerID, Channel | None] = {}
         self._asking: dict[PeerID, asyncio.Future] = {}
+        self._ask_again_at: dict[PeerID, float] = {}  # nodes that gave no answer (not a refusal): when to ask again
 
     async def of(self, peer_id: PeerID, block_start: int, block_end: int) -> Channel | None:
         """The node's channel, asked for once (by the first of concurrent calls); None: call it over P2P."""
+        if peer_id in self._channels and time.monotonic() >= self._ask_again_at.get(peer_id, float("inf")):
+            del self._channels[peer_id]  # it did not answer last time: ask again, once a while
         if peer_id in self._channels:
             return self._channels[peer_id]
         asking = self._asking.get(peer_id)
@@ -134,9 +140,11 @@ class Channels:
             responses = await self.p2p.iterate_protobuf_handler(peer_id, CHANNEL, aiter_list(requests),
                                                                 runtime_pb2.ExpertResponse)
             metadata, _, _ = await from_messages(responses, tensor_count=reply_tensor_count)
-        except Exception as error:  # a node of an older version, or gone: this call goes over P2P, and says which
-            logger.info("node %s did not tell its direct data channel (%s); this call goes over P2P", peer_id, error)
-            return None  # not remembered: the next call asks again
+        except Exception as error:  # a node of an older version, or gone for now: over P2P, asked again later
+            logger.info("node %s did not tell its direct data channel (%s); calling it over P2P", peer_id, error)
+            self._channels[peer_id] = None
+            self._ask_again_at[peer_id] = time.monotonic() + ASK_AGAIN_S
+            return None
         result = CallResult.FromString(metadata)
         if result.status != CallResult.OK or not result.channel_port:
             logger.info("node %s serves no direct data channel (%s); calling it over P2P", peer_id, result.error)
@@ -145,6 +153,7 @@ class Channels:
             channel = Channel(result.channel_host, result.channel_port, result.channel_certificate,
                               result.channel_token)
         self._channels[peer_id] = channel
+        self._ask_again_at.pop(peer_id, None)
         return channel
 
     def close(self) -> None:
