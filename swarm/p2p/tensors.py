@@ -45,6 +45,24 @@ def combine_parts(parts: Iterable[runtime_pb2.Tensor]) -> list[torch.Tensor]:
     return tensors
 
 
+class WholeTensors:
+    """Counts, message by message, the whole tensors a stream has delivered (a tensor's first part says how many
+    chunks it has)."""
+
+    def __init__(self):
+        self.complete = 0
+        self._owed = 0  # chunks still to come of the tensor being read
+
+    def add(self, message) -> int:
+        for part in message.tensors:
+            if self._owed == 0:
+                self._owed = max(part.chunks, 1)
+            self._owed -= 1
+            if self._owed == 0:
+                self.complete += 1
+        return self.complete
+
+
 async def from_messages(stream: AsyncIterator, max_bytes: int | None = None,
                         tensor_count: Callable[[bytes], int] | None = None) -> tuple[bytes, list[torch.Tensor], int]:
     """Collect a message stream into (metadata, tensors, bytes received); ValueError past `max_bytes`.
@@ -52,7 +70,7 @@ async def from_messages(stream: AsyncIterator, max_bytes: int | None = None,
     With `tensor_count` (the count the metadata announces), reading stops at the last part of the last
     tensor and the stream is closed from this side, instead of waiting for the sender to close it."""
     metadata, parts, received, expected = None, [], 0, None
-    complete, next_tensor = 0, 0  # whole tensors among `parts`; where the next one starts
+    whole = WholeTensors()
     async for message in stream:
         received += message.ByteSize()
         if max_bytes is not None and received > max_bytes:
@@ -61,10 +79,7 @@ async def from_messages(stream: AsyncIterator, max_bytes: int | None = None,
             metadata = message.metadata
             expected = tensor_count(metadata) if tensor_count is not None else None
         parts.extend(message.tensors)
-        # a tensor's first part says how many chunks it has
-        while next_tensor < len(parts) and next_tensor + max(parts[next_tensor].chunks, 1) <= len(parts):
-            next_tensor += max(parts[next_tensor].chunks, 1)
-            complete += 1
+        complete = whole.add(message)
         if expected is not None and complete >= expected:
             await stream.aclose()
             break
