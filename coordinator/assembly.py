@@ -25,6 +25,7 @@ from swarm.models.checkpoint import DTYPES, Checkpoint, tensors_sha256
 from swarm.node_state import GONE, NodeState
 from swarm.p2p.announce import find_replicas
 from swarm.p2p.event_loop import LoopThread
+from swarm.p2p.framing import BoundedP2P
 from swarm.proto import control_pb2 as pb
 
 logger = logging.getLogger("swarm.coordinator")
@@ -142,9 +143,10 @@ def discover_chain(dht: DHT, loop: LoopThread, nodes: list[NodeRecord], checkpoi
                              "check their logs")
         time.sleep(0.5)
     stages = [RemoteStage(s.peer_id, s.start, s.end, s.node_id) for s in servers]
-    p2p = loop.run(dht.replicate_p2p())
+    p2p = BoundedP2P(loop.run(dht.replicate_p2p()))
     chain = RemoteChain(p2p, loop, stages, job_id, job.swarm.rpc_timeout_s, audit, job.compression,
-                        kv_cache=job.swarm.kv_cache, direct_channels=job.swarm.direct_channels)
+                        kv_cache=job.swarm.kv_cache, direct_channels=job.swarm.direct_channels,
+                        range_parameters=checkpoint.block_parameters)
     covered = 0
     for group in chain.groups:
         if group[0].start != covered:

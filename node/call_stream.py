@@ -20,6 +20,8 @@ from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto import runtime_pb2
 from hivemind.proto.p2pd_pb2 import RPCError
 
+from swarm.p2p.framing import receive_frame
+
 logger = logging.getLogger(__name__)
 
 PREFETCH = 5  # request messages read ahead of the handler, as hivemind's reader does
@@ -59,7 +61,7 @@ class CallStream:
         the stream, sends a frame that is not one, or the handler is done."""
         ended = False
         while not replying.done():
-            frame = await _first(P2P.receive_protobuf(self.request_type, reader), replying)
+            frame = await _first(receive_frame(self.request_type, reader), replying)
             if frame is None:
                 return
             try:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
-from swarm.p2p.direct import (HANDSHAKE_TIMEOUT_S, TOKEN_BYTES, ChannelCredentials, ReplyEnd, drain_request,
-                              read_request)
+from swarm.p2p.direct import HANDSHAKE_TIMEOUT_S, TOKEN_BYTES, ChannelCredentials, ReplyEnd, drain_request, read_request
+from swarm.p2p.framing import receive_frame
 from swarm.p2p.rpc import reply_tensor_count
 from swarm.proto.blocks_pb2 import CallResult
 
@@ -89,7 +89,7 @@ class ChannelServer:
     async def _call(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         """Serve one call; False once the trainer closed the connection between calls."""
         try:
-            first, error = await P2P.receive_protobuf(runtime_pb2.ExpertRequest, reader)
+            first, error = await receive_frame(runtime_pb2.ExpertRequest, reader)
         except asyncio.IncompleteReadError:
             return False
         if error is not None:

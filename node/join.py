@@ -30,6 +30,7 @@ from swarm.models.checkpoint import DTYPES, Checkpoint, resolve_model
 from swarm.p2p.announce import announce_blocks
 from swarm.p2p.dht_process import start_dht
 from swarm.p2p.event_loop import LoopThread
+from swarm.p2p.framing import BoundedP2P
 from swarm.proto import control_pb2 as pb
 
 logger = logging.getLogger("swarm.node")
@@ -103,7 +104,7 @@ def run_node(options: NodeOptions) -> None:
         loop = LoopThread()
         server = BlockServer(shard, assignment.job_id, identity, trainer_peer(welcome.initial_peers),
                              options.max_request_bytes)
-        p2p = loop.run(dht.replicate_p2p())
+        p2p = BoundedP2P(loop.run(dht.replicate_p2p()))
         loop.run(server.add_handlers(p2p, channel_host=None if options.channel_port is None else options.host,
                                      channel_port=options.channel_port or 0))
         ready.peer_id = dht.peer_id.to_base58()

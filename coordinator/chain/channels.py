@@ -19,6 +19,7 @@ from hivemind.proto import runtime_pb2
 
 from swarm.p2p.direct import (CHANNEL_SERVER_NAME, END_OF_REQUEST, HANDSHAKE_TIMEOUT_S, ReplyEnd, client_context,
                               send_messages)
+from swarm.p2p.framing import receive_frame
 from swarm.p2p.rpc import CHANNEL, reply_tensor_count
 from swarm.p2p.tensors import aiter_list, from_messages, to_messages
 from swarm.proto.blocks_pb2 import CallMeta, CallResult
@@ -86,7 +87,7 @@ class Channel:
         end, whole = ReplyEnd(reply_tensor_count), False
         try:
             while not whole:
-                message, error = await P2P.receive_protobuf(runtime_pb2.ExpertResponse, connection.reader)
+                message, error = await receive_frame(runtime_pb2.ExpertResponse, connection.reader)
                 if error is not None:
                     raise ConnectionError(f"the node's channel answered with an error frame: {error.message!r}")
                 whole = end.add(message)

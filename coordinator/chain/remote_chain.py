@@ -36,12 +36,13 @@ from swarm.traffic import Traffic, total_per_stream
 class RemoteChain:
     def __init__(self, p2p: P2P, loop: LoopThread, stages: list[RemoteStage], job_id: str, timeout_s: float,
                  audit: AuditLog | None = None, compression: CompressionSpec | None = None, kv_cache: bool = True,
-                 direct_channels: bool = True):
+                 direct_channels: bool = True, range_parameters: Callable[[int, int], int] | None = None):
         compression = compression or CompressionSpec()
         self.job_id = job_id
         self.kv_cache = kv_cache  # the job's swarm.kv_cache: whether generation opens inference sessions
         self.compression = compression
-        self.transport = Transport(p2p, loop, job_id, timeout_s, workers=len(stages), direct_channels=direct_channels)
+        self.transport = Transport(p2p, loop, job_id, timeout_s, workers=len(stages), direct_channels=direct_channels,
+                                   range_parameters=range_parameters)
         self.replica_groups = ReplicaGroups(stages)
         self.router = Router(self.replica_groups)
         self.ledger = AttestationLedger(audit, job_id, codec_type(compression.forward))

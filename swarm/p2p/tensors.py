@@ -64,8 +64,11 @@ class WholeTensors:
 
 
 async def from_messages(stream: AsyncIterator, max_bytes: int | None = None,
-                        tensor_count: Callable[[bytes], int] | None = None) -> tuple[bytes, list[torch.Tensor], int]:
-    """Collect a message stream into (metadata, tensors, bytes received); ValueError past `max_bytes`.
+                        tensor_count: Callable[[bytes], int] | None = None,
+                        too_large: str = "request larger than this node's limit"
+                        ) -> tuple[bytes, list[torch.Tensor], int]:
+    """Collect a message stream into (metadata, tensors, bytes received); ValueError past `max_bytes`, its
+    message starting with `too_large`.
 
     With `tensor_count` (the count the metadata announces), reading stops at the last part of the last
     tensor and the stream is closed from this side, instead of waiting for the sender to close it."""
@@ -74,7 +77,7 @@ async def from_messages(stream: AsyncIterator, max_bytes: int | None = None,
     async for message in stream:
         received += message.ByteSize()
         if max_bytes is not None and received > max_bytes:
-            raise ValueError(f"request larger than this node's limit of {max_bytes} bytes; refused")
+            raise ValueError(f"{too_large} of {max_bytes} bytes; refused")
         if metadata is None:
             metadata = message.metadata
             expected = tensor_count(metadata) if tensor_count is not None else None

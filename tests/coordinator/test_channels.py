@@ -6,12 +6,16 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 
 from coordinator.chain.channels import Channel, Channels
-from swarm.p2p.rpc import CHANNEL
-from swarm.p2p.tensors import aiter_list, to_messages
+from node.channel_server import ChannelServer
+from swarm.p2p.direct import ChannelCredentials
+from swarm.p2p.framing import MAX_FRAME_BYTES, FrameTooLong
+from swarm.p2p.rpc import CHANNEL, reply_tensor_count
+from swarm.p2p.tensors import aiter_list, from_messages, to_messages
 from swarm.proto.blocks_pb2 import CallResult
 
 PEER = PeerID(b"node")
@@ -62,3 +66,30 @@ def test_an_unreachable_channel_is_not_asked_for_again():
     assert isinstance(of(channels), Channel)
     channels.forget(PEER, ConnectionRefusedError("refused"))
     assert of(channels) is None and node.asked == 1
+
+
+def test_a_reply_frame_longer_than_any_swarm_frame_closes_the_connection_unread():
+    """A node's channel (a real TLS server on 127.0.0.1) answering with one 3 MB message: the trainer refuses
+    it at its header (swarm.p2p.framing) and keeps no connection that is out of step."""
+    async def oversized(requests, context):
+        async for _ in requests:
+            pass
+        huge = runtime_pb2.Tensor(buffer=bytes(3 << 20), chunks=1, size=[3 << 18], dtype="float32")
+        yield runtime_pb2.ExpertResponse(metadata=CallResult(tensor_count=1).SerializeToString(), tensors=[huge])
+
+    async def scenario():
+        credentials = ChannelCredentials.generate()
+        server = ChannelServer({"forward": oversized}, PEER, None, credentials)
+        await server.start("127.0.0.1")
+        channel = Channel("127.0.0.1", server.port, credentials.certificate_pem, credentials.token)
+        try:
+            replies = await channel.call("forward", to_messages(runtime_pb2.ExpertRequest, b"", []))
+            with pytest.raises(FrameTooLong, match=f"a frame of [0-9]+ bytes declared; no swarm frame is longer "
+                                                   f"than {MAX_FRAME_BYTES}"):
+                await asyncio.wait_for(from_messages(replies, tensor_count=reply_tensor_count), 30)
+            assert channel.idle == []
+        finally:
+            channel.close()
+            await server.close()
+
+    asyncio.run(scenario())

@@ -3,6 +3,8 @@ exactly as before (the next well-formed call gives the same logits as before any
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import signal
 
 import pytest
@@ -186,6 +188,34 @@ def test_a_checkpoint_state_that_does_not_fit_is_refused_and_strangers_can_neith
         with pytest.raises(RemoteBlockError, match=f"refused {LOAD_STATE}: .*" + _escape(message)):
             bad_call(served, LOAD_STATE, [sent[n] for n in sorted(sent)], phase="train", phase_kind="sft", step=-1,
                      names=sent_names or sorted(sent))
+    still_serves(served)
+
+
+def test_a_strangers_frame_declaring_a_terabyte_closes_its_stream_before_the_node_holds_any_of_it(served):
+    _, session, _, _ = served
+    node = session.nodes[0]
+
+    async def flood() -> int:
+        """Megabytes of the frame's 'body' the node took before it closed the stream (hivemind's reader kept
+        reading, holding every byte, for the two seconds a refused stranger's stream stays open: all 256)."""
+        stranger = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=list(node.ready.maddrs))
+        taken = 0
+        try:
+            _, reader, writer = await stranger.call_binary_stream_handler(PeerID.from_base58(node.ready.peer_id),
+                                                                          FORWARD)
+            writer.write(P2P.MESSAGE_MARKER + (1 << 40).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER))
+            with contextlib.suppress(ConnectionError, OSError):  # until the node closes the stream (a reset)
+                for _ in range(256):
+                    writer.write(bytes(1 << 20))
+                    await asyncio.wait_for(writer.drain(), 10)
+                    taken += 1
+                    if reader.at_eof():
+                        break
+        finally:
+            await stranger.shutdown()
+        return taken
+
+    assert session.loop.run(flood(), timeout=120) < 16  # the stream closed at the header: 0 in runs here
     still_serves(served)
 
 

@@ -64,3 +64,11 @@ def test_missing_or_bin_only_checkpoints_are_explained(tmp_path):
     (directory / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(ModelSourceError, match="convert the checkpoint to safetensors"):
         Checkpoint.open(directory)
+
+
+def test_a_ranges_parameters_are_its_blocks_share_of_the_model(tmp_path):
+    checkpoint = Checkpoint.open(save_tiny_checkpoint(tmp_path))
+    blocks = [checkpoint.block_parameters(index, index + 1) for index in range(checkpoint.num_blocks)]
+    assert len(set(blocks)) == 1 and checkpoint.block_parameters(0, checkpoint.num_blocks) == sum(blocks)
+    trainer = sum(tensor.numel() for tensor in checkpoint.load(list(checkpoint.trainer_tensor_names().values())).values())
+    assert sum(blocks) + trainer == checkpoint.num_parameters  # tied head: the embedding counted once
