@@ -27,6 +27,7 @@ from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.proto import runtime_pb2
 
 from swarm.p2p.codecs import codec_type
+from swarm.p2p.framing import MAX_FRAME_BYTES
 from swarm.p2p.replica_sum import split_parts, sum_contributions, through_codec
 from swarm.p2p.rpc import AVERAGE, reply_tensor_count
 from swarm.p2p.tensors import aiter_list, from_messages, to_messages
@@ -124,13 +125,19 @@ class GradientReducer:
                         part_index=index, sender_index=group.index,
                         replica_peers=[peer.to_base58() for peer in group.peers])
         requests = to_messages(runtime_pb2.ExpertRequest, meta.SerializeToString(), [piece], group.codec)
-        counts.add(sent=sum(message.ByteSize() for message in requests))
+        sent = sum(message.ByteSize() for message in requests)
+        counts.add(sent=sent)
         for attempt in range(1, DIAL_ATTEMPTS + 1):
             try:
                 responses = await self.p2p.iterate_protobuf_handler(group.peers[index], AVERAGE, aiter_list(requests),
                                                                     runtime_pb2.ExpertResponse)
-                metadata, tensors, received = await from_messages(responses, tensor_count=reply_tensor_count)
+                # the reply is the part's sum, as long as the part in the same codec: twice it and a frame at most
+                metadata, tensors, received = await from_messages(responses, 2 * sent + MAX_FRAME_BYTES,
+                                                                  reply_tensor_count,
+                                                                  too_large="the summed part is larger than its limit")
                 break
+            except ValueError as error:  # too long, or no frame at all (swarm.p2p.framing): not a replica's answer
+                raise ReduceError(f"replica {group.peers[index]} answered part {index} of step {step}: {error}") from None
             except (ConnectionError, asyncio.IncompleteReadError, P2PDaemonError) as error:
                 if attempt == DIAL_ATTEMPTS:
                     raise ReduceError(f"replica {group.peers[index]} is unreachable: {error}") from None

@@ -9,6 +9,7 @@ import random
 
 import pytest
 import torch
+from hivemind.proto import runtime_pb2
 
 from node.replica_reduce import ReduceError
 from swarm.audit.attestation import SignedAttestation
@@ -118,5 +119,27 @@ def test_replicas_stepping_together_equal_one_node_doing_all_their_micro_batches
             assert attestations[0].local_gradient_sketch != attestations[1].local_gradient_sketch
             assert all(a.averaged_with == tuple(group["replica_nodes"]) for a in attestations)
             assert all(r.averaging_bytes_sent > 0 and r.averaging_bytes_received > 0 for r in results)
+
+    run(scenario)
+
+
+def test_a_replica_whose_sum_never_ends_is_named_at_the_replies_limit(make_shard):
+    async def endless_sum(requests, context):
+        """A lying replica: an OK reply announcing one tensor in a million 1 MB chunks, sent while it is read."""
+        async for _ in requests:
+            pass
+        first = runtime_pb2.Tensor(buffer=bytes(1 << 20), chunks=1_000_000, size=[1_000_000, 1 << 18],
+                                   dtype="float32")
+        yield runtime_pb2.ExpertResponse(metadata=CallResult(tensor_count=1).SerializeToString(), tensors=[first])
+        for _ in range(100):
+            yield runtime_pb2.ExpertResponse(tensors=[runtime_pb2.Tensor(buffer=bytes(1 << 20))])
+
+    async def scenario(network, trainer):
+        async with replicas(make_shard, network, trainer, 2) as (servers, p2ps):
+            peers = [p2p.peer_id for p2p in p2ps]
+            network[peers[1]][AVERAGE] = endless_sum
+            with pytest.raises(ReduceError, match=f"replica {peers[1]} answered part 1 of step 0: the summed part "
+                                                  "is larger than its limit of [0-9]+ bytes"):
+                await servers[0].reducer.reduce(0, peers, "none", torch.zeros(10), timeout=30)
 
     run(scenario)
