@@ -28,7 +28,7 @@ from node.step_attestation import StepAttestation
 from swarm.config import PHASE_KINDS
 from swarm.identity import Identity
 from swarm.p2p.direct import ChannelCredentials
-from swarm.p2p.framing import MAX_FRAME_BYTES
+from swarm.p2p.framing import state_reply_limit
 from swarm.p2p.rpc import (ADAPTER, ADMIT, AVERAGE, BACKWARD, CHANNEL, END_SESSION, FETCH_STATE, FORWARD, INFER, LOAD_STATE,
                            PHASE, REPLICA_STATE, RESTORE, STEP, STEP_STATE, SYNC, WEIGHTS, reply_tensor_count)
 from swarm.p2p.tensors import CHUNK_BYTES, aiter_list, from_messages, to_messages
@@ -244,9 +244,7 @@ class BlockServer:
         requests = to_messages(runtime_pb2.ExpertRequest, meta.SerializeToString(), [])
         responses = await self.reducer.p2p.iterate_protobuf_handler(source, FETCH_STATE, aiter_list(requests),
                                                                     runtime_pb2.ExpertResponse)
-        # a replica's state is its range's weights and AdamW moments: 16x this node's own parameters in float32
-        # leaves room (coordinator.chain.transport bounds the trainer's state replies the same way)
-        limit = 16 * 4 * sum(param.numel() for param in self.shard.blocks.parameters()) + MAX_FRAME_BYTES
+        limit = state_reply_limit(sum(param.numel() for param in self.shard.blocks.parameters()))  # LoRA's included
         metadata, tensors, received = await from_messages(responses, limit, reply_tensor_count,
                                                           too_large=f"replica {source}'s state is larger than its limit")
         self.calls.traffic.add(received=received)

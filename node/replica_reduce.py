@@ -136,7 +136,7 @@ class GradientReducer:
                                                                   reply_tensor_count,
                                                                   too_large="the summed part is larger than its limit")
                 break
-            except ValueError as error:  # too long, or no frame at all (swarm.p2p.framing): not a replica's answer
+            except ValueError as error:  # a frame or the reply past its limit: not a replica's answer, not retried
                 raise ReduceError(f"replica {group.peers[index]} answered part {index} of step {step}: {error}") from None
             except (ConnectionError, asyncio.IncompleteReadError, P2PDaemonError) as error:
                 if attempt == DIAL_ATTEMPTS:

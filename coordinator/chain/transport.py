@@ -20,7 +20,7 @@ from coordinator.chain.stage import RemoteStage
 from swarm.errors import RemoteBlockError, SwarmConnectionError
 from swarm.p2p.codecs import CODECS
 from swarm.p2p.event_loop import LoopThread
-from swarm.p2p.framing import MAX_FRAME_BYTES
+from swarm.p2p.framing import MAX_FRAME_BYTES, state_reply_limit
 from swarm.p2p.rpc import BACKWARD, FORWARD, INFER, reply_tensor_count
 from swarm.p2p.tensors import aiter_list, from_messages, to_messages
 from swarm.proto.blocks_pb2 import CallMeta, CallResult
@@ -31,10 +31,6 @@ CALL_ATTEMPTS = 3
 # A forward, backward or infer reply is one batch of hidden states (or their gradient) for the batch the request
 # sent: at most 4x the request's bytes (a float32 reply to an 8-bit request) and a frame.
 DATA_REPLY_ALLOWANCE = 4
-# Any other reply is at most a range's state: step_state's weights and AdamW moments before and after a step
-# are 6x what the phase trains, a replica's state its base and LoRA weights and their moments; 16x the range's
-# base parameters in float32 leaves room for an adapter as large as the base weights.
-STATE_REPLY_ALLOWANCE = 16
 LOST_REPLY = (ConnectionError, asyncio.IncompleteReadError, P2PDaemonError)  # asked again: every method is idempotent
 
 
@@ -142,7 +138,7 @@ class Transport:
             return DATA_REPLY_ALLOWANCE * sent + MAX_FRAME_BYTES
         if self._range_parameters is None:
             return None
-        return STATE_REPLY_ALLOWANCE * 4 * self._range_parameters(stage.start, stage.end) + MAX_FRAME_BYTES
+        return state_reply_limit(self._range_parameters(stage.start, stage.end))  # any other reply: a state at most
 
     async def _send(self, stage: RemoteStage, method: str, requests: list) -> AsyncIterator:
         """The reply's messages: over the node's direct data channel where it has one that can be reached

@@ -25,6 +25,14 @@ from swarm.p2p.tensors import CHUNK_BYTES
 MAX_FRAME_BYTES = CHUNK_BYTES + (1 << 20)  # a tensor chunk and a call's metadata (names, attestation: kilobytes)
 
 
+def state_reply_limit(parameters: int) -> int:
+    """The most bytes a state reply (weights, AdamW moments, a replica's state) of a range with `parameters` base
+    parameters may take: step_state's weights and moments before and after a step are 6x what the phase trains,
+    a replica's state its base and LoRA weights and their moments; 16x the base in float32 leaves room for an
+    adapter as large as the base weights."""
+    return 16 * 4 * parameters + MAX_FRAME_BYTES
+
+
 class FrameTooLong(ValueError):
     """A frame's header declares more bytes than any frame a swarm process sends: the stream is given up."""
 
