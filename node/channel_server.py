@@ -20,7 +20,10 @@ from swarm.proto.blocks_pb2 import CallResult
 
 logger = logging.getLogger(__name__)
 
-MAX_UNAUTHENTICATED = 64  # connections at once that have not sent the token yet (strangers cannot hold more)
+# Connections at once that have not sent the token yet; a new one past this closes the one waiting longest. The
+# trainer sends its token with its first bytes, so it waits a round trip at most: strangers holding connections
+# open cannot keep it out (refusing new connections instead let them move the trainer to P2P for the run).
+MAX_UNAUTHENTICATED = 64
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,7 @@ class ChannelServer:
         self.server: asyncio.base_events.Server | None = None
         self.host, self.port = "", 0
         self._connections: set[asyncio.Task] = set()
-        self._unauthenticated = 0
+        self._waiting: dict[asyncio.Task, None] = {}  # connections that have not sent the token, oldest first
 
     async def start(self, host: str, port: int = 0) -> None:
         self.server = await asyncio.start_server(self._connection, host, port, ssl=self.credentials.server_context(),
@@ -52,17 +55,18 @@ class ChannelServer:
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        if self._unauthenticated >= MAX_UNAUTHENTICATED:  # strangers holding connections open get no more
-            writer.close()
-            return
+        if len(self._waiting) >= MAX_UNAUTHENTICATED:  # the connection waiting longest for its token goes
+            oldest = next(iter(self._waiting))
+            del self._waiting[oldest]
+            oldest.cancel()
         self._connections.add(task)
         try:
             with contextlib.closing(writer):
-                self._unauthenticated += 1
+                self._waiting[task] = None
                 try:
                     authenticated = await self._authenticated(reader)
                 finally:
-                    self._unauthenticated -= 1
+                    self._waiting.pop(task, None)
                 if not authenticated:
                     return
                 while await self._call(reader, writer):

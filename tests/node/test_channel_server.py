@@ -135,7 +135,7 @@ def test_a_node_without_a_channel_says_so(make_shard):
     run(scenario)
 
 
-def test_strangers_holding_connections_and_garbage_leave_the_trainer_served(make_shard, generator):
+def test_strangers_holding_connections_and_garbage_leave_the_trainer_served_on_kept_and_new_connections(make_shard, generator):
     inputs = micro_batch(generator)
 
     async def connect(channel: Channel):
@@ -149,13 +149,19 @@ def test_strangers_holding_connections_and_garbage_leave_the_trainer_served(make
             # strangers: TLS connections that never send the token, more than the node holds at once
             held = [await connect(channel) for _ in range(MAX_UNAUTHENTICATED + 8)]
             await asyncio.sleep(0.2)
-            assert server.channel._unauthenticated == MAX_UNAUTHENTICATED
+            assert len(server.channel._waiting) == MAX_UNAUTHENTICATED
             result, outputs, _, _ = await channel_call(channel, FORWARD, meta(step=1, train=False), inputs)
             assert result.status == CallResult.OK and torch.equal(outputs[0], expected[0])  # its kept connection
+            # and a new connection of the trainer's (a new call in flight): the oldest stranger's is closed for it
+            fresh = Channel(channel.host, channel.port, channel.certificate_pem, channel.token)
+            result, outputs, _, _ = await channel_call(fresh, FORWARD, meta(step=1, train=False), inputs)
+            assert result.status == CallResult.OK and torch.equal(outputs[0], expected[0])
+            assert await held[0][0].read() == b""  # the stranger that waited longest was let go
+            fresh.close()
             for _, writer in held:
                 writer.close()
             await asyncio.sleep(0.2)
-            assert server.channel._unauthenticated == 0
+            assert server.channel._waiting == {}
             # the token, then bytes that are no frame: that connection is closed, the node serves on
             reader, writer = await connect(channel)
             writer.write(channel.token + b"\x07not a frame")
