@@ -14,7 +14,7 @@ import uuid
 import torch
 
 from coordinator.chain.routing import Router
-from coordinator.chain.transport import Transport
+from coordinator.chain.transport import Transport, hidden_reply
 from swarm.config import CompressionSpec
 from swarm.errors import SwarmConnectionError
 from swarm.p2p.codecs import codec_type
@@ -69,6 +69,8 @@ class InferenceSession:
             tensors = [self.inputs[index][:, held:], attention_mask, self.position_ids[:, held:]]
             try:
                 result, outputs = self.transport.call(stage, INFER, meta, tensors, self.codec)
+                if result.status == CallResult.OK:
+                    output = hidden_reply(stage, INFER, outputs, tensors[0].shape)
             except SwarmConnectionError as error:
                 self.route[index] = self.router.replace(index, stage, str(error))
                 self.held[index] = 0
@@ -82,7 +84,7 @@ class InferenceSession:
                 self.refills += 1
                 continue
             self.held[index] = result.session_length
-            return outputs[0]
+            return output
 
     def close(self) -> None:
         """Free the session on every replica that keeps it (best effort: a node also drops idle sessions)."""

@@ -19,7 +19,7 @@ from coordinator.chain.routing import Router
 from coordinator.chain.schedule import StepSchedule
 from coordinator.chain.stage import RemoteStage
 from coordinator.chain.state import ChainState
-from coordinator.chain.transport import CALL_ATTEMPTS, Transport
+from coordinator.chain.transport import CALL_ATTEMPTS, Transport, hidden_reply
 from swarm.config import CompressionSpec
 from swarm.errors import RemoteBlockError, SwarmConnectionError, SwarmError
 from swarm.p2p.codecs import codec_type
@@ -98,11 +98,12 @@ class StepProtocol:
             try:
                 _, outputs = self.transport.call(stage, FORWARD, meta, [hidden, attention_mask, position_ids],
                                                  self.forward_codec)
+                output = hidden_reply(stage, FORWARD, outputs, hidden.shape)  # blocks keep the hidden states' shape
             except SwarmConnectionError as error:
                 route[index] = self._replace(index, stage, error, micro_batch, step)
                 continue
             self.router.measured(stage, time.perf_counter() - started)
-            return outputs[0]
+            return output
 
     def backward(self, grad, stage_inputs, attention_mask, position_ids, step: int, micro_batch: int,
                  phase: str = "train", route: list[RemoteStage] | None = None,
@@ -144,7 +145,7 @@ class StepProtocol:
             meta.includes_inputs = True
             result, outputs = self.transport.call(stage, BACKWARD, meta, [grad, hidden, attention_mask, position_ids],
                                                   [self.backward_codec] + [self.forward_codec] * 3)
-        return outputs[0]
+        return hidden_reply(stage, BACKWARD, outputs, (0,) if unused_input_grad else hidden.shape)
 
     def _replace(self, index: int, stage: RemoteStage, error: Exception, micro_batch: int, step: int) -> RemoteStage:
         """`stage` failed a call: drop it from the chain and pick another replica of its range."""

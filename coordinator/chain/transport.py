@@ -34,6 +34,19 @@ DATA_REPLY_ALLOWANCE = 4
 LOST_REPLY = (ConnectionError, asyncio.IncompleteReadError, P2PDaemonError)  # asked again: every method is idempotent
 
 
+def hidden_reply(stage: RemoteStage, method: str, outputs: list[torch.Tensor], shape) -> torch.Tensor:
+    """The one tensor of a forward, backward or infer reply, checked before it goes anywhere (the next range, the
+    trainer's head, the range before): floating point, of `shape`. A node that answers anything else broke the
+    protocol (a liar or a broken build), so it is treated as one that cannot be reached: it leaves the chain and
+    another replica serves its range or a spare takes the range over. Passed on, the next range would refuse it
+    and be the one blamed, or the head would fail with a traceback."""
+    output = outputs[0]
+    if not output.is_floating_point() or tuple(output.shape) != tuple(shape):
+        raise SwarmConnectionError(f"{stage} answered {method.rsplit('.', 1)[-1]} with a {output.dtype} tensor of "
+                                   f"shape {list(output.shape)}, not a floating-point one of shape {list(shape)}")
+    return output
+
+
 class Transport:
     def __init__(self, p2p: P2P, loop: LoopThread, job_id: str, timeout_s: float, workers: int = 1,
                  direct_channels: bool = True, range_parameters: Callable[[int, int], int] | None = None):

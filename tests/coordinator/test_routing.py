@@ -10,7 +10,7 @@ from hivemind.proto import runtime_pb2
 from coordinator.chain import RangeLostError, RemoteChain, RemoteStage
 from coordinator.chain.routing import PROBE_AFTER
 from swarm.p2p.event_loop import LoopThread
-from swarm.p2p.rpc import FORWARD
+from swarm.p2p.rpc import BACKWARD, FORWARD
 from swarm.p2p.tensors import aiter_list, to_messages
 from swarm.proto.blocks_pb2 import CallResult
 
@@ -125,7 +125,8 @@ def test_only_the_first_range_is_told_when_the_trainer_has_no_use_for_its_input_
 
     def call(stage, method, meta, tensors=(), codecs=None):
         told.append((method.rsplit(".", 1)[-1], stage.start, meta.input_grad_unused))
-        return CallResult(status=CallResult.OK), [tensors[0]]
+        unused = method == BACKWARD and meta.input_grad_unused  # a node answers an empty tensor then
+        return CallResult(status=CallResult.OK), [torch.empty(0) if unused else tensors[0]]
 
     chain.protocol.transport.call = call
     hidden, mask, positions = torch.zeros(1, 3, 4), torch.ones(1, 3), torch.arange(3).unsqueeze(0)
@@ -139,3 +140,28 @@ def test_only_the_first_range_is_told_when_the_trainer_has_no_use_for_its_input_
     told.clear()
     chain.forward(hidden, mask, positions, step=1, micro_batch=0, train=False, input_grad=input_grad)
     assert [flag for _, _, flag in told] == [False] * 3  # generation keeps no graph at all: nothing to tell
+
+
+@pytest.mark.parametrize("method", [FORWARD, BACKWARD])
+def test_a_replica_answering_hidden_states_of_the_wrong_shape_leaves_the_chain_and_another_serves(method):
+    liar = RemoteStage(peer_id=None, start=0, end=2, node_id="liar")
+    honest = RemoteStage(peer_id=None, start=0, end=2, node_id="honest")
+    last = RemoteStage(peer_id=None, start=2, end=4, node_id="last")
+    chain = RemoteChain(p2p=None, loop=None, stages=[liar, honest, last], job_id="job", timeout_s=10)
+    drops = []
+    chain.replica_groups.drop_listeners.append(lambda stage, reason: drops.append((stage.node_id, reason)))
+
+    def call(stage, called, meta, tensors=(), codecs=None):
+        if stage is liar and called == method:
+            return CallResult(status=CallResult.OK), [torch.zeros(1, 1, 1, dtype=torch.long)]
+        return CallResult(status=CallResult.OK), [tensors[0] + 1]
+
+    chain.protocol.transport.call = call
+    hidden, mask, positions = torch.zeros(2, 3, 4), torch.ones(2, 3), torch.arange(3).expand(2, 3)
+    route = [liar, last]
+    output, inputs = chain.forward(hidden, mask, positions, step=1, micro_batch=0, train=True, route=route)
+    grad = chain.backward(torch.ones(2, 3, 4), inputs, mask, positions, step=1, micro_batch=0, route=route)
+    assert torch.equal(output, hidden + 2) and torch.equal(grad, torch.full((2, 3, 4), 3.0))
+    assert route[0] is honest and liar not in chain.replica_groups.groups[0]
+    assert drops == [("liar", f"node liar (blocks 0..1) answered {method.rsplit('.', 1)[-1]} with a torch.int64 "
+                               "tensor of shape [1, 1, 1], not a floating-point one of shape [2, 3, 4]")]
