@@ -102,6 +102,12 @@ class StepProtocol:
             except SwarmConnectionError as error:
                 route[index] = self._replace(index, stage, error, micro_batch, step)
                 continue
+            except RemoteBlockError as error:
+                if index > 0 and not bool(torch.isfinite(hidden).all()):  # checked only here: off the happy path
+                    raise RemoteBlockError(f"{route[index - 1]} answered forward with hidden states that contain NaN "
+                                           f"or inf, which {stage} refused: training diverged, or that node is faulty "
+                                           f"({error})") from None
+                raise
             self.router.measured(stage, time.perf_counter() - started)
             return output
 

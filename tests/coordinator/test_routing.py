@@ -9,6 +9,7 @@ from hivemind.proto import runtime_pb2
 
 from coordinator.chain import RangeLostError, RemoteChain, RemoteStage
 from coordinator.chain.routing import PROBE_AFTER
+from swarm.errors import RemoteBlockError
 from swarm.p2p.event_loop import LoopThread
 from swarm.p2p.rpc import BACKWARD, FORWARD
 from swarm.p2p.tensors import aiter_list, to_messages
@@ -165,3 +166,19 @@ def test_a_replica_answering_hidden_states_of_the_wrong_shape_leaves_the_chain_a
     assert route[0] is honest and liar not in chain.replica_groups.groups[0]
     assert drops == [("liar", f"node liar (blocks 0..1) answered {method.rsplit('.', 1)[-1]} with a torch.int64 "
                                "tensor of shape [1, 1, 1], not a floating-point one of shape [2, 3, 4]")]
+
+
+def test_nan_hidden_states_refused_by_a_range_are_laid_at_the_range_that_answered_them():
+    first, second = (RemoteStage(peer_id=None, start=start, end=start + 2, node_id=f"node{start}") for start in (0, 2))
+    chain = RemoteChain(p2p=None, loop=None, stages=[first, second], job_id="job", timeout_s=10)
+
+    def call(stage, method, meta, tensors=(), codecs=None):
+        if stage is second:  # as a node refuses them (node.input_checks)
+            raise RemoteBlockError(f"{stage} refused {method}: ValueError: hidden states contain NaN or inf")
+        return CallResult(status=CallResult.OK), [torch.full_like(tensors[0], float("nan"))]
+
+    chain.protocol.transport.call = call
+    with pytest.raises(RemoteBlockError, match=r"node node0 \(blocks 0..1\) answered forward with hidden states that "
+                                               r"contain NaN or inf, which node node2 \(blocks 2..3\) refused"):
+        chain.forward(torch.zeros(1, 3, 4), torch.ones(1, 3), torch.arange(3).unsqueeze(0), step=1, micro_batch=0,
+                      train=False)
