@@ -36,6 +36,10 @@ from swarm.proto import control_pb2 as pb
 logger = logging.getLogger("swarm.node")
 
 ANNOUNCE_TTL_S = 30.0
+# A store can fail while the node's DHT is still meeting its neighbours (seen once: the chaos test's nodes joining
+# on 2 cores beside the rest of the suite): the first announcement is tried this many times, this far apart.
+ANNOUNCE_ATTEMPTS = 5
+ANNOUNCE_RETRY_S = 1.0
 HAND_OFF_WAIT_S = 60.0  # how long a node asked to stop serves on, waiting to be taken out of the chain
 
 
@@ -113,8 +117,8 @@ def run_node(options: NodeOptions) -> None:
             return announce_blocks(dht, assignment.model_id, assignment.block_start, assignment.block_end,
                                    welcome.node_id, "online", ANNOUNCE_TTL_S)
 
-        if not announce():
-            raise SwarmError("could not announce the blocks in the DHT")
+        if not _announced_at_start(announce):
+            raise SwarmError(f"could not announce the blocks in the DHT ({ANNOUNCE_ATTEMPTS} attempts)")
         session.send(ready=ready)
         try:
             _serve_until_finished(session, announce)
@@ -200,6 +204,18 @@ def _hand_off(session: ControlSession, announce) -> None:
     if not _serve_until_finished(session, announce, deadline=time.monotonic() + HAND_OFF_WAIT_S):
         raise KeyboardInterrupt
     print("handed off; left the swarm", flush=True)
+
+
+def _announced_at_start(announce) -> bool:
+    """Whether `announce()` succeeded within ANNOUNCE_ATTEMPTS tries (each failure logged)."""
+    for attempt in range(1, ANNOUNCE_ATTEMPTS + 1):
+        if announce():
+            return True
+        if attempt < ANNOUNCE_ATTEMPTS:
+            logger.warning("could not announce the blocks in the DHT (attempt %d of %d); trying again", attempt,
+                           ANNOUNCE_ATTEMPTS)
+            time.sleep(ANNOUNCE_RETRY_S)
+    return False
 
 
 def _serve_until_finished(session: ControlSession, announce, deadline: float | None = None) -> bool:
