@@ -43,7 +43,7 @@ from swarm.control_tls import TLS_SERVER_NAME, fetch_certificate
 from swarm.identity import Identity, join_challenge_message
 from swarm.models.checkpoint import Checkpoint, tensors_sha256
 from swarm.p2p import rpc
-from swarm.p2p.direct import CHANNEL_SERVER_NAME, ReplyEnd, client_context
+from swarm.p2p.direct import CHANNEL_SERVER_NAME, client_context
 from swarm.p2p.event_loop import LoopThread
 from swarm.p2p.framing import receive_frame
 from swarm.p2p.rpc import (ADAPTER, ADMIT, AVERAGE, BACKWARD, CHANNEL, END_SESSION, FETCH_STATE, FORWARD, INFER, LOAD_STATE,
@@ -171,23 +171,28 @@ async def _send(p2p: P2P, peer: PeerID, method: str, mutation: Mutation) -> Outc
         if mutation.expect == DROP:
             await writing
             return Outcome("dropped")
-        try:
-            metadata, outputs, _ = await from_messages(_replies(reader), tensor_count=reply_tensor_count)
-        except HandlerFailed as error:
-            return Outcome("handler failed", detail=str(error))
-        except (ConnectionError, asyncio.IncompleteReadError) as error:
-            return Outcome("closed", detail=str(error))
-        result = CallResult.FromString(metadata)
-        return Outcome("ok" if result.status == CallResult.OK else "refused", result, outputs, result.error)
+        return await _answer(reader)
     finally:
         writing.cancel()
         writer.close()
 
 
+async def _answer(reader: asyncio.StreamReader) -> Outcome:
+    """What the node answered, read as the trainer reads it: up to the reply's last tensor."""
+    try:
+        metadata, outputs, _ = await from_messages(_replies(reader), tensor_count=reply_tensor_count)
+    except HandlerFailed as error:
+        return Outcome("handler failed", detail=str(error))
+    except (ConnectionError, asyncio.IncompleteReadError) as error:
+        return Outcome("closed", detail=str(error))
+    result = CallResult.FromString(metadata)
+    return Outcome("ok" if result.status == CallResult.OK else "refused", result, outputs, result.error)
+
+
 async def _replies(reader: asyncio.StreamReader):
     while True:
         try:
-            response, error = await P2P.receive_protobuf(runtime_pb2.ExpertResponse, reader)
+            response, error = await receive_frame(runtime_pb2.ExpertResponse, reader)  # no swarm frame is longer
         except asyncio.IncompleteReadError:
             return
         if error is not None:
@@ -555,25 +560,12 @@ async def _send_on_channel(channel, method: str, mutation: Mutation) -> Outcome:
         await writer.drain()
         if mutation.expect == DROP:
             return Outcome("dropped")
-        end, replies = ReplyEnd(reply_tensor_count), []
         try:
-            while not replies or not end.add(replies[-1]):
-                message, error = await receive_frame(runtime_pb2.ExpertResponse, reader)
-                if error is not None:
-                    return Outcome("handler failed", detail=error.message)
-                replies.append(message)
-            metadata, outputs, _ = await from_messages(_listed(replies), tensor_count=reply_tensor_count)
-        except (ConnectionError, asyncio.IncompleteReadError, OSError) as error:
+            return await _answer(reader)  # the connection stays open after a reply: read up to its last tensor
+        except OSError as error:  # TLS gave up on the connection the node closed
             return Outcome("closed", detail=str(error))
-        result = CallResult.FromString(metadata)
-        return Outcome("ok" if result.status == CallResult.OK else "refused", result, outputs, result.error)
     finally:
         writer.close()
-
-
-async def _listed(messages):
-    for message in messages:
-        yield message
 
 
 def _channel_settled(node: FuzzedNode, what: str) -> None:
