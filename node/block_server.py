@@ -96,7 +96,7 @@ class BlockServer:
     def _forward(self, requests, context: P2PContext):
         def work(meta: CallMeta, tensors):
             _expect_tensors(tensors, 3, "forward takes hidden states, attention mask and position ids")
-            with threads_for(tensors[0]):
+            with threads_for(tensors[0], self.shard.blocks.weight_count):
                 output = self.shard.forward(meta.step, meta.micro_batch, meta.train, *tensors,
                                             input_grad=not meta.input_grad_unused)
             return CallResult(status=CallResult.OK), [output]
@@ -107,7 +107,7 @@ class BlockServer:
         def work(meta: CallMeta, tensors):
             _expect_tensors(tensors, 3, "infer takes the new positions' hidden states, the attention mask of all "
                                         "positions and the new positions' ids")
-            with threads_for(tensors[0]):
+            with threads_for(tensors[0], self.shard.blocks.weight_count):
                 output, kept = self.shard.infer(meta.session_id, meta.session_length, *tensors)
             return CallResult(status=CallResult.OK, session_length=kept), [output]
 
@@ -124,7 +124,7 @@ class BlockServer:
         def work(meta: CallMeta, tensors):
             expected = 4 if meta.includes_inputs else 1
             _expect_tensors(tensors, expected, "backward takes the output gradient (and, re-sent, the 3 inputs)")
-            with threads_for(tensors[0]):
+            with threads_for(tensors[0], self.shard.blocks.weight_count):
                 grad_input = self.shard.backward(meta.step, meta.micro_batch, tensors[0], tensors[1:] or None,
                                                  input_grad=not meta.input_grad_unused)
             return CallResult(status=CallResult.OK), [grad_input]

@@ -41,6 +41,7 @@ class BlockStack(nn.Module):
         self.layer_kinds = self.family.layer_kinds(self.config, range(start, end))
         self.base_sha256 = tensors_sha256(state)
         self.base_bytes = sum(t.numel() * t.element_size() for t in state.values())
+        self.weight_count = sum(t.numel() for t in state.values())  # a call's arithmetic is rows x this
 
     def _attach(self, dotted: str, layers: nn.ModuleDict) -> None:
         """Register `layers` at the full model's path ("transformer.h" -> self.transformer.h)."""

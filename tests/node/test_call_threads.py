@@ -1,15 +1,19 @@
-"""node.call_threads: a call over few rows and a step run on one torch thread, a larger forward or backward on
-the node's threads, and the node's setting is back after either (also when the call fails)."""
+"""node.call_threads: a call with little arithmetic and a step run on one torch thread, a call with more on the
+node's threads, and the node's setting is back after either (also when the call fails)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from node.call_threads import SMALL_CALL_ROWS, threads_for
-from swarm.p2p.rpc import STEP
+from node import call_threads
+from node.call_threads import SMALL_CALL_MULTIPLY_ADDS, threads_for
+from swarm.p2p.rpc import FORWARD, STEP
 from swarm.proto.blocks_pb2 import CallResult
 from tests.node.in_process import apply_step, call, meta, random_work, run, serving, train
+
+SMALL_RANGE = 3_000_000  # weights of 4 llama-small blocks
+LARGE_RANGE = 35_000_000  # of 10 SmolLM2-135M blocks
 
 
 @pytest.fixture
@@ -20,23 +24,60 @@ def two_threads():
     torch.set_num_threads(before)
 
 
-def test_a_generation_step_runs_on_one_thread_and_a_training_batch_on_all(two_threads):
-    with threads_for(torch.zeros(64, 1, 8)):  # one new position for 64 prompts
+def test_a_small_models_generation_step_runs_on_one_thread_and_its_training_batch_on_all(two_threads):
+    with threads_for(torch.zeros(8, 1, 8), SMALL_RANGE):  # one new position for 8 prompts
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == 2
-    with threads_for(torch.zeros(32, SMALL_CALL_ROWS // 32, 8)):
+    with threads_for(torch.zeros(8, 44, 8), SMALL_RANGE):
         assert torch.get_num_threads() == 2
 
 
+def test_a_larger_range_runs_even_a_few_rows_on_all_threads(two_threads):
+    """What decides is the arithmetic: 8 rows through 10 blocks of a 135M model are worth a second thread, and
+    so is a training batch under 1,024 rows (once run on one thread, which cost SmolLM2's nodes 1.5x)."""
+    with threads_for(torch.zeros(8, 1, 8), LARGE_RANGE):
+        assert torch.get_num_threads() == 2
+    with threads_for(torch.zeros(8, 44, 8), LARGE_RANGE):
+        assert torch.get_num_threads() == 2
+    rows = SMALL_CALL_MULTIPLY_ADDS // LARGE_RANGE  # just under the bound
+    with threads_for(torch.zeros(rows, 1, 8), LARGE_RANGE):
+        assert torch.get_num_threads() == 1
+
+
 def test_the_nodes_threads_are_back_after_a_failed_call(two_threads):
-    with pytest.raises(ValueError), threads_for(torch.zeros(2, 3, 8)):
+    with pytest.raises(ValueError), threads_for(torch.zeros(2, 3, 8), SMALL_RANGE):
         raise ValueError("refused")
     assert torch.get_num_threads() == 2
 
 
 def test_a_malformed_tensor_keeps_the_nodes_threads(two_threads):
-    with threads_for(torch.zeros(5)):  # the shard refuses it; no guess about its rows
+    with threads_for(torch.zeros(5), SMALL_RANGE):  # the shard refuses it; no guess about its rows
         assert torch.get_num_threads() == 2
+
+
+def test_the_server_sizes_a_forward_call_by_its_rows_times_the_ranges_weights(make_shard, generator, monkeypatch):
+    """The bound set just above and just at the call's multiply-adds: one thread, then all of them."""
+    seen = []
+
+    async def scenario(network, trainer):
+        async with serving(make_shard(), network, "node", trainer) as (server, node):
+            server.compute.submit(torch.set_num_threads, 2).result()
+            forward = server.shard.forward
+
+            def recorded(*args, **kwargs):
+                seen.append(torch.get_num_threads())
+                return forward(*args, **kwargs)
+
+            server.shard.forward = recorded
+            inputs = random_work(generator)[0][0]
+            work = inputs[0].shape[0] * inputs[0].shape[1] * server.shard.blocks.weight_count
+            for bound in (work + 1, work):
+                monkeypatch.setattr(call_threads, "SMALL_CALL_MULTIPLY_ADDS", bound)
+                result, _, _ = await call(trainer, node.peer_id, FORWARD, meta(step=0, train=False), inputs)
+                assert result.status == CallResult.OK, result.error
+
+    run(scenario)
+    assert seen == [1, 2], seen
 
 
 def test_a_step_runs_on_one_thread_and_the_node_has_its_threads_again_after_it(make_shard, generator):
