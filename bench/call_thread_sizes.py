@@ -1,8 +1,8 @@
 """One torch thread against two for a node's calls, by the call's size (rows x the range's weights), in one
 process: a range's forward without gradients (a generation step) and with its backward (a training call).
 
-    python bench/call_thread_sizes.py --preset llama-1m --blocks 0 2
-    python bench/call_thread_sizes.py --preset llama-small --blocks 0 3
+    python bench/call_thread_sizes.py --preset llama-1m --blocks 0 1
+    python bench/call_thread_sizes.py --preset llama-small --blocks 0 4
     python bench/call_thread_sizes.py --model-path models/smollm2-135m-instruct --blocks 0 10
 
 Prints, per shape, the call's multiply-adds (node.call_threads.call_multiply_adds) and the best-of-rounds
