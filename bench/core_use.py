@@ -7,10 +7,10 @@ command's processes (trainer, nodes, p2pd daemons), between two lines of its out
 Why: a swarm step that takes 2x one process's can be waiting (cores idle while the chain passes calls along;
 overlapping the calls, as pipelined micro-batches do, wins that back) or working (more arithmetic and
 bookkeeping than one process; only doing less wins that back). The busy-core count tells the two apart. It
-samples /proc every `--interval` seconds: the machine's busy time (all processes: a busy-waiting OpenMP
+samples every `--interval` seconds (psutil): the machine's busy time (all processes: a busy-waiting OpenMP
 thread counts as busy) and each process's CPU time in the command's process tree. `--from`/`--to` are
 regular expressions on the command's output (printed through as it runs); the first line matching each
-bounds the window summarised (the whole run without them). Linux only.
+bounds the window summarised (the whole run without them).
 """
 
 from __future__ import annotations
@@ -26,44 +26,28 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-TICKS = os.sysconf("SC_CLK_TCK")
+import psutil
+
+def busy_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds of all cores since boot; idle and iowait are not busy (steal is: the cores
+    were not free for us)."""
+    times = psutil.cpu_times()
+    idle = times.idle + getattr(times, "iowait", 0.0)
+    busy = sum(getattr(times, field, 0.0) for field in ("user", "nice", "system", "irq", "softirq", "steal"))
+    return busy, busy + idle
 
 
-def machine_ticks() -> tuple[int, int]:
-    """(busy, total) clock ticks of all cores since boot; idle and iowait are not busy."""
-    with open("/proc/stat") as stat:
-        values = [int(value) for value in stat.readline().split()[1:]]
-    return sum(values) - values[3] - values[4], sum(values)
-
-
-def processes() -> dict[int, tuple[int, int, str]]:
-    """pid -> (parent pid, CPU ticks used so far, command line) of every process we can read."""
+def tree_cpu(root: psutil.Process) -> dict[int, tuple[float, str]]:
+    """pid -> (CPU seconds used so far, command line) of `root` and its descendants that can still be read."""
     found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for process in [root, *root.children(recursive=True)]:
         try:
-            with open(f"/proc/{entry}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
-                command = cmdline.read().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:  # gone since the listing
+            with process.oneshot():
+                times = process.cpu_times()
+                found[process.pid] = (times.user + times.system, " ".join(" ".join(process.cmdline()).split()))
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):  # gone since the listing
             continue
-        found[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]), command)
     return found
-
-
-def tree(root: int, table: dict[int, tuple[int, int, str]]) -> set[int]:
-    children = defaultdict(list)
-    for pid, (parent, _, _) in table.items():
-        children[parent].append(pid)
-    members, todo = set(), [root]
-    while todo:
-        pid = todo.pop()
-        if pid in table and pid not in members:
-            members.add(pid)
-            todo.extend(children[pid])
-    return members
 
 
 def kind(pid: int, root: int, command: str) -> str:
@@ -81,21 +65,21 @@ class Sampler(threading.Thread):
 
     def __init__(self, root: int, interval: float):
         super().__init__(daemon=True)
-        self.root, self.interval = root, interval
+        self.root, self.interval = psutil.Process(root), interval
         self.samples: list[dict] = []
         self.stop = threading.Event()
 
     def run(self) -> None:
-        last_machine, last_table, last_time = machine_ticks(), processes(), time.monotonic()
+        last_machine, last_table, last_time = busy_seconds(), tree_cpu(self.root), time.monotonic()
         while not self.stop.wait(self.interval):
-            machine, table, now = machine_ticks(), processes(), time.monotonic()
-            cores = (os.cpu_count() or 1) * (machine[0] - last_machine[0]) / max(1, machine[1] - last_machine[1])
+            machine, table, now = busy_seconds(), tree_cpu(self.root), time.monotonic()
+            cores = (os.cpu_count() or 1) * (machine[0] - last_machine[0]) / max(1e-9, machine[1] - last_machine[1])
             used = {}
-            for pid in tree(self.root, table):
+            for pid, (seconds, command) in table.items():
                 before = last_table.get(pid)
-                ticks = table[pid][1] - (before[1] if before is not None else table[pid][1])
-                if ticks > 0:
-                    used[pid] = (ticks / TICKS / (now - last_time), table[pid][2])
+                spent = seconds - (before[0] if before is not None else seconds)
+                if spent > 0:
+                    used[pid] = (spent / (now - last_time), command)
             self.samples.append({"t": now, "dt": now - last_time, "busy_cores": cores, "processes": used})
             last_machine, last_table, last_time = machine, table, now
 
