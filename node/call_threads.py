@@ -1,17 +1,17 @@
-"""Torch threads per data-plane call: a call with little arithmetic (a generation step of a small model) and a
-step run on one thread, a call with more on all the node's threads.
+"""Torch threads per data-plane call: a call with little arithmetic (a generation step of a small model) and a step
+run on one thread, a call with more on all the node's threads.
 
-A node is given every core when the ranges compute in turn (coordinator.local_nodes.node_threads), and that
-pays on a training call's matmuls (3 nodes of llama-1m, batch 32: 0.88x the pretrain step), but on a call of
-a few milliseconds waking a second thread for each small op costs more than it saves: llama-small, one new
-position for 8 rows, generated 220 tokens/s on 2 threads per node against 270 on one. What decides is the
-call's arithmetic, not its rows: SmolLM2-135M's training call over 8 x 44 rows through 10 blocks does about
-490x that generation step's multiply-adds, and run on one thread (a rule of "under 1,024 rows") it made the
-nodes' compute 1.5-1.6x one process's for the same steps. So a call's size is rows x the range's weights (each weight is one
-multiply-add per row in a linear layer; attention's share is left out). A step (AdamW over the trained
-parameters, the state's hashes, the gradient sketch) is small ops too, and every range steps at once, so on
-shared cores a second thread per node only contends: the main job's pretrain step call took 29 ms on one thread
-against 49 on two (docs/BENCHMARKS.md).
+A node is given every core when the ranges compute in turn (coordinator.local_nodes.node_threads), and that pays
+on a training call's matmuls (3 nodes of llama-1m, batch 32: 0.88x the pretrain step), but on a call of a few
+milliseconds waking a second thread for each small op costs more than it saves: llama-small, one new position for
+8 rows, generated 220 tokens/s on 2 threads per node against 270 on one. What decides is the call's arithmetic,
+not its rows: SmolLM2-135M's training call over 8 x 44 rows through 10 blocks does about 490x that generation
+step's multiply-adds, and run on one thread (a rule of "under 1,024 rows") it made the nodes' compute 1.5-1.6x
+one process's for the same steps. So a call's size is rows x the range's weights (each weight is one multiply-add
+per row in a linear layer; attention's share is left out). A step (AdamW over the trained parameters, the state's
+hashes, the gradient sketch) is small ops too, and every range steps at once, so on shared cores a second thread
+per node only contends: the main job's pretrain step call took 29 ms on one thread against 49 on two
+(docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
