@@ -130,9 +130,10 @@ class CallServing:
             result, outputs = CallResult(status=CallResult.ERROR, error=f"{type(error).__name__}: {error}"), []
         result.tensor_count = len(outputs)
         for message in to_messages(runtime_pb2.ExpertResponse, result.SerializeToString(), outputs, codec):
-            self.traffic.add(sent=message.ByteSize())
+            size = message.ByteSize()  # upb encodes the message to size it: once, not once per count
+            self.traffic.add(sent=size)
             if step_bytes is not None:
-                step_bytes.add(sent=message.ByteSize())
+                step_bytes.add(sent=size)
             yield message
 
 

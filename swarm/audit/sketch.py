@@ -49,7 +49,7 @@ def gradient_sketch(grads: dict[str, torch.Tensor], seed: int, dim: int = 64) ->
 def tensor_sha256(tensor: torch.Tensor) -> str:
     """SHA-256 of a tensor's raw bytes in its own dtype, row-major (shape and dtype are not hashed)."""
     flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
+    return hashlib.sha256(flat.view(torch.uint8).numpy()).hexdigest()  # hashed in place, not copied to bytes
 
 
 def _spans(flats: Iterable[torch.Tensor], size: int) -> Iterator[tuple[int, torch.Tensor]]:
