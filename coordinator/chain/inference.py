@@ -35,7 +35,7 @@ class InferenceSession:
         self.phase, self.step = phase, step
         self.session_id = uuid.uuid4().hex
         self.route = router.route()
-        self.inputs: list[torch.Tensor | None] = [None] * len(self.route)  # each range's input, every position
+        self._pieces: list[list[torch.Tensor]] = [[] for _ in self.route]  # each range's input, a piece a call
         self.held = [0] * len(self.route)  # positions each range's replica keeps for the session
         self.position_ids: torch.Tensor | None = None
         self.refills = 0  # calls that had to re-send a prefix a replica no longer held
@@ -56,17 +56,34 @@ class InferenceSession:
                              f"the session {self.position_ids.shape[1]}")
         new = hidden.shape[1]
         for index in range(len(self.route)):
-            previous = self.inputs[index]
-            self.inputs[index] = hidden if previous is None else torch.cat([previous, hidden.to(previous.dtype)], 1)
+            pieces = self._pieces[index]
+            pieces.append(hidden if not pieces else hidden.to(pieces[0].dtype))
             hidden = self._forward_one(index, attention_mask)[:, -new:]
         return hidden
+
+    @property
+    def inputs(self) -> list[torch.Tensor | None]:
+        """Each range's input so far, every position (None for a range not called yet)."""
+        return [torch.cat(pieces, 1) if pieces else None for pieces in self._pieces]
+
+    def _input_after(self, index: int, held: int) -> torch.Tensor:
+        """Range `index`'s input after the first `held` positions: the newest piece alone when the replica holds
+        all before it (every step but a refill). Joining every step instead copied the whole prefix each token,
+        and a copy that large runs on two threads, whose spinning afterwards took a core from the node computing
+        next (llama-small's cached generation: docs/BENCHMARKS.md)."""
+        pieces = self._pieces[index]
+        if held == sum(piece.shape[1] for piece in pieces[:-1]):
+            return pieces[-1]
+        joined = torch.cat(pieces, 1)
+        self._pieces[index] = [joined]  # one piece from here on: the next step's newest piece follows it
+        return joined[:, held:]
 
     def _forward_one(self, index: int, attention_mask: torch.Tensor) -> torch.Tensor:
         while True:
             stage, held = self.route[index], self.held[index]
             meta = self.transport.meta(stage, phase=self.phase, step=self.step, session_id=self.session_id,
                                        session_length=held, reply_codec=self.reply_codec)
-            tensors = [self.inputs[index][:, held:], attention_mask, self.position_ids[:, held:]]
+            tensors = [self._input_after(index, held), attention_mask, self.position_ids[:, held:]]
             try:
                 result, outputs = self.transport.call(stage, INFER, meta, tensors, self.codec)
                 if result.status == CallResult.OK:
