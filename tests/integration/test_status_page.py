@@ -112,9 +112,10 @@ def test_status_page_shows_the_swarm_advancing_and_a_killed_node_down(tmp_path, 
 
     # The page's figures are metrics.jsonl's: the last loss it shows is the file's row for that step.
     shown = re.search(r'id="last-loss" data-value="([^"]+)">last [\d.]+ at step (\d+)<', second)
+    data = snapshot(url)
+    # read after the page and the snapshot, which read the same file: training goes on, so it holds all they show
     rows = {row["step"]: row for row in read_metrics(run_dir / "metrics.jsonl") if row["type"] == "train"}
     assert float(shown.group(1)) == rows[int(shown.group(2))]["loss"]
-    data = snapshot(url)
     assert_snapshot_schema(data)
     assert all(row["loss"] == rows[row["step"]]["loss"] for row in data["metrics"]["train"])
     assert data["heartbeat"]["timeout_s"] == 3 * HEARTBEAT_S
