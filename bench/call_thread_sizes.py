@@ -5,8 +5,8 @@ process: a range's forward without gradients (a generation step) and with its ba
     python bench/call_thread_sizes.py --preset llama-small --blocks 0 4
     python bench/call_thread_sizes.py --model-path models/smollm2-135m-instruct --blocks 0 10
 
-Prints, per shape, the call's multiply-adds (node.call_threads.call_multiply_adds) and the best-of-rounds
-milliseconds on one and on two threads, alternating. Why: node.call_threads runs a call below a size on one
+Prints, per shape, the call's multiply-adds (swarm.call_threads.call_multiply_adds) and the best-of-rounds
+milliseconds on one and on two threads, alternating. Why: swarm.call_threads runs a call below a size on one
 thread; this is the in-process side of where that bound goes (in one process a second thread never loses; with
 several node processes on the same cores a short call's second thread does, see docs/BENCHMARKS.md).
 """
@@ -28,7 +28,7 @@ process_env.prepare()  # before torch loads libgomp: the OpenMP settings a node 
 
 import torch  # noqa: E402
 
-from node.call_threads import call_multiply_adds  # noqa: E402
+from swarm.call_threads import call_multiply_adds  # noqa: E402
 from swarm.config import LoraSpec  # noqa: E402
 from swarm.lora import add_lora  # noqa: E402
 from swarm.models.blocks import BlockStack  # noqa: E402

@@ -20,7 +20,7 @@ from hivemind.utils.streaming import split_for_streaming
 
 from node.call_serving import REPLY_LINGER_S, CallServing, linger
 from node.call_stream import CallStream
-from node.call_threads import one_thread, threads_for
+from swarm.call_threads import one_thread, threads_for
 from node.channel_server import ChannelServer
 from node.replica_reduce import GradientReducer
 from node.shard import Shard
@@ -133,7 +133,7 @@ class BlockServer:
 
     def _step(self, requests, context: P2PContext):
         def work(meta: CallMeta, tensors):
-            with one_thread():  # small ops, every range at once: a second thread only contends (node.call_threads)
+            with one_thread():  # small ops, every range at once: a second thread only contends (swarm.call_threads)
                 attestation, signed = self.steps.answer(meta, self.loop)
             averaged = self.steps.averaging_bytes
             return CallResult(status=CallResult.OK, compute_seconds=attestation.compute_seconds,

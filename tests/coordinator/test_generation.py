@@ -14,6 +14,8 @@ VOCAB, EOS = 8, 2
 class ScriptedModel:
     """Chain and head in one: answers token 5 twice, then prefers end-of-sequence."""
 
+    head = SimpleNamespace(weight=torch.zeros(VOCAB, 1))  # sizes a decoding step's work (coordinator.generation)
+
     def embed_tokens(self, input_ids, position_ids):
         return input_ids.unsqueeze(-1).float()
 
@@ -41,3 +43,29 @@ def test_a_distinct_padding_token_is_never_generated():
     model.logits = lambda hidden: torch.nn.functional.one_hot(torch.zeros(hidden.shape[:2], dtype=torch.long), VOCAB).float()
     answers = generate_ids(model, model, tokenizer(pad_id=0), ["a"], max_new_tokens=3, kv_cache=False)
     assert answers == [[1, 1, 1]]  # token 0 (padding) is the model's favourite, token 1 the next: never 0
+
+
+def test_a_small_models_decoding_runs_on_one_thread_and_a_large_heads_on_the_trainers_own():
+    """swarm.call_threads' rule on the trainer: a step's head over one new position per prompt decides, and the
+    trainer's setting is back afterwards."""
+    from swarm.call_threads import SMALL_CALL_MULTIPLY_ADDS
+
+    seen = []
+
+    class Recording(ScriptedModel):
+        def logits(self, hidden):
+            seen.append(torch.get_num_threads())
+            return super().logits(hidden)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        small = Recording()
+        assert generate_ids(small, small, tokenizer(pad_id=0), ["a", "b"], max_new_tokens=2, kv_cache=False) == [[5, 5]] * 2
+        large = Recording()
+        large.head = SimpleNamespace(weight=torch.zeros(SMALL_CALL_MULTIPLY_ADDS // 2, 1))  # 2 prompts: at the bound
+        generate_ids(large, large, tokenizer(pad_id=0), ["a", "b"], max_new_tokens=2, kv_cache=False)
+        assert seen == [1, 1, 2, 2], seen
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

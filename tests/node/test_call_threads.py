@@ -1,4 +1,4 @@
-"""node.call_threads: a call with little arithmetic and a step run on one torch thread, a call with more on the
+"""swarm.call_threads: a call with little arithmetic and a step run on one torch thread, a call with more on the
 node's threads, and the node's setting is back after either (also when the call fails)."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from node import call_threads
-from node.call_threads import SMALL_CALL_MULTIPLY_ADDS, threads_for
+from swarm import call_threads
+from swarm.call_threads import SMALL_CALL_MULTIPLY_ADDS, threads_for
 from swarm.p2p.rpc import FORWARD, STEP
 from swarm.proto.blocks_pb2 import CallResult
 from tests.node.in_process import apply_step, call, meta, random_work, run, serving, train

@@ -1,4 +1,4 @@
-"""Torch threads per data-plane call: a call with little arithmetic (a generation step of a small model) and a step
+"""Torch threads per call: a call with little arithmetic (a generation step of a small model) and a step
 run on one thread, a call with more on all the node's threads.
 
 A node is given every core when the ranges compute in turn (coordinator.local_nodes.node_threads), and that pays
@@ -11,7 +11,8 @@ one process's for the same steps. So a call's size is rows x the range's weights
 per row in a linear layer; attention's share is left out). A step (AdamW over the trained parameters, the state's
 hashes, the gradient sketch) is small ops too, and every range steps at once, so on shared cores a second thread
 per node only contends: the main job's pretrain step call took 29 ms on one thread against 49 on two
-(docs/BENCHMARKS.md).
+(docs/BENCHMARKS.md). The trainer decodes by the same rule (coordinator.generation): a decoding step's own
+arithmetic is its head over one new position per prompt.
 """
 
 from __future__ import annotations
@@ -35,11 +36,16 @@ def call_multiply_adds(hidden: torch.Tensor, range_weights: int) -> int | None:
     return hidden.shape[0] * hidden.shape[1] * range_weights
 
 
-@contextlib.contextmanager
-def threads_for(hidden: torch.Tensor, range_weights: int) -> Iterator[None]:
+def threads_for(hidden: torch.Tensor, range_weights: int) -> contextlib.AbstractContextManager[None]:
     """Run the call on one thread while inside if its arithmetic is small (`call_multiply_adds`)."""
-    work = call_multiply_adds(hidden, range_weights)
-    if work is None or work >= SMALL_CALL_MULTIPLY_ADDS:
+    return threads_for_work(call_multiply_adds(hidden, range_weights))
+
+
+@contextlib.contextmanager
+def threads_for_work(multiply_adds: int | None) -> Iterator[None]:
+    """One thread while inside for work of fewer than SMALL_CALL_MULTIPLY_ADDS multiply-adds (None: unknown,
+    left as set)."""
+    if multiply_adds is None or multiply_adds >= SMALL_CALL_MULTIPLY_ADDS:
         yield
         return
     with one_thread():
