@@ -28,6 +28,7 @@ from pathlib import Path
 
 import psutil
 
+
 def busy_seconds() -> tuple[float, float]:
     """(busy, total) CPU seconds of all cores since boot; idle and iowait are not busy (steal is: the cores
     were not free for us)."""

@@ -54,17 +54,10 @@ def generate_ids(chain: RemoteChain, head: TrainerHead, tokenizer, prompts: list
     hidden states.
 
     The decoding runs on one torch thread when a step's own arithmetic on the trainer, its head over one new
-    position per prompt, is small (swarm.call_threads): for a small model the trainer's second thread, woken for
-    every op and spinning after it, takes the core a node computes on next (llama-small, 8 prompts: 768 and 777
-    cached tokens/s against 646 with the trainer's main thread at two; docs/BENCHMARKS.md)."""
-    with threads_for_work(len(prompts) * head.head.weight.numel()):
-        return _generate_with(chain, head, tokenizer, prompts, max_new_tokens, temperature, generator, step,
-                              kv_cache, capture)
-
-
-def _generate_with(chain: RemoteChain, head: TrainerHead, tokenizer, prompts: list[str], max_new_tokens: int,
-                   temperature: float, generator: torch.Generator | None, step: int, kv_cache: bool | None,
-                   capture: BoundaryCapture | None) -> list[list[int]]:
+    position per prompt, is small (swarm.call_threads): for a small model the trainer's second thread costs the
+    local nodes more than it saves (llama-small, 8 prompts: 788 and 787 cached tokens/s against 637 and 660 with
+    it on two; docs/BENCHMARKS.md)."""
+    step_work = len(prompts) * head.head.weight.numel()
     if not (chain.kv_cache if kv_cache is None else kv_cache):
         calls = 0
 
@@ -74,8 +67,9 @@ def _generate_with(chain: RemoteChain, head: TrainerHead, tokenizer, prompts: li
             calls += 1
             return swarm_logits(chain, head, ids, mask, positions, step=step, on_states=take)
 
-        return _generate_ids(uncached_logits, tokenizer, prompts, max_new_tokens, temperature, generator)
-    with chain.open_session(step=step) as session, torch.no_grad():
+        with threads_for_work(step_work):
+            return _generate_ids(uncached_logits, tokenizer, prompts, max_new_tokens, temperature, generator)
+    with chain.open_session(step=step) as session, torch.no_grad(), threads_for_work(step_work):
         sent = 0  # positions already in the session
 
         def next_logits(ids, mask, positions):

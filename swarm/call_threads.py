@@ -1,5 +1,5 @@
 """Torch threads per call: a call with little arithmetic (a generation step of a small model) and a step
-run on one thread, a call with more on all the node's threads.
+run on one thread, a call with more on all the process's threads.
 
 A node is given every core when the ranges compute in turn (coordinator.local_nodes.node_threads), and that pays
 on a training call's matmuls (3 nodes of llama-1m, batch 32: 0.88x the pretrain step), but on a call of a few
@@ -54,7 +54,7 @@ def threads_for_work(multiply_adds: int | None) -> Iterator[None]:
 
 @contextlib.contextmanager
 def one_thread() -> Iterator[None]:
-    """Run on one torch thread while inside, then give the node its threads back."""
+    """Run on one torch thread while inside, then give the caller its threads back."""
     threads = torch.get_num_threads()
     if threads == 1:
         yield

@@ -68,9 +68,8 @@ class InferenceSession:
 
     def _input_after(self, index: int, held: int) -> torch.Tensor:
         """Range `index`'s input after the first `held` positions: the newest piece alone when the replica holds
-        all before it (every step but a refill). Joining every step instead copied the whole prefix each token,
-        and a copy that large runs on two threads, whose spinning afterwards took a core from the node computing
-        next (llama-small's cached generation: docs/BENCHMARKS.md)."""
+        all before it (every step but a refill). Joining every step instead copied the whole prefix, once per
+        range, for every new token: a cost that grows with the answer."""
         pieces = self._pieces[index]
         if held == sum(piece.shape[1] for piece in pieces[:-1]):
             return pieces[-1]

@@ -7,8 +7,8 @@ keeps every message below libp2p's frame limit whatever the activation size.
 A tensor that travels as is (codec `none`, not bfloat16) and fits one chunk is written straight into its message,
 and a one-chunk tensor is read straight from its part: the same bytes as hivemind's serialize-then-split and
 combine-then-deserialize, without the copies they make of the whole buffer (a 0.79 MB tensor, the main job's
-hidden states: 0.90 ms into its message and 0.17 ms out of it, against 0.05 and 0.06 ms; bench/call_times.py's
-round trip over a direct data channel).
+hidden states, in one process: 0.28-0.90 ms into its message and 0.17 ms out of it, against 0.06 and 0.06 ms;
+docs/BENCHMARKS.md, "The direct data channel").
 """
 
 from __future__ import annotations
