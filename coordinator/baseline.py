@@ -25,7 +25,7 @@ from pathlib import Path
 
 import psutil
 
-from swarm import process_env
+from swarm import allocator, process_env
 
 logger = logging.getLogger("swarm.coordinator")
 
@@ -50,7 +50,8 @@ def measure_baseline(job_file: Path, checkpoint_dir: Path, out: Path, steps: int
         command = [sys.executable, "-m", "coordinator.baseline", *paths, "--steps", str(steps), "--warmup", str(warmup)]
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=BASELINE_TIMEOUT_S,
-                                  cwd=Path(__file__).resolve().parent.parent, env=process_env.alone())
+                                  cwd=Path(__file__).resolve().parent.parent,
+                                  env=allocator.child_env(process_env.alone()))  # the nodes' allocator
         except subprocess.TimeoutExpired:
             done = None
         if done is not None and done.returncode == 0:

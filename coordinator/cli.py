@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
 from pathlib import Path
 
-from swarm import process_env  # imports nothing; prepare() must run before torch, gRPC and hivemind load
+from swarm import allocator, process_env  # import nothing; prepare() must run before torch, gRPC and hivemind load
 
 process_env.prepare()
 
@@ -264,10 +265,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.local_nodes < 0:
         print("swarm-coordinator: error: --local-nodes must be 0 or more", file=sys.stderr)
         sys.exit(2)
+    if argv is None:  # the command line itself, not a caller in its own process: under tcmalloc where there is one
+        allocator.restart_under_allocator("swarm-coordinator", "coordinator.cli", process_env.alone())
     job_file = args.run_dir / "job.yaml" if args.command == "resume" else args.job
     if args.local_nodes and not args.fresh_nodes and _job_file_loads(job_file):
         prewarm(args.local_nodes)  # their imports run beside the coordinator's, not after them
     setup_logging(args.log_level, "coordinator")
+    logging.getLogger("swarm.coordinator").info("memory allocator: %s", allocator.current_allocator())
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (`&`)
     from coordinator.job_runner import resume_job, run_job  # heavy imports after argument parsing

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from coordinator.node_forks import ForkedNode, NodeForkServer
+from swarm import allocator
 
 logger = logging.getLogger("swarm.coordinator")
 
@@ -54,7 +55,7 @@ def _start_node(argv: list[str], log_path: Path, fork: bool = True) -> subproces
         stop_fork_server()
     with open(log_path, "ab") as log:  # appended, not truncated: a resumed run keeps the crashed run's node logs
         return subprocess.Popen([sys.executable, "-m", "node.cli", *argv], stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, env=allocator.child_env(os.environ))
 
 
 def node_threads(count: int, micro_batches: int, cpus: int | None = None) -> int:

@@ -18,6 +18,8 @@ import threading
 import time
 from pathlib import Path
 
+from swarm import allocator
+
 logger = logging.getLogger("swarm.coordinator")
 
 LOST_EXIT_CODE = -1000  # no signal or exit status is this: the server that knew the code died first
@@ -29,7 +31,8 @@ class NodeForkServer:
 
     def __init__(self):
         self.process = subprocess.Popen([sys.executable, "-m", "node.fork_server"], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
+                                        env=allocator.child_env(os.environ))  # its nodes' allocator
         self._changed = threading.Condition()
         self._forked: list[int] = []  # pids acknowledged and not yet taken by fork()
         self._exits: dict[int, int] = {}

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
 from pathlib import Path
 
-from swarm import process_env  # imports nothing; prepare() must run before torch, gRPC and hivemind load
+from swarm import allocator, process_env  # import nothing; prepare() must run before torch, gRPC and hivemind load
 
 process_env.prepare()
 
@@ -69,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if argv is None:  # the command line itself (forked nodes run under their fork server's allocator)
+        allocator.restart_under_allocator("swarm-node", "node.cli", process_env.alone())
     setup_logging(args.log_level, "node")
+    logging.getLogger("swarm.node").info("memory allocator: %s", allocator.current_allocator())
     signal.signal(signal.SIGTERM, _interrupt)
     # Explicitly: a shell starting us in the background (`&`) hands down SIGINT ignored, and `kill -INT` must
     # still leave the swarm cleanly.
