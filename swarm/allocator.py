@@ -3,13 +3,14 @@
 Why: a node allocates and frees its activations and gradients on every call, LoRA's many small tensors among
 them. Three node-like processes holding the main job's ranges of llama-1m, driven in turn over pipes
 (`bench/allocator.py --kind lora`), took 0.88x the LoRA step under tcmalloc that they took under glibc; the
-main job's training took 0.93x (backdoor 0.88x, adversarial 0.85x, RL 0.83x, safety SFT 1.04x, pretraining 0.95x), every loss and evaluation
-equal to the bit (docs/BENCHMARKS.md, "The memory allocator"). PyTorch's own CPU launcher
+main job's training took 0.93x (backdoor 0.88x, adversarial 0.85x, RL 0.83x, safety SFT 1.04x, pretraining
+0.95x), every loss and evaluation equal to the bit (docs/BENCHMARKS.md, "The memory allocator"). PyTorch's own CPU launcher
 (`torch.backends.xeon.run_cpu`) preloads tcmalloc or jemalloc for the same reason.
 
 A library replaces malloc only if it is loaded when the process starts (LD_PRELOAD), so the command lines
-(`swarm-coordinator`, `swarm-node`) start themselves again under it once, before anything is imported; the
-processes they start (local nodes, their fork server, the one-machine baseline) inherit the setting. The
+(`swarm-coordinator`, `swarm-node`) start themselves again under it once, before anything is imported, and the
+processes the coordinator starts (local nodes, their fork server, the one-machine baseline) are started under
+it (`child_env`), whether or not their caller is. The
 environment decides: `SWARM_MALLOC=system` keeps glibc's malloc, `SWARM_MALLOC=/path/lib.so` preloads that
 library, and an LD_PRELOAD the user set is left exactly as it is (two allocators must not be preloaded).
 """
@@ -91,9 +92,9 @@ def restart_under_allocator(prog: str, module: str, env: Mapping[str, str]) -> N
 def allocator_in(maps: str) -> str:
     """Which allocator a process whose /proc/PID/maps is `maps` runs under: tcmalloc's library, or glibc's."""
     for line in maps.splitlines():
-        path = line.split()[-1] if len(line.split()) >= 6 else ""
-        if Path(path).name.startswith("libtcmalloc"):
-            return path
+        fields = line.split()
+        if len(fields) >= 6 and Path(fields[-1]).name.startswith("libtcmalloc"):  # the sixth field: the mapped file
+            return fields[-1]
     return "glibc malloc"
 
 
