@@ -48,6 +48,8 @@ from coordinator.run_dir import read_metrics  # noqa: E402
 from swarm.logs import setup_logging  # noqa: E402
 from swarm.audit.log import AuditLog  # noqa: E402
 from swarm.p2p.tensors import aiter_list, from_messages, to_messages  # noqa: E402
+
+WARM_UP_CALLS = 5  # each call's first ones (connections, threads, allocator pools) are left out of its median
 from coordinator.chain.channels import Channel  # noqa: E402
 from hivemind.p2p import PeerID  # noqa: E402
 from node.channel_server import ChannelServer  # noqa: E402
@@ -106,7 +108,7 @@ async def echo_round_trips(elements: int, calls: int = 30) -> dict[str, float]:
                                                                 runtime_pb2.ExpertResponse)
                 await from_messages(replies, tensor_count=lambda _, count=count: count)
                 seconds.append(time.perf_counter() - started)
-            medians[label] = statistics.median(seconds[5:]) * 1e3
+            medians[label] = statistics.median(seconds[WARM_UP_CALLS:]) * 1e3
     finally:
         await client.shutdown()
         await server.shutdown()
@@ -134,7 +136,7 @@ async def channel_round_trips(elements: int, calls: int = 30) -> dict[str, float
                 replies = await channel.call("echo", to_messages(runtime_pb2.ExpertRequest, b"", tensors))
                 await from_messages(replies, tensor_count=reply_tensor_count)
                 seconds.append(time.perf_counter() - started)
-            medians[label] = statistics.median(seconds[5:]) * 1e3
+            medians[label] = statistics.median(seconds[WARM_UP_CALLS:]) * 1e3
     finally:
         channel.close()
         await server.close()
@@ -148,6 +150,9 @@ def main() -> None:
     parser.add_argument("--p2p-only", action="store_true",
                         help="call the nodes over hivemind P2P only, not their direct data channels (swarm.direct_channels)")
     args = parser.parse_args()
+    if min(args.pretrain_steps, args.backdoor_steps) <= WARM_UP_CALLS:
+        parser.error(f"--pretrain-steps and --backdoor-steps must be over {WARM_UP_CALLS}: each call's first "
+                     f"{WARM_UP_CALLS} are warm-up, left out of its median")
     work = Path(tempfile.mkdtemp(prefix="bench-call-times-"))
     job = job_file(work, args.pretrain_steps, args.backdoor_steps)
     if args.p2p_only:
@@ -174,7 +179,7 @@ def main() -> None:
             if call_phase != phase or method not in ("forward", "backward", "step"):
                 continue
             node = f"{compute[(phase, start)] * 1e3:.1f}" if method == "step" else ""
-            print(f"| {phase} | {step:.1f} | {method} | {start} | {statistics.median(seconds[5:]) * 1e3:.1f} | {node} |")
+            print(f"| {phase} | {step:.1f} | {method} | {start} | {statistics.median(seconds[WARM_UP_CALLS:]) * 1e3:.1f} | {node} |")
     elements = 32 * 48 * 128  # a pretrain batch's hidden states: 32 rows of about 48 tokens, hidden size 128
     trips = asyncio.run(echo_round_trips(elements))
     print("hivemind P2P round trip, two daemons on 127.0.0.1: " +
