@@ -18,7 +18,10 @@ arithmetic is its head over one new position per prompt.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -54,13 +57,74 @@ def threads_for_work(multiply_adds: int | None) -> Iterator[None]:
 
 @contextlib.contextmanager
 def one_thread() -> Iterator[None]:
-    """Run on one torch thread while inside, then give the caller its threads back."""
-    threads = torch.get_num_threads()
+    """Run the calling thread on one torch thread while inside, then give it its threads back. Other threads
+    keep theirs, also one whose first torch op falls inside (see `_ThreadLocalCount`)."""
+    threads = torch.get_num_threads()  # also torch's lazy per-thread set-up, which would undo a count set before it
     if threads == 1:
         yield
         return
-    torch.set_num_threads(1)
+    local = _thread_local_count()
+    if local is None:
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+        return
+    mkl_before = local.set(1)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        local.restore(threads, mkl_before)
+
+
+class _ThreadLocalCount:
+    """The calling thread's thread count in torch's OpenMP runtime and in MKL, without torch's process-wide one.
+
+    torch.set_num_threads also sets the count a thread takes at its first parallel op, for good: a thread of the
+    node's event loop or the trainer's that started computing while a call ran on one thread would stay on one
+    thread for the life of the process, and a sum over a large tensor comes out differently on one thread than
+    on two, so what a run computes would depend on timing. The per-thread setters are those torch's own
+    set_num_threads calls (omp_set_num_threads, MKL's local count); found through libtorch_cpu, so the OpenMP
+    runtime is the one torch is linked to.
+    """
+
+    def __init__(self, library: ctypes.CDLL):
+        self._omp_set = library.omp_set_num_threads
+        self._omp_set.argtypes, self._omp_set.restype = [ctypes.c_int], None
+        self._mkl_set = library.MKL_Set_Num_Threads_Local
+        self._mkl_set.argtypes, self._mkl_set.restype = [ctypes.c_int], ctypes.c_int
+        self._mkl_max = library.MKL_Get_Max_Threads
+        self._mkl_max.argtypes, self._mkl_max.restype = [], ctypes.c_int
+
+    def set(self, threads: int) -> int:
+        """Set the calling thread's count; MKL's local count before (0: none, the process's)."""
+        self._omp_set(threads)
+        return self._mkl_set(threads)
+
+    def restore(self, threads: int, mkl_before: int) -> None:
+        self._omp_set(threads)
+        self._mkl_set(mkl_before)
+
+    def works(self) -> bool:
+        """Whether setting one thread here shows in torch and in MKL."""
+        threads = torch.get_num_threads()
+        before = self.set(1)
+        try:
+            return torch.get_num_threads() == 1 and self._mkl_max() == 1
+        finally:
+            self.restore(threads, before)
+
+
+@functools.cache
+def _thread_local_count() -> _ThreadLocalCount | None:
+    """The per-thread setters where this torch build has them (Linux wheels with OpenMP and MKL), else None:
+    torch.set_num_threads, and its race, is then all there is."""
+    library = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    if not torch.backends.mkl.is_available() or "parallel backend: OpenMP" not in torch.__config__.parallel_info() or not library.exists():
+        return None
+    try:
+        local = _ThreadLocalCount(ctypes.CDLL(str(library)))
+    except (OSError, AttributeError):
+        return None
+    return local if local.works() else None

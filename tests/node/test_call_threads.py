@@ -3,11 +3,13 @@ node's threads, and the node's setting is back after either (also when the call 
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
 from swarm import call_threads
-from swarm.call_threads import SMALL_CALL_MULTIPLY_ADDS, threads_for
+from swarm.call_threads import SMALL_CALL_MULTIPLY_ADDS, one_thread, threads_for
 from swarm.p2p.rpc import FORWARD, STEP
 from swarm.proto.blocks_pb2 import CallResult
 from tests.node.in_process import apply_step, call, meta, random_work, run, serving, train
@@ -53,6 +55,53 @@ def test_the_nodes_threads_are_back_after_a_failed_call(two_threads):
 def test_a_malformed_tensor_keeps_the_nodes_threads(two_threads):
     with threads_for(torch.zeros(5), SMALL_RANGE):  # the shard refuses it; no guess about its rows
         assert torch.get_num_threads() == 2
+
+
+def test_a_thread_that_starts_computing_while_another_is_on_one_thread_keeps_the_processs_threads(two_threads):
+    """A thread's first parallel op fixes its count for good: taken inside another thread's one-thread window
+    from torch.set_num_threads, it left e.g. the node's event loop on one thread for the process's life."""
+    inside, done, seen = threading.Event(), threading.Event(), []
+
+    def holder():
+        with one_thread():
+            inside.set()
+            done.wait(timeout=30)
+
+    def newcomer():
+        torch.ones(100_000).sum()  # its first parallel op
+        seen.append(torch.get_num_threads())
+
+    held = threading.Thread(target=holder)
+    held.start()
+    assert inside.wait(timeout=30)
+    late = threading.Thread(target=newcomer)
+    late.start()
+    late.join()
+    done.set()
+    held.join()
+    assert seen == [2], seen
+
+
+def test_work_inside_runs_on_one_thread(two_threads):
+    """A sum over a large tensor splits by thread: inside, it is the one-thread sum to the bit."""
+    values = torch.randn(8_000_000, generator=torch.Generator().manual_seed(0))
+    on_two = values.sum().item()
+    torch.set_num_threads(1)
+    on_one = values.sum().item()
+    torch.set_num_threads(2)
+    assert on_one != on_two  # else this tensor cannot tell them apart
+    with one_thread():
+        assert values.sum().item() == on_one
+    assert values.sum().item() == on_two
+
+
+def test_without_the_per_thread_setters_the_process_count_is_set_and_given_back(two_threads, monkeypatch):
+    """A torch build without OpenMP and MKL's per-thread counts (macOS, other BLAS) falls back to
+    torch.set_num_threads."""
+    monkeypatch.setattr(call_threads, "_thread_local_count", lambda: None)
+    with one_thread():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
 
 
 def test_the_server_sizes_a_forward_call_by_its_rows_times_the_ranges_weights(make_shard, generator, monkeypatch):
