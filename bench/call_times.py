@@ -31,8 +31,9 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from swarm import process_env  # noqa: E402
+from swarm import allocator, process_env  # noqa: E402
 
+allocator.restart_under_allocator("bench/call_times.py", (__file__,), process_env.alone())  # as the CLI, under tcmalloc
 process_env.prepare()  # before torch loads: the trainer runs as `swarm-coordinator run` would
 
 import torch  # noqa: E402

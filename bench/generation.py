@@ -19,10 +19,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from swarm import allocator, process_env  # noqa: E402
+
+allocator.restart_under_allocator("bench/generation.py", (__file__,), process_env.alone())  # as the CLI, under tcmalloc
+process_env.prepare()  # before torch loads libgomp: the trainer runs as `swarm-coordinator run` would
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
 
 from coordinator.evaluator import Evaluator  # noqa: E402
 from coordinator.generation import generate_ids  # noqa: E402

@@ -28,8 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from swarm import process_env  # noqa: E402
+from swarm import allocator, process_env  # noqa: E402
 
+allocator.restart_under_allocator("bench/step_time.py", (__file__,), process_env.alone())  # as the CLI, under tcmalloc
 process_env.prepare()  # before torch loads libgomp: the trainer runs as `swarm-coordinator run` would
 
 import torch  # noqa: E402

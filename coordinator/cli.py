@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         print("swarm-coordinator: error: --local-nodes must be 0 or more", file=sys.stderr)
         sys.exit(2)
     if argv is None:  # the command line itself, not a caller in its own process: under tcmalloc where there is one
-        allocator.restart_under_allocator("swarm-coordinator", "coordinator.cli", process_env.alone())
+        allocator.restart_under_allocator("swarm-coordinator", ("-m", "coordinator.cli"), process_env.alone())
     job_file = args.run_dir / "job.yaml" if args.command == "resume" else args.job
     if args.local_nodes and not args.fresh_nodes and _job_file_loads(job_file):
         prewarm(args.local_nodes)  # their imports run beside the coordinator's, not after them

@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if argv is None:  # the command line itself (forked nodes run under their fork server's allocator)
-        allocator.restart_under_allocator("swarm-node", "node.cli", process_env.alone())
+        allocator.restart_under_allocator("swarm-node", ("-m", "node.cli"), process_env.alone())
     setup_logging(args.log_level, "node")
     logging.getLogger("swarm.node").info("memory allocator: %s", allocator.current_allocator())
     signal.signal(signal.SIGTERM, _interrupt)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from swarm.errors import SwarmError
@@ -73,10 +73,11 @@ def child_env(env: Mapping[str, str]) -> dict[str, str]:
     return preloaded_env(env) or dict(env)
 
 
-def restart_under_allocator(prog: str, module: str, env: Mapping[str, str]) -> None:
-    """Start this command line again as `python -m MODULE ARGS` with environment `env` under the chosen
-    allocator, unless it runs under it already or none is chosen; returns only in those cases. Call it before
-    any heavy import; `env` is the environment the command was started with (swarm.process_env.alone())."""
+def restart_under_allocator(prog: str, launch: Sequence[str], env: Mapping[str, str]) -> None:
+    """Start this command line again as `python LAUNCH ARGS` (LAUNCH: `-m MODULE`, or a bench's script) with
+    environment `env` under the chosen allocator, unless it runs under it already or none is chosen; returns
+    only in those cases. Call it before any heavy import; `env` is the environment the command was started with
+    (swarm.process_env.alone())."""
     try:
         env = preloaded_env(env)
     except SwarmError as error:
@@ -86,7 +87,7 @@ def restart_under_allocator(prog: str, module: str, env: Mapping[str, str]) -> N
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], env)
+    os.execve(sys.executable, [sys.executable, *launch, *sys.argv[1:]], env)
 
 
 def allocator_in(maps: str) -> str:
