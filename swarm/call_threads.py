@@ -63,19 +63,27 @@ def one_thread() -> Iterator[None]:
     if threads == 1:
         yield
         return
-    local = _thread_local_count()
-    if local is None:
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)
-        return
-    mkl_before = local.set(1)
+    counts = _thread_local_count() or _PROCESS_COUNT
+    before = counts.set(1)
     try:
         yield
     finally:
-        local.restore(threads, mkl_before)
+        counts.restore(threads, before)
+
+
+class _ProcessCount:
+    """torch.set_num_threads, for builds without the per-thread setters: it also sets what a thread takes at its
+    first parallel op (the race `_ThreadLocalCount` avoids)."""
+
+    def set(self, threads: int) -> int:
+        torch.set_num_threads(threads)
+        return 0
+
+    def restore(self, threads: int, before: int) -> None:
+        torch.set_num_threads(threads)
+
+
+_PROCESS_COUNT = _ProcessCount()
 
 
 class _ThreadLocalCount:
@@ -102,9 +110,10 @@ class _ThreadLocalCount:
         self._omp_set(threads)
         return self._mkl_set(threads)
 
-    def restore(self, threads: int, mkl_before: int) -> None:
+    def restore(self, threads: int, before: int) -> None:
+        """Give the calling thread `threads` again, and MKL the local count `set` returned."""
         self._omp_set(threads)
-        self._mkl_set(mkl_before)
+        self._mkl_set(before)
 
     def works(self) -> bool:
         """Whether setting one thread here shows in torch and in MKL."""
@@ -118,10 +127,11 @@ class _ThreadLocalCount:
 
 @functools.cache
 def _thread_local_count() -> _ThreadLocalCount | None:
-    """The per-thread setters where this torch build has them (Linux wheels with OpenMP and MKL), else None:
-    torch.set_num_threads, and its race, is then all there is."""
+    """The per-thread setters where this torch build has them (Linux wheels with OpenMP and MKL), else None
+    (`_ProcessCount` then)."""
     library = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
-    if not torch.backends.mkl.is_available() or "parallel backend: OpenMP" not in torch.__config__.parallel_info() or not library.exists():
+    openmp = "parallel backend: OpenMP" in torch.__config__.parallel_info()
+    if not (openmp and torch.backends.mkl.is_available() and library.exists()):
         return None
     try:
         local = _ThreadLocalCount(ctypes.CDLL(str(library)))
