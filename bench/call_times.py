@@ -36,27 +36,16 @@ from swarm import allocator, process_env  # noqa: E402
 allocator.restart_under_allocator("bench/call_times.py", (__file__,), process_env.alone())  # as the CLI, under tcmalloc
 process_env.prepare()  # before torch loads: the trainer runs as `swarm-coordinator run` would
 
-import torch  # noqa: E402
-from coordinator.chain import transport  # noqa: E402
-from hivemind.p2p import P2P  # noqa: E402
-from hivemind.proto import runtime_pb2  # noqa: E402
-
+from bench.echo import WARM_UP_CALLS, channel_round_trips, p2p_round_trips  # noqa: E402
 from bench.node_threads import job_file  # noqa: E402
+from coordinator.chain import transport  # noqa: E402
 from coordinator.job_runner import run_job  # noqa: E402
 from coordinator.local_nodes import stop_fork_server  # noqa: E402
 from coordinator.prepared_job import RunOptions  # noqa: E402
 from coordinator.run_dir import read_metrics  # noqa: E402
 from swarm.logs import setup_logging  # noqa: E402
 from swarm.audit.log import AuditLog  # noqa: E402
-from swarm.p2p.tensors import aiter_list, from_messages, to_messages  # noqa: E402
 
-WARM_UP_CALLS = 5  # each call's first ones (connections, threads, allocator pools) are left out of its median
-from coordinator.chain.channels import Channel  # noqa: E402
-from hivemind.p2p import PeerID  # noqa: E402
-from node.channel_server import ChannelServer  # noqa: E402
-from swarm.p2p.direct import ChannelCredentials  # noqa: E402
-from swarm.p2p.rpc import reply_tensor_count  # noqa: E402
-from swarm.proto.blocks_pb2 import CallResult  # noqa: E402
 
 CALLS: dict[tuple[str, str, int], list[float]] = collections.defaultdict(list)
 
@@ -84,64 +73,6 @@ def attested(run_dir: Path) -> dict[tuple[str, int], float]:
                 payload = json.loads(entry.payload)
                 seconds[(payload["phase"], payload["block_start"])].append(payload["compute_seconds"])
     return {key: statistics.median(values) for key, values in seconds.items()}
-
-
-async def echo_round_trips(elements: int, calls: int = 30) -> dict[str, float]:
-    """Median ms of a stream call echoing `elements` float32 values (and none) between two P2P daemons."""
-    server = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    client = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"],
-                              initial_peers=[str(addr) for addr in await server.get_visible_maddrs()])
-
-    async def echo(requests, context):
-        metadata, tensors, _ = await from_messages(requests)
-        for message in to_messages(runtime_pb2.ExpertResponse, metadata, tensors):
-            yield message
-
-    await server.add_protobuf_handler("echo", echo, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True)
-    medians = {}
-    try:
-        for label, tensors in (("none", []), (f"{elements * 4 / 1e6:.2f} MB", [torch.randn(elements)])):
-            seconds, count = [], len(tensors)
-            for _ in range(calls):
-                started = time.perf_counter()
-                requests = to_messages(runtime_pb2.ExpertRequest, b"", tensors)
-                replies = await client.iterate_protobuf_handler(server.peer_id, "echo", aiter_list(requests),
-                                                                runtime_pb2.ExpertResponse)
-                await from_messages(replies, tensor_count=lambda _, count=count: count)
-                seconds.append(time.perf_counter() - started)
-            medians[label] = statistics.median(seconds[WARM_UP_CALLS:]) * 1e3
-    finally:
-        await client.shutdown()
-        await server.shutdown()
-    return medians
-
-
-async def channel_round_trips(elements: int, calls: int = 30) -> dict[str, float]:
-    """The same echo over a node's direct data channel (node.channel_server), in this process."""
-    async def echo(requests, context):
-        _, tensors, _ = await from_messages(requests)
-        reply = CallResult(tensor_count=len(tensors)).SerializeToString()
-        for message in to_messages(runtime_pb2.ExpertResponse, reply, tensors):
-            yield message
-
-    credentials = ChannelCredentials.generate()
-    server = ChannelServer({"echo": echo}, PeerID(b"bench"), None, credentials)
-    await server.start("127.0.0.1")
-    channel = Channel("127.0.0.1", server.port, credentials.certificate_pem, credentials.token)
-    medians = {}
-    try:
-        for label, tensors in (("none", []), (f"{elements * 4 / 1e6:.2f} MB", [torch.randn(elements)])):
-            seconds = []
-            for _ in range(calls):
-                started = time.perf_counter()
-                replies = await channel.call("echo", to_messages(runtime_pb2.ExpertRequest, b"", tensors))
-                await from_messages(replies, tensor_count=reply_tensor_count)
-                seconds.append(time.perf_counter() - started)
-            medians[label] = statistics.median(seconds[WARM_UP_CALLS:]) * 1e3
-    finally:
-        channel.close()
-        await server.close()
-    return medians
 
 
 def main() -> None:
@@ -182,7 +113,7 @@ def main() -> None:
             node = f"{compute[(phase, start)] * 1e3:.1f}" if method == "step" else ""
             print(f"| {phase} | {step:.1f} | {method} | {start} | {statistics.median(seconds[WARM_UP_CALLS:]) * 1e3:.1f} | {node} |")
     elements = 32 * 48 * 128  # a pretrain batch's hidden states: 32 rows of about 48 tokens, hidden size 128
-    trips = asyncio.run(echo_round_trips(elements))
+    trips = asyncio.run(p2p_round_trips(elements))
     print("hivemind P2P round trip, two daemons on 127.0.0.1: " +
           ", ".join(f"{label} each way {ms:.2f} ms" for label, ms in trips.items()))
     trips = asyncio.run(channel_round_trips(elements))

@@ -15,12 +15,12 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 
-from hivemind.p2p import P2P, P2PContext, PeerID
+from hivemind.p2p import P2PContext, PeerID
 from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto import runtime_pb2
 from hivemind.proto.p2pd_pb2 import RPCError
 
-from swarm.p2p.framing import receive_frame
+from swarm.p2p.framing import receive_frame, send_frame
 
 logger = logging.getLogger(__name__)
 
@@ -82,13 +82,13 @@ class CallStream:
     async def _reply(self, requests: AsyncIterator, context: P2PContext, writer: asyncio.StreamWriter) -> None:
         try:
             async for response in self.handler(requests, context):
-                await P2P.send_protobuf(response, writer)
+                await send_frame(response, writer)
         except (ConnectionError, OSError):
             logger.debug("%s from %s: the caller left before the reply was out", self.name, context.remote_id)
         except Exception as error:  # a handler's own bug: the caller hears it, the node serves on
             logger.warning("%s from %s failed", self.name, context.remote_id, exc_info=True)
             with contextlib.suppress(Exception):
-                await P2P.send_protobuf(RPCError(message=f"{type(error).__name__}: {error}"), writer)
+                await send_frame(RPCError(message=f"{type(error).__name__}: {error}"), writer)
 
 
 async def _queued(queue: asyncio.Queue) -> AsyncIterator:

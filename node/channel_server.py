@@ -10,11 +10,11 @@ import hmac
 import logging
 from dataclasses import dataclass
 
-from hivemind.p2p import P2P, P2PContext, PeerID
+from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
 from swarm.p2p.direct import HANDSHAKE_TIMEOUT_S, TOKEN_BYTES, ChannelCredentials, ReplyEnd, drain_request, read_request
-from swarm.p2p.framing import receive_frame
+from swarm.p2p.framing import receive_frame, send_frame
 from swarm.p2p.rpc import reply_tensor_count
 from swarm.proto.blocks_pb2 import CallResult
 
@@ -107,7 +107,7 @@ class ChannelServer:
         end = ReplyEnd(reply_tensor_count)
         try:
             async for message in replies:
-                await P2P.send_protobuf(message, writer)
+                await send_frame(message, writer)
                 if end.add(message):
                     break
         finally:

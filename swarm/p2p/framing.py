@@ -9,6 +9,10 @@ MAX_FRAME_BYTES is refused before anything of its body is read, on every stream 
 node's requests (node.call_stream, node.channel_server), the trainer's replies and a node's replies from
 another node (`BoundedP2P` here, in place of hivemind's `P2P.iterate_protobuf_handler`; coordinator.chain.channels).
 The bytes on the wire are hivemind's, so either end may still be hivemind's own code.
+
+Frames are also written here (`send_frame`): hivemind's writer hands a frame's body to the transport in 64 KiB
+pieces, each its own `send` syscall (and on the direct data channel its own TLS write); `send_frame` writes
+the same bytes as a header and a body.
 """
 
 from __future__ import annotations
@@ -54,6 +58,16 @@ async def receive_frame(message_type, reader: asyncio.StreamReader, max_bytes: i
     return message_type.FromString(body), None
 
 
+async def send_frame(message, writer: asyncio.StreamWriter) -> None:
+    """`message` (a protobuf, or an RPCError: an error frame) framed as `P2P.send_protobuf` frames it, handed to
+    the transport in two writes rather than one per 64 KiB."""
+    marker = P2P.ERROR_MARKER if isinstance(message, RPCError) else P2P.MESSAGE_MARKER
+    body = message.SerializeToString()
+    writer.write(marker + len(body).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER))
+    writer.write(body)
+    await writer.drain()
+
+
 class BoundedP2P:
     """A hivemind P2P whose `iterate_protobuf_handler` reads every reply frame with the bound above; every other
     attribute is the P2P's own. The trainer and nodes make their data-plane calls through one (coordinator.assembly,
@@ -74,8 +88,8 @@ class BoundedP2P:
 
         async def write() -> None:
             async for request in requests:
-                await P2P.send_protobuf(request, writer)
-            await P2P.send_protobuf(P2P.END_OF_STREAM, writer)
+                await send_frame(request, writer)
+            await send_frame(P2P.END_OF_STREAM, writer)
 
         writing = asyncio.create_task(write())
 

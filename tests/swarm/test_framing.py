@@ -1,4 +1,5 @@
-"""Bounded frames (swarm.p2p.framing): hivemind's framing read back as hivemind writes it, a header declaring
+"""Bounded frames (swarm.p2p.framing): hivemind's framing read back as hivemind writes it, `send_frame` writing
+hivemind's very bytes in two writes, a header declaring
 more than any swarm frame refused before its body arrives, and `BoundedP2P` calls on real hivemind P2P daemons
 answered as hivemind's own `iterate_protobuf_handler` answers them, except that a peer's oversized reply frame
 ends the call at once instead of being buffered."""
@@ -14,7 +15,7 @@ from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 from hivemind.proto.p2pd_pb2 import RPCError
 
-from swarm.p2p.framing import MAX_FRAME_BYTES, BoundedP2P, FrameTooLong, receive_frame
+from swarm.p2p.framing import MAX_FRAME_BYTES, BoundedP2P, FrameTooLong, receive_frame, send_frame
 from swarm.p2p.tensors import aiter_list, from_messages, to_messages
 
 HUGE = 1 << 40
@@ -25,9 +26,11 @@ class _Sink:
 
     def __init__(self):
         self.data = bytearray()
+        self.writes = 0
 
     def write(self, data) -> None:
         self.data += data
+        self.writes += 1
 
     async def drain(self) -> None:
         pass
@@ -46,6 +49,28 @@ async def _written(*messages) -> bytes:
     for message in messages:
         await P2P.send_protobuf(message, sink)
     return bytes(sink.data)
+
+
+def test_send_frame_writes_hivemind_framing_in_two_writes_a_frame():
+    """The same bytes as `P2P.send_protobuf` (so hivemind's own reader, or an older node, reads them), for a
+    message, an error frame and the end marker; a 4 MB tensor's frames go out in two writes each, not one per
+    64 KiB as hivemind's do."""
+    messages = [*to_messages(runtime_pb2.ExpertRequest, b"meta", [torch.randn(1 << 20)]), RPCError(message="no"),
+                P2P.END_OF_STREAM]
+
+    async def scenario():
+        ours, theirs = _Sink(), _Sink()
+        for message in messages:
+            await send_frame(message, ours)
+            await P2P.send_protobuf(message, theirs)
+        assert bytes(ours.data) == bytes(theirs.data)
+        assert ours.writes == 2 * len(messages) < theirs.writes
+        reader = _reader(bytes(ours.data))
+        for message in messages[:-2]:
+            assert await P2P.receive_protobuf(runtime_pb2.ExpertRequest, reader) == (message, None)
+        assert await P2P.receive_protobuf(runtime_pb2.ExpertRequest, reader) == (None, RPCError(message="no"))
+
+    asyncio.run(scenario())
 
 
 def test_frames_read_back_as_hivemind_writes_them():
