@@ -36,7 +36,7 @@ from swarm import allocator, process_env  # noqa: E402
 allocator.restart_under_allocator("bench/call_times.py", (__file__,), process_env.alone())  # as the CLI, under tcmalloc
 process_env.prepare()  # before torch loads: the trainer runs as `swarm-coordinator run` would
 
-from bench.echo import WARM_UP_CALLS, channel_round_trips, p2p_round_trips  # noqa: E402
+from bench.echo import HIDDEN_ELEMENTS, WARM_UP_CALLS, channel_round_trips, p2p_round_trips  # noqa: E402
 from bench.node_threads import job_file  # noqa: E402
 from coordinator.chain import transport  # noqa: E402
 from coordinator.job_runner import run_job  # noqa: E402
@@ -112,11 +112,10 @@ def main() -> None:
                 continue
             node = f"{compute[(phase, start)] * 1e3:.1f}" if method == "step" else ""
             print(f"| {phase} | {step:.1f} | {method} | {start} | {statistics.median(seconds[WARM_UP_CALLS:]) * 1e3:.1f} | {node} |")
-    elements = 32 * 48 * 128  # a pretrain batch's hidden states: 32 rows of about 48 tokens, hidden size 128
-    trips = asyncio.run(p2p_round_trips(elements))
+    trips = asyncio.run(p2p_round_trips(HIDDEN_ELEMENTS))
     print("hivemind P2P round trip, two daemons on 127.0.0.1: " +
           ", ".join(f"{label} each way {ms:.2f} ms" for label, ms in trips.items()))
-    trips = asyncio.run(channel_round_trips(elements))
+    trips = asyncio.run(channel_round_trips(HIDDEN_ELEMENTS))
     print("direct data channel round trip (TLS, a kept connection) on 127.0.0.1: " +
           ", ".join(f"{label} each way {ms:.2f} ms" for label, ms in trips.items()))
     sys.stdout.flush()

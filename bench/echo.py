@@ -19,10 +19,16 @@ from swarm.p2p.tensors import aiter_list, from_messages, to_messages
 from swarm.proto.blocks_pb2 import CallResult
 
 WARM_UP_CALLS = 5  # the first calls (connections, allocator pools) are left out of each median
+HIDDEN_ELEMENTS = 32 * 48 * 128  # the main job's pretrain hidden states: 32 rows of about 48 tokens, hidden 128
+
+
+def tensor_label(elements: int) -> str:
+    """The key of the tensor's round trip in what the echoes return (the other key: "none")."""
+    return f"{elements * 4 / 1e6:.2f} MB"
 
 
 def _payloads(elements: int) -> tuple[tuple[str, list[torch.Tensor]], ...]:
-    return ("none", []), (f"{elements * 4 / 1e6:.2f} MB", [torch.randn(elements)])
+    return ("none", []), (tensor_label(elements), [torch.randn(elements)])
 
 
 async def p2p_round_trips(elements: int, calls: int = 30) -> dict[str, float]:

@@ -31,10 +31,9 @@ from hivemind.p2p import P2P  # noqa: E402
 
 import node.channel_server  # noqa: E402
 import swarm.p2p.direct  # noqa: E402
-from bench.echo import channel_round_trips  # noqa: E402
+from bench.echo import HIDDEN_ELEMENTS, channel_round_trips, tensor_label  # noqa: E402
 from swarm.p2p.framing import send_frame  # noqa: E402
 
-ELEMENTS = 32 * 48 * 128  # a pretrain batch's hidden states: 32 rows of about 48 tokens, hidden size 128
 WRITERS = {"send_frame": send_frame, "hivemind": P2P.send_protobuf}
 
 
@@ -49,8 +48,8 @@ async def rounds(count: int, calls: int) -> dict[str, list[float]]:
     for _ in range(count):
         for name, writer in WRITERS.items():
             use(writer)
-            trips = await channel_round_trips(ELEMENTS, calls)
-            medians[name].append(trips[f"{ELEMENTS * 4 / 1e6:.2f} MB"])
+            trips = await channel_round_trips(HIDDEN_ELEMENTS, calls)
+            medians[name].append(trips[tensor_label(HIDDEN_ELEMENTS)])
     use(send_frame)
     return medians
 
@@ -63,7 +62,7 @@ def main() -> None:
     if args.rounds < 1 or args.calls <= 5:
         parser.error("--rounds must be at least 1 and --calls over 5 (the first 5 calls of a round are warm-up)")
     medians = asyncio.run(rounds(args.rounds, args.calls))
-    print(f"direct data channel echo, {ELEMENTS * 4 / 1e6:.2f} MB each way, {args.rounds} rounds x {args.calls} "
+    print(f"direct data channel echo, {tensor_label(HIDDEN_ELEMENTS)} each way, {args.rounds} rounds x {args.calls} "
           f"calls, malloc: {allocator.current_allocator()}")
     print("| round | " + " | ".join(f"{name}, ms" for name in WRITERS) + " |")
     print("|---:|" + "---:|" * len(WRITERS))
